@@ -1,0 +1,130 @@
+//! What a database must provide to carry barriers. One file per backend, each behind its
+//! cargo feature; nothing outside this module knows which backend it talks to.
+
+use diesel::r2d2::R2D2Connection;
+use diesel::Connection;
+use std::time::Duration;
+
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+/// The name of the barrier table, the same on every backend.
+///
+/// It is prefixed (`dtb_`) so that it never clashes with an application's own tables.
+pub const BARRIER_TABLE: &str = "dtb_barriers";
+
+/// What the worker learned about a barrier's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub enum Verdict {
+    /// The transaction committed and its commit is durable: the barrier row is visible.
+    Committed,
+    /// The transaction ended without the barrier row: it rolled back (or the savepoint around
+    /// the enqueue did), or the row was already consumed.
+    NotCommitted,
+    /// The transaction is still running.
+    Pending,
+}
+
+/// What the worker found when it tried to take a committed barrier for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub enum Claim {
+    /// The row is locked by this transaction: run the handler, then delete it.
+    Locked,
+    /// The row is gone: an earlier delivery consumed it.
+    Gone,
+    /// Another worker holds the row (a concurrent duplicate is running the handler).
+    Busy,
+}
+
+/// The barrier row written by the producer.
+#[derive(Debug)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub struct NewBarrier<'a> {
+    pub id: &'a uuid::Uuid,
+    pub job_id: &'a str,
+    pub job_kind: &'a str,
+    pub job_queue: &'a str,
+    pub payload: &'a str,
+}
+
+#[allow(unreachable_pub)]
+pub(crate) mod sealed {
+    use super::*;
+    use crate::error::Error;
+
+    /// The backend-specific half of [`BarrierConnection`](super::BarrierConnection). Private:
+    /// only this crate implements it.
+    pub trait Backend: Connection + R2D2Connection + Send + Sized + 'static {
+        /// The name written into barrier descriptors.
+        const NAME: &'static str;
+
+        /// Applies the embedded migrations.
+        fn run_migrations(&mut self) -> Result<(), Error>;
+
+        /// Whether the barrier table (and whatever else the backend needs) exists.
+        fn barrier_schema_present(&mut self) -> diesel::QueryResult<bool>;
+
+        /// Inserts the barrier row in the connection's current transaction. Returns the
+        /// producer's transaction id when the backend records one.
+        fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> diesel::QueryResult<Option<String>>;
+
+        /// Waits at most `limit` for the transaction that wrote barrier `id` to end. Must not
+        /// answer `Committed` before that transaction's commit is durable.
+        fn await_verdict(
+            &mut self,
+            id: &uuid::Uuid,
+            limit: Duration,
+        ) -> diesel::QueryResult<Verdict>;
+
+        /// Runs `f` in a new READ COMMITTED transaction of the worker's, which commits when `f`
+        /// returns `Ok` and rolls back otherwise.
+        fn worker_transaction<R, E, F>(&mut self, f: F) -> Result<R, E>
+        where
+            F: FnOnce(&mut Self) -> Result<R, E>,
+            E: From<diesel::result::Error>;
+
+        /// Inside [`worker_transaction`](Self::worker_transaction): locks barrier `id` without
+        /// waiting for another worker that holds it.
+        fn claim_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<Claim>;
+
+        /// Inside [`worker_transaction`](Self::worker_transaction): deletes a claimed barrier.
+        fn delete_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<()>;
+
+        /// Describes the producer's transaction for a timeout report.
+        fn transaction_info(
+            &mut self,
+            id: &uuid::Uuid,
+            txid: Option<&str>,
+        ) -> diesel::QueryResult<Option<String>>;
+    }
+}
+
+/// A Diesel connection type that can carry transaction barriers: `PgConnection` (feature
+/// `postgres`), `MysqlConnection` (feature `mysql`), `SqliteConnection` (feature `sqlite`).
+///
+/// The trait is sealed; its methods are this crate's business.
+pub trait BarrierConnection: sealed::Backend {}
+
+impl<C: sealed::Backend> BarrierConnection for C {}
+
+/// Is `conn` inside a transaction (or a savepoint)? Diesel tracks this for us.
+pub(crate) fn transaction_depth<C: Connection>(conn: &mut C) -> diesel::QueryResult<u32> {
+    use diesel::connection::TransactionManager;
+    let depth = <C::TransactionManager as TransactionManager<C>>::transaction_manager_status_mut(
+        conn,
+    )
+    .transaction_depth()?;
+    Ok(depth.map_or(0, |d| d.get()))
+}
+
+/// `limit` in whole milliseconds, at least 1.
+#[allow(dead_code)]
+pub(crate) fn millis(limit: Duration) -> i32 {
+    limit.as_millis().clamp(1, i32::MAX as u128) as i32
+}

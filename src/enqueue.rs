@@ -1,0 +1,108 @@
+//! `enqueue_with_barrier`: the producer side.
+
+use crate::backend::{transaction_depth, BarrierConnection, NewBarrier};
+use crate::descriptor::{BarrierRef, Descriptor, CUSTOM_KEY};
+use crate::error::{Error, Result};
+use crate::handlers::Handlers;
+use crate::producer::{Inner, Producer};
+use faktory::{Job, JobId};
+
+/// Pushes a Faktory job whose handler runs only once the caller's transaction has committed.
+///
+/// Implemented for every connection type that implements [`BarrierConnection`].
+pub trait EnqueueWithBarrier {
+    /// Pushes `job` to Faktory now, guarded by a barrier in this connection's transaction.
+    ///
+    /// * **Inside a transaction** (at any depth, a savepoint included): inserts a barrier row on
+    ///   this connection, attaches a descriptor to the job's `custom` data under
+    ///   [`CUSTOM_KEY`](crate::CUSTOM_KEY) (its `args` are left exactly as given) and pushes
+    ///   it. A worker runs the handler only once this transaction has committed — and never if
+    ///   it rolls back, or if the savepoint around this call does.
+    /// * **Outside a transaction** (autocommit): writes nothing and pushes the job marked as
+    ///   needing no wait; it runs as soon as a worker fetches it.
+    /// * **Inline producer** ([`Producer::inline`]): runs the handler now, on this thread, with
+    ///   this connection, even inside a transaction, and returns its error if it fails.
+    ///
+    /// If the push fails the error is returned: propagate it with `?` and the transaction rolls
+    /// back, taking the barrier row with it. Returns the job id.
+    fn enqueue_with_barrier(&mut self, producer: &Producer, job: Job) -> Result<JobId>;
+}
+
+impl<C: BarrierConnection> EnqueueWithBarrier for C {
+    fn enqueue_with_barrier(&mut self, producer: &Producer, mut job: Job) -> Result<JobId> {
+        let jid = job.id().clone();
+        if let Inner::Inline(handlers) = &*producer.inner {
+            let handlers = handlers.as_any().downcast_ref::<Handlers<C>>().ok_or_else(|| {
+                Error::Inline(format!(
+                    "this producer's handlers are not for {}",
+                    std::any::type_name::<C>()
+                ))
+            })?;
+            return run_inline(handlers, self, job).map(|()| jid);
+        }
+
+        let depth = transaction_depth(self).map_err(|_| Error::BrokenTransaction)?;
+        if depth == 0 {
+            job.custom
+                .insert(CUSTOM_KEY.to_string(), Descriptor::NoWait.to_value());
+            let kind = job.kind.clone();
+            producer.push(job)?;
+            tracing::debug!(jid = jid.as_str(), kind = %kind, "enqueued outside a transaction: no barrier");
+            return Ok(jid);
+        }
+
+        let id = uuid::Uuid::new_v4();
+        // The payload stored with the barrier is the job as it will be pushed, minus the
+        // descriptor (which needs the transaction id that the insert itself returns).
+        let payload = serde_json::to_string(&job).map_err(|e| {
+            Error::Config(format!("the job cannot be serialised to JSON: {e}"))
+        })?;
+        let txid = self
+            .insert_barrier(&NewBarrier {
+                id: &id,
+                job_id: jid.as_ref(),
+                job_kind: &job.kind,
+                job_queue: &job.queue,
+                payload: &payload,
+            })
+            .map_err(missing_table_or)?;
+        let descriptor = Descriptor::Barrier(BarrierRef {
+            backend: C::NAME.to_string(),
+            id,
+            txid,
+        });
+        job.custom
+            .insert(CUSTOM_KEY.to_string(), descriptor.to_value());
+        let kind = job.kind.clone();
+        producer.push_barrier_job(job)?;
+        tracing::debug!(barrier_id = %id, jid = jid.as_str(), kind = %kind, depth, "enqueued with barrier");
+        Ok(jid)
+    }
+}
+
+/// Turns an insert error into [`Error::MigrationsMissing`] when the table is not there.
+fn missing_table_or(e: diesel::result::Error) -> Error {
+    // In PostgreSQL the failed insert has aborted the transaction, so the schema cannot be
+    // inspected now; a message check is the only clue left, and only used to pick the error.
+    let msg = e.to_string();
+    if msg.contains(crate::BARRIER_TABLE)
+        && (msg.contains("does not exist") || msg.contains("doesn't exist") || msg.contains("no such table"))
+    {
+        return Error::MigrationsMissing {
+            table: crate::BARRIER_TABLE,
+        };
+    }
+    Error::Database(e)
+}
+
+/// Inline mode: run the handler now with the caller's connection.
+fn run_inline<C: BarrierConnection>(handlers: &Handlers<C>, conn: &mut C, job: Job) -> Result<()> {
+    let reg = handlers.get(&job.kind).ok_or_else(|| {
+        Error::Inline(format!("no handler registered for job kind {:?}", job.kind))
+    })?;
+    tracing::debug!(jid = job.id().as_str(), kind = %job.kind, "running handler inline");
+    (reg.handler)(&job, conn).map_err(|source| Error::Handler {
+        jid: job.id().to_string(),
+        source,
+    })
+}

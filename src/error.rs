@@ -1,0 +1,166 @@
+use std::fmt;
+use std::time::Duration;
+
+/// A boxed error returned by a job handler.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in this crate.
+///
+/// Each variant says what happened and, where there is one, what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The transaction that enqueued this job did not commit (it rolled back, the savepoint
+    /// around the enqueue was rolled back, or the producer's connection died), or the barrier
+    /// was already consumed by an earlier delivery of the same job.
+    ///
+    /// Workers report this only when configured with [`AbortPolicy::Fail`](crate::AbortPolicy);
+    /// by default such jobs are acknowledged and logged.
+    #[error("barrier {barrier_id} was never committed (job {jid} aborted)")]
+    Aborted {
+        /// The barrier's id.
+        barrier_id: String,
+        /// The Faktory job id.
+        jid: String,
+    },
+
+    /// A job of a kind that requires a barrier arrived without one: it was pushed with a plain
+    /// Faktory push instead of [`enqueue_with_barrier`](crate::EnqueueWithBarrier::enqueue_with_barrier).
+    ///
+    /// Push it through `enqueue_with_barrier`, or register the kind with
+    /// [`WorkerBuilder::register_without_barrier`](crate::WorkerBuilder::register_without_barrier).
+    #[error("job {jid} of kind {kind:?} requires a transaction barrier but was pushed without one")]
+    BarrierRequired {
+        /// The job kind.
+        kind: String,
+        /// The Faktory job id.
+        jid: String,
+    },
+
+    /// The producer's transaction was still open when the worker's total waiting deadline
+    /// passed. The job fails (and is retried by Faktory per its `retry` setting).
+    #[error("barrier {} still open after {:?}", .0.barrier_id, .0.age)]
+    BarrierTimeout(Box<TimeoutInfo>),
+
+    /// The barrier descriptor attached to the job is not one this crate wrote.
+    #[error("malformed barrier on job {jid}: {reason}")]
+    MalformedBarrier {
+        /// The Faktory job id.
+        jid: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The barrier table does not exist: call [`run_migrations`](crate::run_migrations) (or
+    /// apply the SQL shown in the crate docs) on this database first.
+    #[error("the barrier table `{table}` is missing: run diesel_transaction_barrier::run_migrations on this database first")]
+    MigrationsMissing {
+        /// The table that was looked for.
+        table: &'static str,
+    },
+
+    /// Applying the embedded migrations failed.
+    #[error("running the barrier migrations failed: {0}")]
+    Migration(BoxError),
+
+    /// A database error.
+    #[error("database error")]
+    Database(#[from] diesel::result::Error),
+
+    /// A database connection could not be obtained.
+    #[error("database connection")]
+    Connection(#[from] diesel::ConnectionError),
+
+    /// The connection pool could not hand out a connection.
+    #[error("connection pool")]
+    Pool(#[from] r2d2::Error),
+
+    /// Talking to Faktory failed.
+    #[error("faktory")]
+    Faktory(#[from] faktory::Error),
+
+    /// Talking to Faktory took longer than the configured timeout.
+    #[error("faktory did not answer within {0:?}")]
+    FaktoryTimeout(Duration),
+
+    /// `enqueue_with_barrier` was called on a connection whose transaction is broken (a
+    /// previous statement failed); roll it back first.
+    #[error("the connection's transaction is broken; roll it back before enqueueing")]
+    BrokenTransaction,
+
+    /// An inline producer was used with a connection type its handlers were not built for,
+    /// or with a job kind it has no handler for.
+    #[error("inline mode: {0}")]
+    Inline(String),
+
+    /// The job handler returned an error.
+    #[error("handler for job {jid} failed: {source}")]
+    Handler {
+        /// The Faktory job id.
+        jid: String,
+        /// The handler's error.
+        source: BoxError,
+    },
+
+    /// The job handler panicked.
+    #[error("handler for job {jid} panicked: {message}")]
+    HandlerPanic {
+        /// The Faktory job id.
+        jid: String,
+        /// The panic message.
+        message: String,
+    },
+
+    /// Invalid configuration (for example a malformed URL).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// What a worker knew about a barrier when it gave up waiting for it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TimeoutInfo {
+    /// The barrier's id.
+    pub barrier_id: String,
+    /// The Faktory job id.
+    pub jid: String,
+    /// How long ago the barrier was created (per the job's `created_at`, or the barrier row).
+    pub age: Duration,
+    /// The producer's transaction id, when the backend records one.
+    pub txid: Option<String>,
+    /// Backend-specific state of the producer's transaction (PostgreSQL: `pg_xact_status`;
+    /// MySQL: the `information_schema.innodb_trx` row when readable).
+    pub transaction: Option<String>,
+}
+
+impl fmt::Display for TimeoutInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "barrier {} of job {} open for {:?}",
+            self.barrier_id, self.jid, self.age
+        )?;
+        if let Some(txid) = &self.txid {
+            write!(f, ", producer txid {txid}")?;
+        }
+        if let Some(state) = &self.transaction {
+            write!(f, ", transaction: {state}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Lets `?` carry an [`Error`] out of a `conn.transaction(|c| ...)` closure whose error type is
+/// `diesel::result::Error`: a database error converts back to itself, anything else becomes
+/// `QueryBuilderError` (the transaction is rolled back either way).
+impl From<Error> for diesel::result::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Database(inner) => inner,
+            other => diesel::result::Error::QueryBuilderError(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The barrier contract, scenario by scenario. Each function is one test body, generic over the
+//! backend.
+
+use super::*;
+use crossbeam_channel::unbounded;
+use diesel_transaction_barrier::{Error, CUSTOM_KEY};
+
+fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
+    match env.faktory.server() {
+        Some(server) => {
+            let events = server.history(jid);
+            assert!(
+                events.iter().any(|e| e.is_acked()),
+                "job {jid} should have been acknowledged: {events:?}"
+            );
+            assert!(
+                !events.iter().any(|e| e.is_failed()),
+                "job {jid} should not have failed: {events:?}"
+            );
+        }
+        None => eprintln!("real Faktory: skipping the job-history inspection of {jid}"),
+    }
+}
+
+/// 1. The handler runs once, after commit, and sees the transaction's writes; while the
+/// transaction is open and the worker already holds the job, it has not run.
+pub fn commit_runs_after_commit<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 2);
+    let id = next_id();
+    let mut conn = env.db.connect();
+    let session = D::session_id(&mut conn);
+    let mut jid = None;
+    conn.transaction(|c| {
+        insert_order::<D>(c, id, "new");
+        jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
+        // A write after the enqueue must be visible to the handler too.
+        set_status::<D>(c, id, "paid");
+        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
+            env.db.waiters_on(session) > 0
+        });
+        expect_no_run(&rx, "the transaction is still open");
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let ran = expect_run(&rx);
+    assert_eq!(ran.jid, jid.unwrap().as_str());
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "unexpected runs: {others:?}");
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
+    expect_acked_without_failure(&env, &ran.jid);
+}
+
+/// Enqueues in a transaction that the worker is seen waiting on, then ends it with `end`.
+fn enqueue_then<D: TestDb>(
+    env: &Env<D>,
+    id: i64,
+    end: impl FnOnce(&mut D::Conn, i64) -> Result<(), Error>,
+) -> (Result<(), Error>, String) {
+    let mut conn = env.db.connect();
+    let session = D::session_id(&mut conn);
+    let mut jid = None;
+    let result = conn.transaction(|c| {
+        insert_order::<D>(c, id, "paid");
+        jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
+        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
+            env.db.waiters_on(session) > 0
+        });
+        end(c, session)
+    });
+    (result, jid.expect("enqueued").as_str().to_string())
+}
+
+fn assert_aborted<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64, jid: &str) {
+    let others = drain_with_sentinel(env, rx);
+    assert!(others.is_empty(), "an aborted job ran: {others:?}");
+    assert_eq!(runs_of(&env.db, id), 0);
+    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
+    expect_acked_without_failure(env, jid);
+}
+
+/// 2. The closure returns `Err`: the handler never runs, the job is acknowledged as aborted.
+pub fn error_rolls_back<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let (result, jid) = enqueue_then(&env, id, |_, _| {
+        Err(Error::Config("validation failed".into()))
+    });
+    assert!(result.is_err());
+    assert_aborted(&env, &rx, id, &jid);
+}
+
+/// 3. The closure panics: the connection is dropped mid-transaction, which rolls it back.
+pub fn panic_rolls_back<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let (jid_tx, jid_rx) = unbounded();
+    std::thread::scope(|s| {
+        let env = &env;
+        let outcome = s
+            .spawn(move || {
+                let mut conn = env.db.connect();
+                let session = D::session_id(&mut conn);
+                let _ = conn.transaction(|c| {
+                    insert_order::<D>(c, id, "paid");
+                    let jid = c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+                    jid_tx.send(jid.as_str().to_string()).unwrap();
+                    wait_until("the worker to wait on the barrier", EVENTUALLY, || {
+                        env.db.waiters_on(session) > 0
+                    });
+                    if id >= 0 {
+                        panic!("the application panics inside its transaction");
+                    }
+                    Ok::<_, Error>(())
+                });
+            })
+            .join();
+        assert!(outcome.is_err(), "the producer thread panicked");
+    });
+    let jid = jid_rx.recv().unwrap();
+    assert_aborted(&env, &rx, id, &jid);
+}
+
+/// 4. The producer's connection is killed mid-transaction.
+pub fn killed_producer_aborts<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let (result, jid) = enqueue_then(&env, id, |_, session| {
+        env.db.kill(session);
+        Ok(())
+    });
+    assert!(result.is_err(), "the commit of a killed session fails");
+    assert_aborted(&env, &rx, id, &jid);
+}
+
+/// 5a. Enqueued inside a savepoint that rolls back while the outer transaction commits.
+pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let mut conn = env.db.connect();
+    let mut jid = None;
+    conn.transaction(|c| {
+        insert_order::<D>(c, id, "paid");
+        let inner = c.transaction(|c| {
+            jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
+            Err::<(), _>(Error::Config("inner step failed".into()))
+        });
+        assert!(inner.is_err());
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_aborted(&env, &rx, id, jid.unwrap().as_str());
+}
+
+/// 5b. Enqueued inside a savepoint that is released, then the outer transaction commits.
+pub fn released_savepoint_runs<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let mut conn = env.db.connect();
+    let session = D::session_id(&mut conn);
+    conn.transaction(|c| {
+        insert_order::<D>(c, id, "new");
+        c.transaction(|c| {
+            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))
+                .map(|_| ())
+        })?;
+        set_status::<D>(c, id, "paid");
+        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
+            env.db.waiters_on(session) > 0
+        });
+        expect_no_run(&rx, "the outer transaction is still open");
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let ran = expect_run(&rx);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// 6. Outside a transaction nothing is written and the job runs at once, even for a kind that
+/// requires a barrier.
+pub fn autocommit_runs_without_barrier<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let id = next_id();
+    let mut conn = env.db.connect();
+    insert_order::<D>(&mut conn, id, "paid");
+    conn.enqueue_with_barrier(&env.producer, env.job(PAID, id))
+        .unwrap();
+    assert_eq!(env.db.barrier_rows(), 0, "autocommit writes no barrier row");
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    assert_eq!(runs_of(&env.db, id), 1);
+}
+
+/// 7. A barrier-required kind pushed with a plain push fails with `BarrierRequired`; a kind
+/// registered without barrier runs.
+pub fn barrier_required_and_opt_out<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let (required, optional) = (next_id(), next_id());
+    let mut conn = env.db.connect();
+    insert_order::<D>(&mut conn, required, "paid");
+    insert_order::<D>(&mut conn, optional, "paid");
+    let mut bare = env.job(PAID, required);
+    bare.retry = Some(0);
+    let bare_jid = bare.id().as_str().to_string();
+    env.producer.push(bare).unwrap();
+    env.producer.push(env.job(PLAIN_OK, optional)).unwrap();
+    let others = drain_with_sentinel(&env, &rx);
+    assert_eq!(others.len(), 1, "only the opt-out job ran: {others:?}");
+    assert_eq!(others[0].order_id, optional);
+    assert_eq!(runs_of(&env.db, required), 0);
+    match env.faktory.server() {
+        Some(server) => {
+            let failure = server
+                .history(&bare_jid)
+                .iter()
+                .find_map(|e| e.failure_message())
+                .expect("the bare job failed");
+            assert!(
+                failure.contains("requires a transaction barrier"),
+                "failure message names the problem: {failure}"
+            );
+        }
+        None => eprintln!("real Faktory: skipping the failure-message inspection"),
+    }
+}
+
+/// 8. Inline mode runs the handler before `enqueue_with_barrier` returns, inside the
+/// transaction, with the caller's connection.
+pub fn inline_runs_at_once<D: TestDb>() {
+    let db = D::create();
+    let (tx, rx) = unbounded();
+    let producer = Producer::inline(handlers::<D>(&tx));
+    let id = next_id();
+    let mut conn = db.connect();
+    conn.transaction(|c| {
+        insert_order::<D>(c, id, "paid");
+        c.enqueue_with_barrier(&producer, Job::new(PAID, vec![id]))?;
+        let ran = rx.try_recv().expect("the handler ran before enqueue returned");
+        assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(db.barrier_rows(), 0);
+    // A kind without a handler is an error, not a silent drop.
+    let err = conn
+        .enqueue_with_barrier(&producer, Job::new("unknown_kind", vec![1]))
+        .unwrap_err();
+    assert!(matches!(err, Error::Inline(_)), "{err}");
+}
+
+/// 9. A job fetched long after its transaction committed runs at once.
+pub fn fetched_after_commit_runs_at_once<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let id = next_id();
+    commit_order(&env, id, env.job(PAID, id));
+    assert_eq!(env.db.barrier_rows(), 1);
+    let started = Instant::now();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no snooze or retry delay"
+    );
+    wait_until("the barrier row to be consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+}
+
+/// 10. A barrier job delivered again after it succeeded does not run again.
+pub fn duplicate_delivery_runs_once<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let (desc_tx, desc_rx) = unbounded();
+    let handlers = Handlers::new().register(PAID, {
+        let record = recording_handler::<D>(tx.clone());
+        move |job: &Job, conn: &mut D::Conn| {
+            let _ = desc_tx.send(job.clone());
+            record(job, conn)
+        }
+    });
+    let _worker = env.start_worker(handlers, 1);
+    let id = next_id();
+    commit_order(&env, id, env.job(PAID, id));
+    expect_run(&rx);
+    let delivered: Job = desc_rx.recv().unwrap();
+    assert!(delivered.custom.contains_key(CUSTOM_KEY));
+    // Push the very same payload twice more: once with the same jid, once with a new one.
+    let same_jid: Job = delivered.clone();
+    let mut copy = Job::new(PAID, vec![id]).on_queue(env.queue.clone());
+    copy.custom = delivered.custom.clone();
+    env.producer.push(same_jid).unwrap();
+    env.producer.push(copy).unwrap();
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "a duplicate ran: {others:?}");
+    assert_eq!(runs_of(&env.db, id), 1);
+}
+
+/// 11. Faktory unreachable at enqueue: the error reaches the caller and the transaction rolls
+/// back with nothing left.
+pub fn faktory_unreachable_rolls_back<D: TestDb>() {
+    let db = D::create();
+    let unreachable = Producer::builder()
+        .url("tcp://127.0.0.1:1")
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let id = next_id();
+    let mut conn = db.connect();
+    let result = conn.transaction(|c| {
+        insert_order::<D>(c, id, "paid");
+        c.enqueue_with_barrier(&unreachable, Job::new(PAID, vec![id]))?;
+        Ok::<_, Error>(())
+    });
+    assert!(
+        matches!(result, Err(Error::Faktory(_)) | Err(Error::FaktoryTimeout(_))),
+        "{result:?}"
+    );
+    assert_eq!(db.barrier_rows(), 0);
+    assert_eq!(
+        D::query_i64(&mut conn, &format!("SELECT COUNT(*) FROM orders WHERE id = {id}")),
+        Some(0)
+    );
+}
+
+/// A worker (or a producer) on a database without the barrier table gets a clear error that
+/// names the migration call.
+pub fn missing_migrations_are_reported<D: TestDb>() {
+    let db = D::create_unmigrated();
+    let faktory = TestFaktory::from_env_or_start().unwrap();
+    let err = WorkerBuilder::<D::Conn>::new(db.pool(2))
+        .url(faktory.url())
+        .connect()
+        .unwrap_err();
+    assert!(matches!(err, Error::MigrationsMissing { .. }), "{err}");
+    assert!(err.to_string().contains("run_migrations"), "{err}");
+    let producer = Producer::connect(&faktory.url()).unwrap();
+    let mut conn = db.connect();
+    let result = conn.transaction(|c| {
+        c.enqueue_with_barrier(&producer, Job::new(PAID, vec![1]))?;
+        Ok::<_, Error>(())
+    });
+    assert!(
+        matches!(result, Err(Error::MigrationsMissing { .. })),
+        "{result:?}"
+    );
+}

@@ -1,0 +1,184 @@
+//! The barrier contract on real PostgreSQL (`PG_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`). Each test gets a schema of its own.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use common::scenarios;
+use common::TestDb;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text};
+
+struct Pg {
+    base: String,
+    schema: String,
+}
+
+fn base_url() -> String {
+    std::env::var("PG_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+#[derive(QueryableByName)]
+struct I64Row {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    v: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct TextRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    v: Option<String>,
+}
+
+impl Pg {
+    fn with_schema(migrate: bool) -> Pg {
+        let schema = format!("dtb_test_{}", uuid::Uuid::new_v4().simple());
+        let base = base_url();
+        let mut admin = PgConnection::establish(&base).expect("PostgreSQL is reachable");
+        Pg::exec(&mut admin, &format!("CREATE SCHEMA {schema}"));
+        let db = Pg { base, schema };
+        let mut conn = db.connect();
+        if migrate {
+            diesel_transaction_barrier::run_migrations(&mut conn).expect("migrations");
+        }
+        common::create_app_tables::<Pg>(&mut conn);
+        db
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&self.base) {
+            let _ = diesel::sql_query(format!("DROP SCHEMA {} CASCADE", self.schema))
+                .execute(&mut admin);
+        }
+    }
+}
+
+impl TestDb for Pg {
+    type Conn = PgConnection;
+
+    fn create() -> Self {
+        Pg::with_schema(true)
+    }
+
+    fn create_unmigrated() -> Self {
+        Pg::with_schema(false)
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.schema)
+    }
+
+    fn connect(&self) -> PgConnection {
+        PgConnection::establish(&self.url()).expect("connect")
+    }
+
+    fn exec(conn: &mut PgConnection, sql: &str) {
+        diesel::sql_query(sql)
+            .execute(conn)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn query_i64(conn: &mut PgConnection, sql: &str) -> Option<i64> {
+        diesel::sql_query(format!("SELECT ({sql})::bigint AS v"))
+            .get_result::<I64Row>(conn)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .v
+    }
+
+    fn query_string(conn: &mut PgConnection, sql: &str) -> Option<String> {
+        diesel::sql_query(format!("SELECT ({sql})::text AS v"))
+            .get_result::<TextRow>(conn)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .v
+    }
+
+    fn session_id(conn: &mut PgConnection) -> i64 {
+        Pg::query_i64(conn, "SELECT pg_backend_pid()").unwrap()
+    }
+
+    fn waiters_on(&self, session: i64) -> i64 {
+        let mut c = self.connect();
+        Pg::query_i64(
+            &mut c,
+            &format!(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE {session} = ANY(pg_blocking_pids(pid))"
+            ),
+        )
+        .unwrap()
+    }
+
+    fn kill(&self, session: i64) {
+        let mut c = self.connect();
+        Pg::exec(&mut c, &format!("SELECT pg_terminate_backend({session})"));
+    }
+}
+
+#[test]
+fn commit_runs_after_commit() {
+    scenarios::commit_runs_after_commit::<Pg>();
+}
+
+#[test]
+fn error_rolls_back() {
+    scenarios::error_rolls_back::<Pg>();
+}
+
+#[test]
+fn panic_rolls_back() {
+    scenarios::panic_rolls_back::<Pg>();
+}
+
+#[test]
+fn killed_producer_aborts() {
+    scenarios::killed_producer_aborts::<Pg>();
+}
+
+#[test]
+fn rolled_back_savepoint_never_runs() {
+    scenarios::rolled_back_savepoint_never_runs::<Pg>();
+}
+
+#[test]
+fn released_savepoint_runs() {
+    scenarios::released_savepoint_runs::<Pg>();
+}
+
+#[test]
+fn autocommit_runs_without_barrier() {
+    scenarios::autocommit_runs_without_barrier::<Pg>();
+}
+
+#[test]
+fn barrier_required_and_opt_out() {
+    scenarios::barrier_required_and_opt_out::<Pg>();
+}
+
+#[test]
+fn inline_runs_at_once() {
+    scenarios::inline_runs_at_once::<Pg>();
+}
+
+#[test]
+fn fetched_after_commit_runs_at_once() {
+    scenarios::fetched_after_commit_runs_at_once::<Pg>();
+}
+
+#[test]
+fn duplicate_delivery_runs_once() {
+    scenarios::duplicate_delivery_runs_once::<Pg>();
+}
+
+#[test]
+fn faktory_unreachable_rolls_back() {
+    scenarios::faktory_unreachable_rolls_back::<Pg>();
+}
+
+#[test]
+fn missing_migrations_are_reported() {
+    scenarios::missing_migrations_are_reported::<Pg>();
+}
