@@ -16,8 +16,8 @@ use crossbeam_channel::unbounded;
 use diesel::query_builder::SqlQuery;
 use diesel::query_dsl::methods::ExecuteDsl;
 use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
-use diesel::{Connection, RunQueryDsl};
-use diesel_transaction_barrier::testing::TestFaktory;
+use diesel::RunQueryDsl;
+use diesel_transaction_barrier::testing::{JobEventKind, TestFaktory};
 use diesel_transaction_barrier::{
     BarrierConnection, EnqueueWithBarrier, Error, Job, Producer, WorkerBuilder,
 };
@@ -124,7 +124,11 @@ fn wait_until_fetched(faktory: &TestFaktory, jid: &str) {
     match faktory.server() {
         Some(server) => {
             let fetched = server.wait_for(
-                |s| s.history(jid).iter().any(|e| e.is_fetched()),
+                |s| {
+                    s.history(jid)
+                        .iter()
+                        .any(|e| e.kind() == JobEventKind::Fetched)
+                },
                 Duration::from_secs(10),
             );
             assert!(fetched, "the worker fetched the job");

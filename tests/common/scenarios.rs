@@ -3,6 +3,7 @@
 
 use super::*;
 use crossbeam_channel::unbounded;
+use diesel_transaction_barrier::testing::{JobEvent, JobEventKind};
 use diesel_transaction_barrier::{Error, CUSTOM_KEY};
 
 fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
@@ -10,11 +11,11 @@ fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
         Some(server) => {
             let events = server.history(jid);
             assert!(
-                events.iter().any(|e| e.is_acked()),
+                events.iter().any(|e| e.kind() == JobEventKind::Acked),
                 "job {jid} should have been acknowledged: {events:?}"
             );
             assert!(
-                !events.iter().any(|e| e.is_failed()),
+                !events.iter().any(|e| e.kind() == JobEventKind::Failed),
                 "job {jid} should not have failed: {events:?}"
             );
         }
@@ -235,7 +236,10 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
             let failure = server
                 .history(&bare_jid)
                 .iter()
-                .find_map(|e| e.failure_message())
+                .find_map(|e| match e {
+                    JobEvent::Failed { message, .. } => Some(message.clone()),
+                    _ => None,
+                })
                 .expect("the bare job failed");
             assert!(
                 failure.contains("requires a transaction barrier"),
