@@ -199,6 +199,9 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                     table: crate::BARRIER_TABLE,
                 });
             }
+            for warning in conn.startup_warnings() {
+                tracing::warn!(backend = C::NAME, "{warning}");
+            }
         }
         let url = self.url.clone().unwrap_or_else(env_url);
         let producer = Producer::builder().url(url.clone()).connect()?;

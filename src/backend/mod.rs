@@ -102,6 +102,14 @@ pub(crate) mod sealed {
             id: &uuid::Uuid,
             txid: Option<&str>,
         ) -> diesel::QueryResult<Option<String>>;
+
+        /// Problems with the database's settings or the worker's privileges that do not stop
+        /// barriers from working but that an operator should hear about (for example a missing
+        /// privilege that diagnostics need). Called once when a worker connects; each message is
+        /// logged as a warning.
+        fn startup_warnings(&mut self) -> Vec<String> {
+            Vec::new()
+        }
     }
 }
 

@@ -1,0 +1,808 @@
+//! MySQL and MariaDB: barriers on `MysqlConnection` (cargo feature `mysql`).
+//!
+//! # How it works
+//!
+//! * **Producer.** `enqueue_with_barrier` inserts the barrier row in the application's
+//!   transaction, with the producer's `CONNECTION_ID()` in `txid`, and puts that id in the job's
+//!   descriptor. The id is for diagnostics only (it names the session whose transaction a
+//!   worker is waiting for); nothing is decided on it. The producer needs no privilege beyond
+//!   `INSERT` on `dtb_barriers`, and never reads `information_schema`.
+//! * **Waiting.** The worker reads the row with `SELECT ... FOR UPDATE` in a READ COMMITTED
+//!   transaction of its own. InnoDB makes that locking read wait for the producer's transaction
+//!   to end: the row comes back if it committed, nothing comes back if it rolled back (or the
+//!   savepoint around the enqueue did, or an earlier delivery already consumed the row). The
+//!   wait is bounded by `innodb_lock_wait_timeout`, set for the session just for that read and
+//!   restored afterwards; the timeout (error 1205, recognised by its error number through
+//!   `GET DIAGNOSTICS`, not by its text) means "still running". The verdict never rests on
+//!   `information_schema.innodb_trx`, which is a cache that can be arbitrarily stale.
+//! * **Durability.** InnoDB releases the producer's row lock *before* its commit is flushed to
+//!   the redo log, so seeing the row does not yet prove that the commit would survive a crash.
+//!   Before answering "committed" the worker therefore commits a write of its own to the same
+//!   row (`attempts = attempts + 1`); see [`fence`] for why that is a proof.
+//! * **Running.** The handler runs in a second READ COMMITTED transaction that claims the row
+//!   with `FOR UPDATE SKIP LOCKED` (never waiting for a concurrent duplicate) and deletes it.
+//!
+//! Every statement of the worker runs in an explicit READ COMMITTED transaction
+//! (`SET TRANSACTION ISOLATION LEVEL READ COMMITTED` right before `BEGIN`), whatever the
+//! server's default: under REPEATABLE READ a plain read in an older snapshot would not see a
+//! committed barrier. All values reach the server as bind parameters.
+//!
+//! # Waits are in whole seconds
+//!
+//! `innodb_lock_wait_timeout` counts whole seconds, so a wait bound (the worker's
+//! `block_limit`) is rounded up to the next second, and is at least one second.
+//!
+//! # Privileges
+//!
+//! * Producer: `INSERT` on `dtb_barriers` (besides whatever the application needs).
+//! * Worker: `SELECT`, `UPDATE` and `DELETE` on `dtb_barriers` (besides whatever the handlers
+//!   need).
+//! * [`run_migrations`](crate::run_migrations): `CREATE`, `DROP` and `INDEX` on the database,
+//!   and access to Diesel's `__diesel_schema_migrations` table.
+//! * Optional, worker only: `PROCESS` (a global privilege). Without it everything works the
+//!   same, but a barrier timeout cannot describe the producer's transaction, whose details
+//!   live in `information_schema.innodb_trx`; the worker says so once, as a warning, when it
+//!   connects (`GRANT PROCESS ON *.* TO 'user'@'host'` adds it).
+//!
+//! # Server settings
+//!
+//! The durability proof needs `innodb_flush_log_at_trx_commit = 1` (the default), and, when
+//! the binary log is on, `sync_binlog = 1`; the worker warns when it connects if either is
+//! not so. Barrier tables must be InnoDB (the migration says so).
+//!
+//! # What is tested
+//!
+//! The test suite runs against MariaDB 10.11. MySQL 8.0 is expected to work, because only
+//! statements that both servers accept are used (`SELECT ... FOR UPDATE`, `FOR UPDATE SKIP
+//! LOCKED`, `SET SESSION innodb_lock_wait_timeout`, `GET DIAGNOSTICS`,
+//! `SET TRANSACTION ISOLATION LEVEL`, `CONNECTION_ID()`), but it is not tested. MariaDB before
+//! 10.6 lacks `SKIP LOCKED` and is not supported.
+
+use super::sealed::Backend;
+use super::{Claim, NewBarrier, Verdict};
+use crate::error::Error;
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::dsl::sql;
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Unsigned};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use std::time::Duration;
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/mysql");
+
+/// MySQL's error number for "Lock wait timeout exceeded".
+const ER_LOCK_WAIT_TIMEOUT: i32 = 1205;
+/// MySQL's error number for "Access denied; you need (at least one of) the PROCESS
+/// privilege(s) for this operation".
+const ER_SPECIFIC_ACCESS_DENIED: i32 = 1227;
+
+/// The longest wait `innodb_lock_wait_timeout` accepts, in seconds.
+const MAX_WAIT_SECS: u64 = 1_073_741_824;
+
+#[allow(unreachable_pub, missing_docs)]
+mod schema {
+    diesel::table! {
+        dtb_barriers (id) {
+            id -> Text,
+            txid -> Nullable<BigInt>,
+            job_id -> Text,
+            job_kind -> Text,
+            job_queue -> Text,
+            payload -> Nullable<Text>,
+            attempts -> Integer,
+        }
+    }
+}
+
+use schema::dtb_barriers;
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
+
+#[derive(QueryableByName)]
+struct SettingsRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    flush_log_at_trx_commit: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    log_bin: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    sync_binlog: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    account: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct TrxRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    trx_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    trx_state: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    trx_started: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    trx_rows_modified: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct ProcessRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    user: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    host: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    command: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    time: Option<String>,
+}
+
+/// Why the wait in [`Backend::await_verdict`] did not produce a row.
+enum WaitError {
+    /// The lock wait timed out: the producer's transaction is still running.
+    TimedOut,
+    Database(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for WaitError {
+    fn from(e: diesel::result::Error) -> Self {
+        WaitError::Database(e)
+    }
+}
+
+/// Runs `f` in a READ COMMITTED transaction, whatever the session's default isolation level.
+///
+/// `SET TRANSACTION ISOLATION LEVEL` (without `SESSION`) applies to the next transaction only,
+/// so it must come right before `BEGIN`; both go to the server in one round trip.
+fn read_committed<R, E, F>(conn: &mut MysqlConnection, f: F) -> Result<R, E>
+where
+    F: FnOnce(&mut MysqlConnection) -> Result<R, E>,
+    E: From<diesel::result::Error>,
+{
+    AnsiTransactionManager::begin_transaction_sql(
+        conn,
+        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN",
+    )?;
+    match f(conn) {
+        Ok(value) => {
+            <AnsiTransactionManager as TransactionManager<MysqlConnection>>::commit_transaction(
+                conn,
+            )?;
+            Ok(value)
+        }
+        Err(error) => {
+            match <AnsiTransactionManager as TransactionManager<MysqlConnection>>::rollback_transaction(conn) {
+                Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
+                Err(rollback_error) => Err(rollback_error.into()),
+            }
+        }
+    }
+}
+
+/// The error number of the statement that just failed on `conn`, read with
+/// `GET DIAGNOSTICS` (which needs no privilege). Must be the next statement after the failed
+/// one: any other statement clears the diagnostics area.
+fn last_errno(conn: &mut MysqlConnection) -> QueryResult<Option<i32>> {
+    conn.batch_execute("GET DIAGNOSTICS CONDITION 1 @dtb_errno = MYSQL_ERRNO")?;
+    let errno =
+        diesel::select(sql::<Nullable<Integer>>("CAST(@dtb_errno AS SIGNED)")).get_result(conn)?;
+    // Never let a later call read this value (GET DIAGNOSTICS leaves the variable unchanged,
+    // with only a warning, when there is no condition to read).
+    conn.batch_execute("SET @dtb_errno = NULL")?;
+    Ok(errno)
+}
+
+/// `limit` as a lock wait timeout: whole seconds, rounded up, at least one.
+fn wait_secs(limit: Duration) -> u64 {
+    let secs = limit
+        .as_secs()
+        .saturating_add(u64::from(limit.subsec_nanos() > 0));
+    secs.clamp(1, MAX_WAIT_SECS)
+}
+
+/// The durability fence: a write of the worker's own to barrier `key`, committed by the
+/// caller's transaction before any verdict of "committed" leaves this module.
+///
+/// Why it proves that the producer's commit is durable:
+///
+/// 1. The producer's commit writes its commit record to the redo log buffer, at some log
+///    sequence number L, *before* InnoDB releases the producer's row locks; only then is the
+///    log flushed up to L (with `innodb_flush_log_at_trx_commit = 1`). In the gap between the
+///    two a locking read already sees the row, and a crash would erase the commit.
+/// 2. The worker saw the row through a locking read, so the producer's locks were released,
+///    so L had been assigned. This update changes the row (`attempts + 1` always differs from
+///    `attempts`; an update that changes nothing writes no redo and would prove nothing), so
+///    its redo, and the worker's commit record, come after L in the log.
+/// 3. The redo log is written and flushed in order, and with
+///    `innodb_flush_log_at_trx_commit = 1` the worker's `COMMIT` returns only once the log is
+///    flushed past its own commit record — hence past L. When the worker's commit returns,
+///    the producer's commit is on disk. (With the binary log on, commits are also ordered
+///    through it, and `sync_binlog = 1` gives the same prefix argument for the binary log.)
+///
+/// The fence costs one row write and one log flush per delivery, and it counts the
+/// deliveries that found the transaction committed.
+fn fence(conn: &mut MysqlConnection, key: &str) -> QueryResult<usize> {
+    diesel::update(dtb_barriers::table.find(key))
+        .set(dtb_barriers::attempts.eq(dtb_barriers::attempts + 1))
+        .execute(conn)
+}
+
+/// `'user'@'host'` from `CURRENT_USER()`'s `user@host`.
+fn quoted_account(current_user: &str) -> String {
+    let (user, host) = current_user.rsplit_once('@').unwrap_or((current_user, "%"));
+    format!(
+        "'{}'@'{}'",
+        user.replace('\'', "''"),
+        host.replace('\'', "''")
+    )
+}
+
+fn setting_warnings(settings: &SettingsRow) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let flush = settings.flush_log_at_trx_commit.as_deref().unwrap_or("?");
+    if flush != "1" {
+        warnings.push(format!(
+            "innodb_flush_log_at_trx_commit is {flush}, not 1: a commit is not flushed to disk \
+             when it returns, so a handler may run for a transaction that a server crash then \
+             erases; set innodb_flush_log_at_trx_commit = 1"
+        ));
+    }
+    let log_bin = settings.log_bin.as_deref().unwrap_or("0");
+    let sync_binlog = settings.sync_binlog.as_deref().unwrap_or("?");
+    if matches!(log_bin, "1" | "ON") && sync_binlog != "1" {
+        warnings.push(format!(
+            "the binary log is on and sync_binlog is {sync_binlog}, not 1: after an operating \
+             system crash a committed transaction whose handler already ran may be lost; set \
+             sync_binlog = 1"
+        ));
+    }
+    warnings
+}
+
+impl Backend for MysqlConnection {
+    const NAME: &'static str = "mysql";
+
+    fn run_migrations(&mut self) -> Result<(), Error> {
+        MigrationHarness::run_pending_migrations(self, MIGRATIONS)
+            .map(|_| ())
+            .map_err(Error::Migration)
+    }
+
+    fn barrier_schema_present(&mut self) -> QueryResult<bool> {
+        // The `attempts` column is what this backend needs beyond a bare table.
+        let row: CountRow = diesel::sql_query(
+            "SELECT COUNT(*) AS value FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+        )
+        .bind::<Text, _>(crate::BARRIER_TABLE)
+        .bind::<Text, _>("attempts")
+        .get_result(self)?;
+        Ok(row.value > 0)
+    }
+
+    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Option<String>> {
+        diesel::insert_into(dtb_barriers::table)
+            .values((
+                dtb_barriers::id.eq(row.id.hyphenated().to_string()),
+                dtb_barriers::txid.eq(sql::<Nullable<BigInt>>("CONNECTION_ID()")),
+                dtb_barriers::job_id.eq(row.job_id),
+                dtb_barriers::job_kind.eq(row.job_kind),
+                dtb_barriers::job_queue.eq(row.job_queue),
+                dtb_barriers::payload.eq(row.payload),
+            ))
+            .execute(self)?;
+        let connection_id: u64 =
+            diesel::select(sql::<Unsigned<BigInt>>("CONNECTION_ID()")).get_result(self)?;
+        Ok(Some(connection_id.to_string()))
+    }
+
+    fn await_verdict(&mut self, id: &uuid::Uuid, limit: Duration) -> QueryResult<Verdict> {
+        let key = id.hyphenated().to_string();
+        // Bound the lock wait for this session, keeping its previous bound to restore below.
+        // (MariaDB's `SET STATEMENT ... FOR` would scope it to one statement, but MySQL lacks it.)
+        diesel::sql_query(
+            "SET @dtb_saved_lock_wait_timeout = @@SESSION.innodb_lock_wait_timeout, \
+                 SESSION innodb_lock_wait_timeout = ?",
+        )
+        .bind::<Unsigned<BigInt>, _>(wait_secs(limit))
+        .execute(self)?;
+
+        let outcome = read_committed(self, |c| -> Result<Verdict, WaitError> {
+            // A locking read waits for the producer's transaction, which holds the row's lock
+            // until it ends. Plain reads would not wait, and could miss an uncommitted row.
+            let found = dtb_barriers::table
+                .find(&key)
+                .select(dtb_barriers::id)
+                .for_update()
+                .get_result::<String>(c)
+                .optional();
+            let found = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    return Err(match last_errno(c) {
+                        Ok(Some(ER_LOCK_WAIT_TIMEOUT)) => WaitError::TimedOut,
+                        _ => WaitError::Database(e),
+                    })
+                }
+            };
+            if found.is_none() {
+                return Ok(Verdict::NotCommitted);
+            }
+            fence(c, &key)?;
+            // The commit of this transaction (in `read_committed`) completes the fence.
+            Ok(Verdict::Committed)
+        });
+
+        let restored = self
+            .batch_execute("SET SESSION innodb_lock_wait_timeout = @dtb_saved_lock_wait_timeout");
+        let verdict = match outcome {
+            Ok(verdict) => verdict,
+            Err(WaitError::TimedOut) => Verdict::Pending,
+            Err(WaitError::Database(e)) => return Err(e),
+        };
+        restored?;
+        Ok(verdict)
+    }
+
+    fn worker_transaction<R, E, F>(&mut self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut Self) -> Result<R, E>,
+        E: From<diesel::result::Error>,
+    {
+        read_committed(self, f)
+    }
+
+    fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
+        let key = id.hyphenated().to_string();
+        // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate simply
+        // does not come back, and a second, non-locking read (a fresh READ COMMITTED snapshot)
+        // tells "held" from "gone".
+        let locked = dtb_barriers::table
+            .find(&key)
+            .select(dtb_barriers::id)
+            .for_update()
+            .skip_locked()
+            .get_result::<String>(self)
+            .optional()?;
+        if locked.is_some() {
+            return Ok(Claim::Locked);
+        }
+        let exists: i64 = dtb_barriers::table.find(&key).count().get_result(self)?;
+        Ok(if exists > 0 { Claim::Busy } else { Claim::Gone })
+    }
+
+    fn delete_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        diesel::delete(dtb_barriers::table.find(id.hyphenated().to_string())).execute(self)?;
+        Ok(())
+    }
+
+    fn transaction_info(
+        &mut self,
+        _id: &uuid::Uuid,
+        txid: Option<&str>,
+    ) -> QueryResult<Option<String>> {
+        let Some(thread) = txid.and_then(|t| t.parse::<u64>().ok()) else {
+            return Ok(None);
+        };
+        let mut parts = vec![format!("MySQL thread {thread}")];
+        // Diagnostics only: innodb_trx is a cache refreshed at most every 100 ms (and not at
+        // all while anyone reads it more often), and it needs the PROCESS privilege.
+        let trx: QueryResult<Vec<TrxRow>> = diesel::sql_query(
+            "SELECT CAST(trx_id AS CHAR) AS trx_id, trx_state, \
+                    CAST(trx_started AS CHAR) AS trx_started, \
+                    CAST(trx_rows_modified AS CHAR) AS trx_rows_modified \
+             FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = ?",
+        )
+        .bind::<Unsigned<BigInt>, _>(thread)
+        .load(self);
+        match trx {
+            Ok(rows) => match rows.first() {
+                Some(t) => parts.push(format!(
+                    "InnoDB transaction {} {} since {}, {} rows modified (innodb_trx, which may \
+                     lag by 100 ms or more)",
+                    t.trx_id.as_deref().unwrap_or("?"),
+                    t.trx_state.as_deref().unwrap_or("?"),
+                    t.trx_started.as_deref().unwrap_or("?"),
+                    t.trx_rows_modified.as_deref().unwrap_or("?"),
+                )),
+                None => parts.push(
+                    "no InnoDB transaction listed in innodb_trx (a cache, which may lag)".into(),
+                ),
+            },
+            Err(e) => {
+                let why = match last_errno(self) {
+                    Ok(Some(ER_SPECIFIC_ACCESS_DENIED)) => {
+                        "needs the PROCESS privilege".to_string()
+                    }
+                    _ => e.to_string(),
+                };
+                parts.push(format!("innodb_trx unavailable ({why})"));
+            }
+        }
+        // Without PROCESS, PROCESSLIST still shows the threads of the worker's own user.
+        let process: QueryResult<Vec<ProcessRow>> = diesel::sql_query(
+            "SELECT USER AS user, HOST AS host, COMMAND AS command, CAST(TIME AS CHAR) AS time \
+             FROM information_schema.PROCESSLIST WHERE ID = ?",
+        )
+        .bind::<Unsigned<BigInt>, _>(thread)
+        .load(self);
+        match process {
+            Ok(rows) => match rows.first() {
+                Some(p) => parts.push(format!(
+                    "connection of {}@{}, {} for {} s",
+                    p.user.as_deref().unwrap_or("?"),
+                    p.host.as_deref().unwrap_or("?"),
+                    p.command.as_deref().unwrap_or("?"),
+                    p.time.as_deref().unwrap_or("?"),
+                )),
+                None => parts.push("not in the process list (gone, or not visible)".into()),
+            },
+            Err(e) => parts.push(format!("process list unavailable ({e})")),
+        }
+        Ok(Some(parts.join("; ")))
+    }
+
+    fn startup_warnings(&mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let settings: QueryResult<SettingsRow> = diesel::sql_query(
+            "SELECT CAST(@@GLOBAL.innodb_flush_log_at_trx_commit AS CHAR) \
+                        AS flush_log_at_trx_commit, \
+                    CAST(@@GLOBAL.log_bin AS CHAR) AS log_bin, \
+                    CAST(@@GLOBAL.sync_binlog AS CHAR) AS sync_binlog, \
+                    CURRENT_USER() AS account",
+        )
+        .get_result(self);
+        let account = match settings {
+            Ok(s) => {
+                warnings.extend(setting_warnings(&s));
+                s.account.as_deref().map(quoted_account)
+            }
+            Err(e) => {
+                warnings.push(format!("could not read the server's settings: {e}"));
+                None
+            }
+        };
+        // One read of innodb_trx tells whether diagnostics will be able to use it. (A single
+        // read delays the cache's next refresh by at most 100 ms; it is never read again
+        // except to describe a barrier that timed out.)
+        let probe: QueryResult<CountRow> = diesel::sql_query(
+            "SELECT COUNT(*) AS value FROM information_schema.INNODB_TRX \
+             WHERE trx_mysql_thread_id = CONNECTION_ID()",
+        )
+        .get_result(self);
+        if let Err(e) = probe {
+            let account = account.unwrap_or_else(|| "'user'@'host'".into());
+            warnings.push(match last_errno(self) {
+                Ok(Some(ER_SPECIFIC_ACCESS_DENIED)) => format!(
+                    "the worker's database account {account} lacks the PROCESS privilege: \
+                     barriers work without it, but a barrier that times out cannot be described \
+                     (information_schema.innodb_trx needs it); to add it: \
+                     GRANT PROCESS ON *.* TO {account}"
+                ),
+                _ => format!(
+                    "information_schema.innodb_trx cannot be read ({e}); barriers work without \
+                     it, but a barrier that times out cannot be described"
+                ),
+            });
+        }
+        warnings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_is_rounded_up_to_whole_seconds() {
+        assert_eq!(wait_secs(Duration::ZERO), 1);
+        assert_eq!(wait_secs(Duration::from_millis(50)), 1);
+        assert_eq!(wait_secs(Duration::from_secs(1)), 1);
+        assert_eq!(wait_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(wait_secs(Duration::from_secs(30)), 30);
+        assert_eq!(wait_secs(Duration::MAX), MAX_WAIT_SECS);
+    }
+
+    #[test]
+    fn accounts_are_quoted_for_grant() {
+        assert_eq!(quoted_account("app@%"), "'app'@'%'");
+        assert_eq!(quoted_account("app@10.0.0.1"), "'app'@'10.0.0.1'");
+        assert_eq!(quoted_account("o'neil@localhost"), "'o''neil'@'localhost'");
+        assert_eq!(quoted_account("a@b@c"), "'a@b'@'c'");
+    }
+
+    #[test]
+    fn settings_warnings() {
+        let settings = |flush: &str, log_bin: &str, sync: &str| SettingsRow {
+            flush_log_at_trx_commit: Some(flush.into()),
+            log_bin: Some(log_bin.into()),
+            sync_binlog: Some(sync.into()),
+            account: Some("root@localhost".into()),
+        };
+        assert!(setting_warnings(&settings("1", "0", "0")).is_empty());
+        assert!(setting_warnings(&settings("1", "1", "1")).is_empty());
+        let w = setting_warnings(&settings("2", "0", "0"));
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("innodb_flush_log_at_trx_commit is 2"),
+            "{w:?}"
+        );
+        let w = setting_warnings(&settings("1", "1", "0"));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("sync_binlog is 0"), "{w:?}");
+    }
+
+    /// Checks against a live server (`MYSQL_DATABASE_URL`, default
+    /// `mysql://root@127.0.0.1:3306/test`), each in a database of its own. The backend trait is
+    /// private, so its verdicts can only be checked from inside the crate.
+    mod live {
+        use super::*;
+        use std::sync::mpsc;
+        use std::time::Instant;
+
+        struct Db {
+            admin: String,
+            name: String,
+            url: String,
+        }
+
+        impl Db {
+            fn new() -> Db {
+                let admin = std::env::var("MYSQL_DATABASE_URL")
+                    .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+                let name = format!("dtb_unit_{}", uuid::Uuid::new_v4().simple());
+                let mut c = MysqlConnection::establish(&admin).expect("MariaDB is reachable");
+                c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+                let url = with_database(&admin, &name);
+                let db = Db { admin, name, url };
+                Backend::run_migrations(&mut db.connect()).expect("migrations");
+                db
+            }
+
+            fn connect(&self) -> MysqlConnection {
+                MysqlConnection::establish(&self.url).expect("connect")
+            }
+        }
+
+        impl Drop for Db {
+            fn drop(&mut self) {
+                if let Ok(mut c) = MysqlConnection::establish(&self.admin) {
+                    let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {}", self.name));
+                }
+            }
+        }
+
+        fn with_database(url: &str, name: &str) -> String {
+            let authority = url.find("://").map_or(0, |i| i + 3);
+            let (base, query) = match url.find('?') {
+                Some(q) => (&url[..q], &url[q..]),
+                None => (url, ""),
+            };
+            let base = match base[authority..].find('/') {
+                Some(slash) => &base[..authority + slash],
+                None => base,
+            };
+            format!("{base}/{name}{query}")
+        }
+
+        fn new_barrier<'a>(id: &'a uuid::Uuid) -> NewBarrier<'a> {
+            NewBarrier {
+                id,
+                job_id: "jid",
+                job_kind: "kind",
+                job_queue: "default",
+                payload: "{}",
+            }
+        }
+
+        fn i64_of(conn: &mut MysqlConnection, query: &str) -> i64 {
+            diesel::select(sql::<BigInt>(query))
+                .get_result(conn)
+                .unwrap()
+        }
+
+        /// Opens a transaction that inserts barrier `id`, keeps it open until told how to end
+        /// it, and returns the sender that ends it (`true` commits).
+        fn open_producer(
+            db: &Db,
+            id: uuid::Uuid,
+        ) -> (mpsc::Sender<bool>, std::thread::JoinHandle<()>, String) {
+            let (end_tx, end_rx) = mpsc::channel::<bool>();
+            let (txid_tx, txid_rx) = mpsc::channel();
+            let mut conn = db.connect();
+            let handle = std::thread::spawn(move || {
+                let _ = conn.transaction(|c| {
+                    let txid = c.insert_barrier(&new_barrier(&id))?;
+                    txid_tx.send(txid.unwrap()).unwrap();
+                    if end_rx.recv().unwrap() {
+                        Ok(())
+                    } else {
+                        Err(diesel::result::Error::RollbackTransaction)
+                    }
+                });
+            });
+            let txid = txid_rx.recv().unwrap();
+            (end_tx, handle, txid)
+        }
+
+        #[test]
+        fn txid_is_the_producers_connection_id() {
+            let db = Db::new();
+            let id = uuid::Uuid::new_v4();
+            let mut conn = db.connect();
+            let own = i64_of(&mut conn, "CAST(CONNECTION_ID() AS SIGNED)");
+            let txid = conn
+                .transaction(|c| c.insert_barrier(&new_barrier(&id)))
+                .unwrap()
+                .unwrap();
+            assert_eq!(txid, own.to_string());
+            assert!(txid.bytes().all(|b| b.is_ascii_digit()));
+            let stored = i64_of(&mut conn, "(SELECT txid FROM dtb_barriers)");
+            assert_eq!(stored, own);
+        }
+
+        #[test]
+        fn committed_after_the_wait_and_fenced() {
+            let db = Db::new();
+            let id = uuid::Uuid::new_v4();
+            let (end, producer, _) = open_producer(&db, id);
+            let mut worker = db.connect();
+            let started = Instant::now();
+            let waiter = std::thread::spawn(move || {
+                let v = worker.await_verdict(&id, Duration::from_secs(20)).unwrap();
+                (v, started.elapsed(), worker)
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            end.send(true).unwrap();
+            producer.join().unwrap();
+            let (verdict, waited, mut worker) = waiter.join().unwrap();
+            assert_eq!(verdict, Verdict::Committed);
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+            // The fence is committed: another connection reads it.
+            let mut other = db.connect();
+            assert_eq!(i64_of(&mut other, "(SELECT attempts FROM dtb_barriers)"), 1);
+            // Asked again: still committed (the row is there), fenced again.
+            assert_eq!(
+                worker.await_verdict(&id, Duration::from_secs(1)).unwrap(),
+                Verdict::Committed
+            );
+            assert_eq!(i64_of(&mut other, "(SELECT attempts FROM dtb_barriers)"), 2);
+        }
+
+        #[test]
+        fn not_committed_after_rollback() {
+            let db = Db::new();
+            let id = uuid::Uuid::new_v4();
+            let (end, producer, _) = open_producer(&db, id);
+            let mut worker = db.connect();
+            let waiter =
+                std::thread::spawn(move || worker.await_verdict(&id, Duration::from_secs(20)));
+            std::thread::sleep(Duration::from_millis(300));
+            end.send(false).unwrap();
+            producer.join().unwrap();
+            assert_eq!(waiter.join().unwrap().unwrap(), Verdict::NotCommitted);
+            let mut other = db.connect();
+            assert_eq!(i64_of(&mut other, "(SELECT COUNT(*) FROM dtb_barriers)"), 0);
+        }
+
+        #[test]
+        fn pending_when_the_wait_times_out_and_the_session_is_restored() {
+            let db = Db::new();
+            let id = uuid::Uuid::new_v4();
+            let (end, producer, _) = open_producer(&db, id);
+            let mut worker = db.connect();
+            worker
+                .batch_execute("SET SESSION innodb_lock_wait_timeout = 7")
+                .unwrap();
+            let started = Instant::now();
+            let verdict = worker
+                .await_verdict(&id, Duration::from_millis(200))
+                .unwrap();
+            let waited = started.elapsed();
+            assert_eq!(verdict, Verdict::Pending);
+            // Rounded up to one second, and not much more.
+            assert!(waited >= Duration::from_millis(900), "{waited:?}");
+            assert!(waited < Duration::from_secs(5), "{waited:?}");
+            assert_eq!(i64_of(&mut worker, "@@SESSION.innodb_lock_wait_timeout"), 7);
+            // The timeout left no transaction open and no stale error number behind.
+            assert!(worker
+                .transaction(|c| {
+                    diesel::select(sql::<Nullable<Integer>>("@dtb_errno"))
+                        .get_result::<Option<i32>>(c)
+                })
+                .unwrap()
+                .is_none());
+            end.send(true).unwrap();
+            producer.join().unwrap();
+            assert_eq!(
+                worker.await_verdict(&id, Duration::from_secs(5)).unwrap(),
+                Verdict::Committed
+            );
+        }
+
+        #[test]
+        fn other_errors_are_not_taken_for_a_timeout() {
+            let db = Db::new();
+            let mut worker = db.connect();
+            worker.batch_execute("DROP TABLE dtb_barriers").unwrap();
+            let err = worker
+                .await_verdict(&uuid::Uuid::new_v4(), Duration::from_secs(1))
+                .unwrap_err();
+            assert!(err.to_string().contains("dtb_barriers"), "{err}");
+        }
+
+        #[test]
+        fn checks_ignore_an_old_repeatable_read_snapshot() {
+            // The session default is REPEATABLE READ; a worker connection that read the table
+            // before the commit must still see the barrier afterwards.
+            let db = Db::new();
+            let id = uuid::Uuid::new_v4();
+            let mut worker = db.connect();
+            worker
+                .batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .unwrap();
+            let (end, producer, _) = open_producer(&db, id);
+            end.send(true).unwrap();
+            producer.join().unwrap();
+            let claim = worker
+                .worker_transaction(|c| {
+                    let iso: String =
+                        diesel::select(sql::<Text>("@@tx_isolation")).get_result(c)?;
+                    assert_eq!(iso, "REPEATABLE-READ", "the session default is untouched");
+                    c.claim_barrier(&id)
+                })
+                .unwrap();
+            assert_eq!(claim, Claim::Locked);
+        }
+
+        #[test]
+        fn claim_never_waits() {
+            let db = Db::new();
+            let id = uuid::Uuid::new_v4();
+            let (end, producer, _) = open_producer(&db, id);
+            end.send(true).unwrap();
+            producer.join().unwrap();
+            let mut first = db.connect();
+            let mut second = db.connect();
+            first
+                .worker_transaction(|a| {
+                    assert_eq!(a.claim_barrier(&id)?, Claim::Locked);
+                    let started = Instant::now();
+                    let busy = second.worker_transaction(|b| b.claim_barrier(&id))?;
+                    assert_eq!(busy, Claim::Busy);
+                    assert!(started.elapsed() < Duration::from_millis(500));
+                    a.delete_barrier(&id)
+                })
+                .unwrap();
+            let gone = second.worker_transaction(|b| b.claim_barrier(&id)).unwrap();
+            assert_eq!(gone, Claim::Gone);
+            assert_eq!(
+                second.await_verdict(&id, Duration::from_secs(1)).unwrap(),
+                Verdict::NotCommitted
+            );
+        }
+
+        #[test]
+        fn schema_check_and_transaction_info() {
+            let db = Db::new();
+            let mut conn = db.connect();
+            assert!(conn.barrier_schema_present().unwrap());
+            let warnings = conn.startup_warnings();
+            assert!(warnings.is_empty(), "root has PROCESS: {warnings:?}");
+            let id = uuid::Uuid::new_v4();
+            let (end, producer, txid) = open_producer(&db, id);
+            // innodb_trx is a cache: give it time to refresh.
+            std::thread::sleep(Duration::from_millis(250));
+            let info = conn.transaction_info(&id, Some(&txid)).unwrap().unwrap();
+            assert!(info.contains(&format!("MySQL thread {txid}")), "{info}");
+            assert!(info.contains("RUNNING"), "{info}");
+            end.send(false).unwrap();
+            producer.join().unwrap();
+            assert_eq!(conn.transaction_info(&id, None).unwrap(), None);
+            conn.batch_execute("DROP TABLE dtb_barriers").unwrap();
+            assert!(!conn.barrier_schema_present().unwrap());
+        }
+    }
+}
