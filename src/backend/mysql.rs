@@ -431,7 +431,7 @@ impl Backend for MysqlConnection {
         match process {
             Ok(rows) => match rows.first() {
                 Some(p) => parts.push(format!(
-                    "connection of {}@{}, {} for {} s",
+                    "connection of {}@{}, command {} for {} s (KILL {thread} would roll it back)",
                     p.user.as_deref().unwrap_or("?"),
                     p.host.as_deref().unwrap_or("?"),
                     p.command.as_deref().unwrap_or("?"),
