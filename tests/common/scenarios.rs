@@ -28,19 +28,16 @@ fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
 pub fn commit_runs_after_commit<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 2);
+    let worker = env.start_worker(handlers::<D>(&tx), 2);
     let id = next_id();
     let mut conn = env.db.connect();
-    let session = D::session_id(&mut conn);
     let mut jid = None;
     conn.transaction(|c| {
         insert_order::<D>(c, id, "new");
         jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
         // A write after the enqueue must be visible to the handler too.
         set_status::<D>(c, id, "paid");
-        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-            env.db.waiters_on(session) > 0
-        });
+        worker.wait_for_waiting(1);
         expect_no_run(&rx, "the transaction is still open");
         Ok::<_, Error>(())
     })
@@ -59,6 +56,7 @@ pub fn commit_runs_after_commit<D: TestDb>() {
 /// Enqueues in a transaction that the worker is seen waiting on, then ends it with `end`.
 fn enqueue_then<D: TestDb>(
     env: &Env<D>,
+    worker: &RunningWorker,
     id: i64,
     end: impl FnOnce(&mut D::Conn, i64) -> Result<(), Error>,
 ) -> (Result<(), Error>, String) {
@@ -68,9 +66,7 @@ fn enqueue_then<D: TestDb>(
     let result = conn.transaction(|c| {
         insert_order::<D>(c, id, "paid");
         jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
-        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-            env.db.waiters_on(session) > 0
-        });
+        worker.wait_for_waiting(1);
         end(c, session)
     });
     (result, jid.expect("enqueued").as_str().to_string())
@@ -88,9 +84,9 @@ fn assert_aborted<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64, jid: &st
 pub fn error_rolls_back<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
-    let (result, jid) = enqueue_then(&env, id, |_, _| {
+    let (result, jid) = enqueue_then(&env, &worker, id, |_, _| {
         Err(Error::Config("validation failed".into()))
     });
     assert!(result.is_err());
@@ -101,22 +97,20 @@ pub fn error_rolls_back<D: TestDb>() {
 pub fn panic_rolls_back<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let (jid_tx, jid_rx) = unbounded();
     std::thread::scope(|s| {
         let env = &env;
+        let worker = &worker;
         let outcome = s
             .spawn(move || {
                 let mut conn = env.db.connect();
-                let session = D::session_id(&mut conn);
                 let _ = conn.transaction(|c| {
                     insert_order::<D>(c, id, "paid");
                     let jid = c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
                     jid_tx.send(jid.as_str().to_string()).unwrap();
-                    wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-                        env.db.waiters_on(session) > 0
-                    });
+                    worker.wait_for_waiting(1);
                     if id >= 0 {
                         panic!("the application panics inside its transaction");
                     }
@@ -134,9 +128,9 @@ pub fn panic_rolls_back<D: TestDb>() {
 pub fn killed_producer_aborts<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
-    let (result, jid) = enqueue_then(&env, id, |_, session| {
+    let (result, jid) = enqueue_then(&env, &worker, id, |_, session| {
         env.db.kill(session);
         Ok(())
     });
@@ -169,10 +163,9 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
 pub fn released_savepoint_runs<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let mut conn = env.db.connect();
-    let session = D::session_id(&mut conn);
     conn.transaction(|c| {
         insert_order::<D>(c, id, "new");
         c.transaction(|c| {
@@ -180,9 +173,7 @@ pub fn released_savepoint_runs<D: TestDb>() {
                 .map(|_| ())
         })?;
         set_status::<D>(c, id, "paid");
-        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-            env.db.waiters_on(session) > 0
-        });
+        worker.wait_for_waiting(1);
         expect_no_run(&rx, "the outer transaction is still open");
         Ok::<_, Error>(())
     })
