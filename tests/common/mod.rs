@@ -204,7 +204,16 @@ impl<D: TestDb> Env<D> {
         handlers: Handlers<D::Conn>,
         configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
     ) -> RunningWorker {
-        let builder = WorkerBuilder::new(self.db.pool(16))
+        self.start_worker_on(self.db.pool(16), handlers, configure)
+    }
+
+    pub fn start_worker_on(
+        &self,
+        pool: Pool<ConnectionManager<D::Conn>>,
+        handlers: Handlers<D::Conn>,
+        configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
+    ) -> RunningWorker {
+        let builder = WorkerBuilder::new(pool)
             .handlers(handlers)
             .url(self.faktory.url())
             .reconnect_backoff(Duration::from_millis(200));
