@@ -265,6 +265,73 @@ async fn enqueue_fetch_ack_records_history() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_checks_queues_in_the_given_order() {
+    let faktory = TestFaktory::from_env_or_start().unwrap();
+    let url = faktory.url();
+    let (low, high) = (faktory.unique_queue("low"), faktory.unique_queue("high"));
+    let mut client = connect(&url).await;
+    for (queue, n) in [(&low, 1), (&high, 2), (&low, 3), (&high, 4)] {
+        client
+            .enqueue(job_on("ordered", queue, vec![json!(n)]))
+            .await
+            .unwrap();
+    }
+    let (mut worker, runs) = recording_worker(&url, "ordered", Outcome::Succeed).await;
+    for _ in 0..4 {
+        assert!(worker.run_one(0, &[&high, &low]).await.unwrap());
+    }
+    let order: Vec<Value> = snapshot(&runs)
+        .iter()
+        .map(|(j, _)| j.args()[0].clone())
+        .collect();
+    // Every job of the first queue, oldest first, before any of the second.
+    assert_eq!(order, [json!(2), json!(4), json!(1), json!(3)]);
+}
+
+#[test]
+fn fetch_waits_for_a_job_and_gives_up_after_the_fetch_timeout() {
+    let server = TestServer::builder()
+        .fetch_timeout(Duration::from_millis(300))
+        .start()
+        .unwrap();
+    let mut raw = Raw::connect_hello(server.addr());
+
+    // Nothing to fetch: a null reply once the fetch timeout has passed.
+    let asked = Instant::now();
+    assert_eq!(raw.call(b"FETCH empty"), Resp::Null);
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_millis(290),
+        "answered after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "answered after {waited:?}");
+
+    // A job pushed while FETCH waits is handed over at once.
+    let patient = TestServer::builder()
+        .fetch_timeout(Duration::from_secs(60))
+        .start()
+        .unwrap();
+    let mut raw = Raw::connect_hello(patient.addr());
+    raw.send(b"FETCH later");
+    raw.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let early = raw.try_read();
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+        "FETCH answered before any job existed: {early:?}"
+    );
+    raw.stream.set_read_timeout(Some(WAIT)).unwrap();
+    let pushed = Instant::now();
+    patient
+        .push_json(r#"{"jid":"late-0001","jobtype":"t","args":[],"queue":"later"}"#)
+        .unwrap();
+    assert_eq!(raw.read().bulk_json()["jid"], json!("late-0001"));
+    assert!(pushed.elapsed() < Duration::from_secs(5));
+    assert_eq!(patient.working_len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // failures, retries, the dead set
 // ---------------------------------------------------------------------------------------

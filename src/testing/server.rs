@@ -68,11 +68,26 @@ impl Shared {
 /// assert!(server.url().starts_with("tcp://:s3cret@127.0.0.1:"));
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use = "call `start` to run the server"]
 pub struct TestServerBuilder {
     config: Config,
     bind: SocketAddr,
+}
+
+impl fmt::Debug for TestServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("TestServerBuilder")
+            // Never print the password itself.
+            .field("password", &c.password.as_ref().map(|_| "***"))
+            .field("retry_delay", &c.retry_delay)
+            .field("fetch_timeout", &c.fetch_timeout)
+            .field("min_reserve_for", &c.min_reserve_for)
+            .field("max_line_length", &c.max_line_length)
+            .field("bind", &self.bind)
+            .finish()
+    }
 }
 
 impl Default for TestServerBuilder {
