@@ -39,7 +39,7 @@ pub enum Error {
 
     /// The producer's transaction was still open when the worker's total waiting deadline
     /// passed. The job fails (and is retried by Faktory per its `retry` setting).
-    #[error("barrier {} still open after {:?}", .0.barrier_id, .0.age)]
+    #[error("gave up waiting: {0}")]
     BarrierTimeout(Box<TimeoutInfo>),
 
     /// The barrier descriptor attached to the job is not one this crate wrote.
@@ -137,7 +137,7 @@ impl fmt::Display for TimeoutInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "barrier {} of job {} open for {:?}",
+            "barrier {} of job {} still open after {:?}",
             self.barrier_id, self.jid, self.age
         )?;
         if let Some(txid) = &self.txid {

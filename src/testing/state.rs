@@ -645,11 +645,7 @@ impl State {
             .workers
             .get(wid)
             .map_or(WorkerState::Running, |r| r.reported);
-        let forced = self
-            .worker_overrides
-            .get(wid)
-            .copied()
-            .unwrap_or_default();
+        let forced = self.worker_overrides.get(wid).copied().unwrap_or_default();
         self.global_worker_state.max(forced).max(reported)
     }
 
@@ -889,7 +885,10 @@ mod tests {
         s.push(job(r#","retry":2"#), &now).unwrap();
         let mut remaining = Vec::new();
         for round in 0..3 {
-            assert!(s.fetch(&["default".into()], &now, &cfg).is_some(), "{round}");
+            assert!(
+                s.fetch(&["default".into()], &now, &cfg).is_some(),
+                "{round}"
+            );
             s.fail("abcdefgh", None, Some(" boom ".into()), None, &now, &cfg)
                 .unwrap();
             now = later(&now, Duration::from_millis(1));
@@ -952,7 +951,8 @@ mod tests {
         // A late ACK is accepted but changes nothing.
         assert!(!s.ack("abcdefgh", &now));
         assert_eq!(
-            s.fail("abcdefgh", None, None, None, &now, &cfg).unwrap_err(),
+            s.fail("abcdefgh", None, None, None, &now, &cfg)
+                .unwrap_err(),
             "Job not found abcdefgh"
         );
     }
@@ -992,9 +992,15 @@ mod tests {
         assert_eq!(s.beat("w1", None, &now), Ok(WorkerState::Running));
         s.set_worker_state_for("w1", WorkerState::Quiet);
         assert_eq!(s.beat("w1", None, &now), Ok(WorkerState::Quiet));
-        assert_eq!(s.beat("w1", Some("terminate"), &now), Ok(WorkerState::Terminate));
+        assert_eq!(
+            s.beat("w1", Some("terminate"), &now),
+            Ok(WorkerState::Terminate)
+        );
         s.set_worker_state_for("w1", WorkerState::Running);
-        assert_eq!(s.beat("w1", Some("running"), &now), Ok(WorkerState::Terminate));
+        assert_eq!(
+            s.beat("w1", Some("running"), &now),
+            Ok(WorkerState::Terminate)
+        );
         s.worker_disconnected("w1");
         assert!(s.workers().is_empty());
         s.set_global_worker_state(WorkerState::Quiet);

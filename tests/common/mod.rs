@@ -12,7 +12,7 @@ use diesel::Connection;
 use diesel_transaction_barrier::testing::TestFaktory;
 use diesel_transaction_barrier::{
     BarrierConnection, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle, StopReason,
-    WorkerBuilder,
+    WorkerBuilder, WorkerMonitor,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -204,16 +204,27 @@ impl<D: TestDb> Env<D> {
         handlers: Handlers<D::Conn>,
         configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
     ) -> RunningWorker {
-        let builder = WorkerBuilder::new(self.db.pool(16))
+        self.start_worker_on(self.db.pool(16), handlers, configure)
+    }
+
+    pub fn start_worker_on(
+        &self,
+        pool: Pool<ConnectionManager<D::Conn>>,
+        handlers: Handlers<D::Conn>,
+        configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
+    ) -> RunningWorker {
+        let builder = WorkerBuilder::new(pool)
             .handlers(handlers)
             .url(self.faktory.url())
             .reconnect_backoff(Duration::from_millis(200));
         let mut worker = configure(builder).connect().expect("worker connects");
         let handle = worker.shutdown_handle();
+        let monitor = worker.monitor();
         let queue = self.queue.clone();
         let thread = std::thread::spawn(move || worker.run(&[queue]).expect("worker runs"));
         RunningWorker {
             handle,
+            monitor,
             thread: Some(thread),
         }
     }
@@ -222,10 +233,18 @@ impl<D: TestDb> Env<D> {
 /// A worker running on a thread of its own; stopped on drop.
 pub struct RunningWorker {
     pub handle: ShutdownHandle,
+    pub monitor: WorkerMonitor,
     thread: Option<JoinHandle<StopReason>>,
 }
 
 impl RunningWorker {
+    /// Waits until the worker holds `n` jobs waiting for their transactions.
+    pub fn wait_for_waiting(&self, n: usize) {
+        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
+            self.monitor.waiting() >= n
+        });
+    }
+
     pub fn stop(mut self) -> StopReason {
         self.handle.shutdown();
         self.thread.take().unwrap().join().expect("worker thread")
