@@ -302,6 +302,11 @@ pub fn drain_with_sentinel<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>) -> Vec<R
     loop {
         let ran = expect_run(rx);
         if ran.order_id == sentinel {
+            // The handler reports before its transaction (which deletes the barrier row)
+            // commits: wait for that commit, or the next check may still see the row.
+            wait_until("the sentinel's transaction to commit", EVENTUALLY, || {
+                runs_of(&env.db, sentinel) == 1
+            });
             return others;
         }
         others.push(ran);
