@@ -61,8 +61,9 @@ fn admin() -> MysqlConnection {
 //
 // innodb_trx and innodb_lock_waits are a shared cache that is refreshed only when nobody has
 // read it for 100 ms. `waiters_on` therefore spaces its reads by 150 ms across this whole test
-// binary, and the stale-cache test, which polls the cache on purpose, runs alone: every other
-// test holds a shared ticket for as long as its database lives.
+// binary, and the stale-cache test, which polls the cache on purpose (and so would freeze what
+// `waiters_on` and the worker's timeout reports see), runs alone: every other test holds a
+// shared ticket for as long as its database lives.
 
 struct GateState {
     shared: usize,
@@ -405,6 +406,31 @@ fn missing_migrations_are_reported() {
     scenarios::missing_migrations_are_reported::<Root>();
 }
 
+#[test]
+fn many_waiting_jobs_hold_few_connections() {
+    scenarios::many_waiting_jobs_hold_few_connections::<Root>();
+}
+
+#[test]
+fn snoozed_after_block_limit() {
+    scenarios::snoozed_after_block_limit::<Root>();
+}
+
+#[test]
+fn barrier_timeout_after_deadline() {
+    scenarios::barrier_timeout_after_deadline::<Root>();
+}
+
+#[test]
+fn reaper_deletes_old_barriers() {
+    scenarios::reaper_deletes_old_barriers::<Root>();
+}
+
+#[test]
+fn graceful_shutdown_loses_nothing() {
+    scenarios::graceful_shutdown_loses_nothing::<Root>();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Without the PROCESS privilege: the producer and the worker run as an account that cannot
 // read innodb_trx, and everything still holds.
@@ -510,6 +536,86 @@ fn no_process_timeout_report_says_what_is_missing() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The worker never queues behind a producer's row lock: its checks skip locked rows.
+
+#[test]
+fn waiting_jobs_take_no_row_lock_waits() {
+    let env = Env::<Root>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<Root>(&tx), 2);
+    let mut conn = env.db.connect();
+    let session = Root::session_id(&mut conn);
+    let ids: Vec<i64> = (0..3).map(|_| next_id()).collect();
+    conn.transaction(|c| {
+        for &id in &ids {
+            insert_order::<Root>(c, id, "paid");
+            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+        }
+        worker.wait_for_waiting(ids.len());
+        for _ in 0..3 {
+            assert_eq!(
+                env.db.waiters_on(session),
+                0,
+                "nobody waits on the producer's locks"
+            );
+        }
+        expect_no_run(&rx, "the transaction is still open");
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    for _ in &ids {
+        expect_run(&rx);
+    }
+    wait_until("the barrier rows to be consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+}
+
+#[test]
+fn waiters_on_sees_a_lock_wait() {
+    // The helper itself: a session blocked on the producer's row is counted.
+    let db = Root::create();
+    let id = next_id();
+    let mut producer = db.connect();
+    let session = Root::session_id(&mut producer);
+    std::thread::scope(|s| {
+        let (locked_tx, locked_rx) = unbounded::<()>();
+        let (end_tx, end_rx) = unbounded::<()>();
+        s.spawn(move || {
+            producer
+                .transaction(|c| {
+                    insert_order::<Root>(c, id, "new");
+                    locked_tx.send(()).unwrap();
+                    end_rx.recv().unwrap();
+                    Ok::<_, diesel::result::Error>(())
+                })
+                .unwrap();
+        });
+        locked_rx.recv().unwrap();
+        assert_eq!(db.waiters_on(session), 0);
+        let db = &db;
+        s.spawn(move || {
+            let mut other = db.connect();
+            Root::exec(
+                &mut other,
+                &format!("UPDATE orders SET status = 'seen' WHERE id = {id}"),
+            );
+        });
+        wait_until("a lock wait", EVENTUALLY, || db.waiters_on(session) == 1);
+        end_tx.send(()).unwrap();
+    });
+    let mut c = db.connect();
+    assert_eq!(
+        Root::query_string(
+            &mut c,
+            &format!("SELECT status FROM orders WHERE id = {id}")
+        )
+        .as_deref(),
+        Some("seen")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Durability: the handler starts only once the worker's own fence write is committed.
 
 #[test]
@@ -535,19 +641,16 @@ fn handler_starts_after_the_fence_commits() {
         let _ = tx.send((order_id, attempts));
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     });
-    let _worker = env.start_worker(handlers, 2);
+    let worker = env.start_worker(handlers, 2);
     for round in 0..10 {
         let id = next_id();
         let mut conn = env.db.connect();
-        let session = Root::session_id(&mut conn);
         conn.transaction(|c| {
             insert_order::<Root>(c, id, "paid");
             c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
             if round % 2 == 0 {
-                // Half of them with the worker already blocked on the barrier.
-                wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-                    env.db.waiters_on(session) > 0
-                });
+                // Half of them with the worker already waiting for the barrier.
+                worker.wait_for_waiting(1);
             }
             Ok::<_, Error>(())
         })
@@ -596,7 +699,9 @@ fn stale_innodb_trx_cache_changes_nothing() {
 
     let started = Instant::now();
     let per_thread = 2 * PER_OUTCOME / PRODUCERS;
-    let results: Vec<(Vec<(i64, String)>, Vec<(i64, String)>)> = std::thread::scope(|s| {
+    // Per producer thread: (order id, jid) of the committed and of the rolled-back jobs.
+    type Enqueued = Vec<(i64, String)>;
+    let results: Vec<(Enqueued, Enqueued)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..PRODUCERS)
             .map(|_| {
                 let env = &env;
