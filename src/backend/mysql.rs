@@ -277,9 +277,13 @@ fn wait_secs(limit: Duration) -> u64 {
 /// The fence costs one row write and one log flush per delivery, and it counts the
 /// deliveries that found the transaction committed.
 fn fence(conn: &mut MysqlConnection, keys: &[String]) -> QueryResult<usize> {
-    diesel::update(dtb_barriers::table.filter(dtb_barriers::id.eq_any(keys)))
-        .set(dtb_barriers::attempts.eq(dtb_barriers::attempts + 1))
-        .execute(conn)
+    let mut updated = 0;
+    for chunk in keys.chunks(IN_LIST_MAX) {
+        updated += diesel::update(dtb_barriers::table.filter(dtb_barriers::id.eq_any(chunk)))
+            .set(dtb_barriers::attempts.eq(dtb_barriers::attempts + 1))
+            .execute(conn)?;
+    }
+    Ok(updated)
 }
 
 /// Which of the barrier rows `keys` (distinct ids) this connection's next read sees (a plain,
@@ -504,28 +508,36 @@ impl Backend for MysqlConnection {
 
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
         let micros = older_than.as_micros().min(MAX_REAP_AGE_MICROS) as i64;
-        read_committed(self, |c| {
-            // Rows of transactions still running are locked by their producers: skipped.
-            let rows: Vec<ReapedRow> = diesel::sql_query(
-                "SELECT id, job_id, job_kind FROM dtb_barriers \
-                 WHERE created_at < NOW(6) - INTERVAL ? MICROSECOND FOR UPDATE SKIP LOCKED",
-            )
-            .bind::<BigInt, _>(micros)
-            .load(c)?;
-            if !rows.is_empty() {
-                let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-                diesel::delete(dtb_barriers::table.filter(dtb_barriers::id.eq_any(ids)))
-                    .execute(c)?;
+        let mut reaped = Vec::new();
+        // In batches, each in a short transaction of its own.
+        loop {
+            let batch: Vec<ReapedRow> = read_committed(self, |c| {
+                // Rows of transactions still running are locked by their producers: skipped.
+                let rows: Vec<ReapedRow> = diesel::sql_query(
+                    "SELECT id, job_id, job_kind FROM dtb_barriers \
+                     WHERE created_at < NOW(6) - INTERVAL ? MICROSECOND \
+                     ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED",
+                )
+                .bind::<BigInt, _>(micros)
+                .bind::<BigInt, _>(IN_LIST_MAX as i64)
+                .load(c)?;
+                if !rows.is_empty() {
+                    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+                    diesel::delete(dtb_barriers::table.filter(dtb_barriers::id.eq_any(ids)))
+                        .execute(c)?;
+                }
+                Ok::<_, diesel::result::Error>(rows)
+            })?;
+            let done = batch.len() < IN_LIST_MAX;
+            reaped.extend(batch.into_iter().map(|r| ReapedBarrier {
+                id: r.id,
+                job_id: r.job_id,
+                job_kind: r.job_kind,
+            }));
+            if done {
+                return Ok(reaped);
             }
-            Ok(rows
-                .into_iter()
-                .map(|r| ReapedBarrier {
-                    id: r.id,
-                    job_id: r.job_id,
-                    job_kind: r.job_kind,
-                })
-                .collect())
-        })
+        }
     }
 
     fn worker_transaction<R, E, F>(&mut self, f: F) -> Result<R, E>
@@ -1138,6 +1150,26 @@ mod tests {
             }
             end_tx.send(()).unwrap();
             producer.join().unwrap();
+        }
+
+        #[test]
+        fn reap_works_in_batches() {
+            let db = Db::new();
+            let mut conn = db.connect();
+            let n = 2 * IN_LIST_MAX + 17;
+            conn.transaction(|c| {
+                for _ in 0..n {
+                    diesel::sql_query(
+                        "INSERT INTO dtb_barriers (id, created_at, job_id, job_kind, job_queue) \
+                         VALUES (UUID(), NOW(6) - INTERVAL 1 HOUR, 'j', 'k', 'q')",
+                    )
+                    .execute(c)?;
+                }
+                Ok::<_, diesel::result::Error>(())
+            })
+            .unwrap();
+            assert_eq!(conn.reap(Duration::from_secs(60)).unwrap().len(), n);
+            assert_eq!(i64_of(&mut conn, "(SELECT COUNT(*) FROM dtb_barriers)"), 0);
         }
 
         #[test]
