@@ -347,7 +347,7 @@ impl ShutdownHandle {
     /// Asks the worker to stop: waiting jobs are handed back to Faktory at once, running
     /// handlers may finish (within the shutdown timeout), and [`Worker::run`] returns.
     pub fn shutdown(&self) {
-        let _ = self.tx.send(true);
+        self.tx.send_replace(true);
     }
 }
 
@@ -534,16 +534,20 @@ impl<C: BarrierConnection> Worker<C> {
                 })
                 .shutdown_timeout(Duration::from_secs(5));
 
-            let failure = match builder.connect_to(&self.url).await {
-                Ok(mut worker) => match worker.run(queues).await {
-                    Ok(details) => {
-                        return Ok(match details.reason {
-                            faktory::StopReason::GracefulShutdown => StopReason::Shutdown,
-                            _ => StopReason::ServerInstruction,
-                        });
-                    }
-                    Err(e) => e,
-                },
+            let outcome = match builder.connect_to(&self.url).await {
+                Ok(mut worker) => worker.run(queues).await,
+                Err(e) => Err(e),
+            };
+            // The fetch tasks faktory aborted are dropped when the runtime next polls them; let
+            // that happen now, while their connections can still say END.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let failure = match outcome {
+                Ok(details) => {
+                    return Ok(match details.reason {
+                        faktory::StopReason::GracefulShutdown => StopReason::Shutdown,
+                        _ => StopReason::ServerInstruction,
+                    });
+                }
                 Err(e) => e,
             };
             tracing::warn!(error = %failure, backoff = ?self.shared.config.reconnect_backoff, "lost the connection to faktory; reconnecting");
@@ -561,7 +565,7 @@ struct Reaper(#[allow(dead_code)] crossbeam_channel::Sender<()>);
 /// handlers get up to the shutdown timeout to finish. Then faktory's own graceful shutdown
 /// fails whatever is still running.
 async fn drain<C: BarrierConnection>(shared: &Shared<C>) {
-    let _ = shared.draining.send(true);
+    shared.draining.send_replace(true);
     if let Some(waiter) = shared.waiter.get() {
         waiter.stop();
     }
@@ -594,6 +598,7 @@ impl Drop for InFlight<'_> {
 async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Result<()> {
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let _in_flight = InFlight(&shared.in_flight);
+    tracing::trace!(jid = job.id().as_str(), kind = %job.kind, "job fetched");
     let Some(reg) = shared.handlers.get(&job.kind).cloned() else {
         // faktory only calls us for kinds we registered.
         return Err(Error::Config(format!("no handler for {}", job.kind)));
@@ -823,17 +828,29 @@ fn job_age(job: &Job) -> Duration {
         .unwrap_or_default()
 }
 
+/// How far ahead jobs handed back at shutdown are scheduled; see [`hand_back`].
+const SHUTDOWN_HAND_BACK_DELAY: Duration = Duration::from_secs(4);
+
 /// The custom key that counts how often a job was snoozed.
 pub(crate) const SNOOZES_KEY: &str = "transaction_barrier_snoozes";
 
 /// Hands a job back to Faktory without running it (shutdown, or too many waiting).
+///
+/// On shutdown the copy is scheduled a few seconds ahead: `FETCH`es this worker issued just
+/// before it stopped are still blocked on the server (for up to 2 s), and a job handed to a
+/// connection that has since closed stays reserved until its `reserve_for` runs out.
 fn hand_back<C: BarrierConnection>(
     shared: &Shared<C>,
     job: &Job,
     b: Option<&BarrierRef>,
     why: &str,
 ) -> Result<()> {
-    let delay = shared.config.snooze_delay.max(shared.config.overflow_delay);
+    let floor = if shared.is_draining() {
+        SHUTDOWN_HAND_BACK_DELAY
+    } else {
+        shared.config.overflow_delay
+    };
+    let delay = shared.config.snooze_delay.max(floor);
     shared.stats.snoozed.fetch_add(1, Ordering::SeqCst);
     snooze(shared, job, b, delay, why)
 }

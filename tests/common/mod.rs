@@ -70,6 +70,17 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     }
 }
 
+/// Logs to the test output when `DTB_TEST_LOG` is set (an `EnvFilter` directive, e.g.
+/// `diesel_transaction_barrier=debug`).
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("DTB_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Unique small integers for order ids and the like.
 pub fn next_id() -> i64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -178,6 +189,7 @@ impl<D: TestDb> Env<D> {
     }
 
     pub fn with_db(db: D) -> Self {
+        init_tracing();
         let faktory = TestFaktory::from_env_or_start().expect("faktory");
         let queue = faktory.unique_queue("dtb");
         let producer = Producer::connect(&faktory.url()).expect("producer");
@@ -271,7 +283,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 /// Receives the next run, or fails the test.
 pub fn expect_run(rx: &Receiver<Ran>) -> Ran {
-    rx.recv_timeout(EVENTUALLY).expect("the handler should have run")
+    rx.recv_timeout(EVENTUALLY)
+        .expect("the handler should have run")
 }
 
 /// Asserts that nothing arrives on `rx` for a short while.

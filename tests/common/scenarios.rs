@@ -252,7 +252,9 @@ pub fn inline_runs_at_once<D: TestDb>() {
     conn.transaction(|c| {
         insert_order::<D>(c, id, "paid");
         c.enqueue_with_barrier(&producer, Job::new(PAID, vec![id]))?;
-        let ran = rx.try_recv().expect("the handler ran before enqueue returned");
+        let ran = rx
+            .try_recv()
+            .expect("the handler ran before enqueue returned");
         assert_eq!(ran.seen_status.as_deref(), Some("paid"));
         Ok::<_, Error>(())
     })
@@ -331,12 +333,18 @@ pub fn faktory_unreachable_rolls_back<D: TestDb>() {
         Ok::<_, Error>(())
     });
     assert!(
-        matches!(result, Err(Error::Faktory(_)) | Err(Error::FaktoryTimeout(_))),
+        matches!(
+            result,
+            Err(Error::Faktory(_)) | Err(Error::FaktoryTimeout(_))
+        ),
         "{result:?}"
     );
     assert_eq!(db.barrier_rows(), 0);
     assert_eq!(
-        D::query_i64(&mut conn, &format!("SELECT COUNT(*) FROM orders WHERE id = {id}")),
+        D::query_i64(
+            &mut conn,
+            &format!("SELECT COUNT(*) FROM orders WHERE id = {id}")
+        ),
         Some(0)
     );
 }
@@ -409,7 +417,10 @@ pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
         producer.join().unwrap();
         (held, ran)
     });
-    assert!(held <= 3, "the worker held {held} connections while {waiting} jobs waited");
+    assert!(
+        held <= 3,
+        "the worker held {held} connections while {waiting} jobs waited"
+    );
     let _ = ready_ran;
     let mut seen = std::collections::HashSet::new();
     while seen.len() < waiting {
@@ -417,7 +428,9 @@ pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
         assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
     }
     assert!(ids.iter().all(|id| seen.contains(id)));
-    wait_until("all barriers consumed", EVENTUALLY, || env.db.barrier_rows() == 0);
+    wait_until("all barriers consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
 }
 
 /// (c) A job whose transaction stays open past the block limit is snoozed (not failed), and
@@ -483,9 +496,15 @@ pub fn barrier_timeout_after_deadline<D: TestDb>() {
             let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
             assert!(failed, "the job failed and waits for its retry");
             let job = &server.retry_jobs()[0];
-            let message = job["failure"]["message"].as_str().unwrap_or_default().to_string();
+            let message = job["failure"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             assert!(message.contains("still open"), "{message}");
-            assert!(message.contains("txid"), "the message carries the debug info: {message}");
+            assert!(
+                message.contains("txid"),
+                "the message carries the debug info: {message}"
+            );
             assert!(message.contains("transaction:"), "{message}");
         }
         None => eprintln!("real Faktory: skipping the failure-message inspection"),
@@ -497,28 +516,38 @@ pub fn reaper_deletes_old_barriers<D: TestDb>() {
     let env = Env::<D>::new();
     let id = next_id();
     // A committed barrier whose job nobody will ever fetch (its queue has no worker).
-    commit_order(&env, id, env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)));
+    commit_order(
+        &env,
+        id,
+        env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)),
+    );
     assert_eq!(env.db.barrier_rows(), 1);
     let mut conn = env.db.connect();
-    let kept = diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(3600))
-        .unwrap();
+    let kept =
+        diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(3600)).unwrap();
     assert_eq!(kept, 0, "a young barrier is kept");
     assert_eq!(env.db.barrier_rows(), 1);
     std::thread::sleep(Duration::from_millis(1100));
-    let reaped = diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(1))
-        .unwrap();
+    let reaped =
+        diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(1)).unwrap();
     assert_eq!(reaped, 1);
     assert_eq!(env.db.barrier_rows(), 0);
 
     // The worker's own reaper does the same periodically.
     let id = next_id();
-    commit_order(&env, id, env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)));
+    commit_order(
+        &env,
+        id,
+        env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)),
+    );
     let (tx, _rx) = unbounded();
     let _worker = env.start_worker_with(handlers::<D>(&tx), |b| {
         b.reap_interval(Duration::from_millis(100))
             .max_barrier_age(Duration::from_secs(1))
     });
-    wait_until("the worker's reaper", EVENTUALLY, || env.db.barrier_rows() == 0);
+    wait_until("the worker's reaper", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
 }
 
 /// (e) A graceful shutdown hands waiting jobs back at once; after a restart every committed
@@ -547,9 +576,6 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     })
     .unwrap();
     expect_no_run(&rx, "the worker is stopped");
-    if let Some(server) = env.faktory.server() {
-        eprintln!("queue {} scheduled {} retries {} dead {} working {}", server.queue_size(&env.queue), server.scheduled_len(), server.retries_len(), server.dead_len(), server.working_len());
-    }
     let _worker = env.start_worker(handlers::<D>(&tx), 2);
     let mut seen = std::collections::HashSet::new();
     while seen.len() < ids.len() {
@@ -557,5 +583,7 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
         assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
     }
     assert!(drain_with_sentinel(&env, &rx).is_empty());
-    wait_until("all barriers consumed", EVENTUALLY, || env.db.barrier_rows() == 0);
+    wait_until("all barriers consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
 }
