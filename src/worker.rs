@@ -480,18 +480,16 @@ impl<C: BarrierConnection> Worker<C> {
             .name("dtb-reaper".into())
             .spawn(move || loop {
                 match stop_rx.recv_timeout(interval) {
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        match shared.pool.get() {
-                            Ok(mut conn) => {
-                                if let Err(e) =
-                                    crate::reap_barriers(&mut *conn, shared.config.max_barrier_age)
-                                {
-                                    tracing::warn!(error = %e, "reaping old barriers failed");
-                                }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => match shared.pool.get() {
+                        Ok(mut conn) => {
+                            if let Err(e) =
+                                crate::reap_barriers(&mut *conn, shared.config.max_barrier_age)
+                            {
+                                tracing::warn!(error = %e, "reaping old barriers failed");
                             }
-                            Err(e) => tracing::warn!(error = %e, "reaper: no database connection"),
                         }
-                    }
+                        Err(e) => tracing::warn!(error = %e, "reaper: no database connection"),
+                    },
                     _ => return,
                 }
             })
@@ -575,7 +573,10 @@ async fn drain<C: BarrierConnection>(shared: &Shared<C>) {
     }
     // Let the last acknowledgements reach Faktory before it is told to fail what runs.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    tracing::info!(still_running = shared.in_flight.load(Ordering::SeqCst), "worker drained");
+    tracing::info!(
+        still_running = shared.in_flight.load(Ordering::SeqCst),
+        "worker drained"
+    );
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -680,7 +681,13 @@ async fn run_barrier<C: BarrierConnection>(
                 return Err(timed_out(shared, &job, &b, age + waited).await);
             }
             shared.stats.snoozed.fetch_add(1, Ordering::SeqCst);
-            snooze(shared, &job, Some(&b), cfg.snooze_delay, "block limit reached")
+            snooze(
+                shared,
+                &job,
+                Some(&b),
+                cfg.snooze_delay,
+                "block limit reached",
+            )
         }
         Answer::Verdict(Verdict::NotCommitted) => {
             shared.stats.aborted.fetch_add(1, Ordering::SeqCst);
@@ -798,7 +805,11 @@ async fn run_on_pool<C: BarrierConnection>(
     }
 }
 
-fn call_handler<C: BarrierConnection>(reg: &Registration<C>, job: &Job, conn: &mut C) -> Result<()> {
+fn call_handler<C: BarrierConnection>(
+    reg: &Registration<C>,
+    job: &Job,
+    conn: &mut C,
+) -> Result<()> {
     match catch_unwind(AssertUnwindSafe(|| (reg.handler)(job, conn))) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(Error::Handler {

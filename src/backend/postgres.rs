@@ -158,7 +158,10 @@ impl Backend for PgConnection {
     }
 
     fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Vec<Verdict>> {
-        let ids: Vec<String> = pending.iter().map(|p| p.id.hyphenated().to_string()).collect();
+        let ids: Vec<String> = pending
+            .iter()
+            .map(|p| p.id.hyphenated().to_string())
+            .collect();
         let txids: Vec<Option<i64>> = pending
             .iter()
             .map(|p| p.txid.as_deref().and_then(|t| t.parse().ok()))
@@ -249,7 +252,11 @@ impl Backend for PgConnection {
         )
         .bind::<Text, _>(&id)
         .get_result(self)?;
-        Ok(if exists.value { Claim::Busy } else { Claim::Gone })
+        Ok(if exists.value {
+            Claim::Busy
+        } else {
+            Claim::Gone
+        })
     }
 
     fn delete_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
