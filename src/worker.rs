@@ -360,6 +360,8 @@ struct Stats {
     duplicates: AtomicU64,
     snoozed: AtomicU64,
     timed_out: AtomicU64,
+    failed: AtomicU64,
+    processed: AtomicU64,
 }
 
 /// Reads a [`Worker`]'s counters; cheap to clone, usable from any thread.
@@ -404,6 +406,16 @@ impl WorkerMonitor {
     /// Jobs failed with [`Error::BarrierTimeout`].
     pub fn timed_out(&self) -> u64 {
         self.stats.timed_out.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries that ended in a failure reported to Faktory (any error).
+    pub fn failed(&self) -> u64 {
+        self.stats.failed.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries processed to the end, whatever the outcome.
+    pub fn processed(&self) -> u64 {
+        self.stats.processed.load(Ordering::SeqCst)
     }
 }
 
@@ -600,6 +612,15 @@ async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Resu
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let _in_flight = InFlight(&shared.in_flight);
     tracing::trace!(jid = job.id().as_str(), kind = %job.kind, "job fetched");
+    let result = process_inner(&shared, job).await;
+    if result.is_err() {
+        shared.stats.failed.fetch_add(1, Ordering::SeqCst);
+    }
+    shared.stats.processed.fetch_add(1, Ordering::SeqCst);
+    result
+}
+
+async fn process_inner<C: BarrierConnection>(shared: &Arc<Shared<C>>, job: Job) -> Result<()> {
     let Some(reg) = shared.handlers.get(&job.kind).cloned() else {
         // faktory only calls us for kinds we registered.
         return Err(Error::Config(format!("no handler for {}", job.kind)));
@@ -617,9 +638,9 @@ async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Resu
         }
         None | Some(Descriptor::NoWait) => {
             if shared.is_draining() {
-                return hand_back(&shared, &job, None, "shutting down");
+                return hand_back(shared, &job, None, "shutting down");
             }
-            run_on_pool(&shared, reg, job, None).await
+            run_on_pool(shared, reg, job, None).await
         }
         Some(Descriptor::Barrier(b)) => {
             if b.backend != C::NAME {
@@ -632,7 +653,7 @@ async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Resu
                     ),
                 });
             }
-            run_barrier(&shared, reg, job, b).await
+            run_barrier(shared, reg, job, b).await
         }
     }
 }

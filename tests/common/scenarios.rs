@@ -72,7 +72,19 @@ fn enqueue_then<D: TestDb>(
     (result, jid.expect("enqueued").as_str().to_string())
 }
 
-fn assert_aborted<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64, jid: &str) {
+fn assert_aborted<D: TestDb>(
+    env: &Env<D>,
+    worker: &RunningWorker,
+    rx: &Receiver<Ran>,
+    id: i64,
+    jid: &str,
+) {
+    wait_until("the job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    if let Some(server) = env.faktory.server() {
+        assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
+    }
     let others = drain_with_sentinel(env, rx);
     assert!(others.is_empty(), "an aborted job ran: {others:?}");
     assert_eq!(runs_of(&env.db, id), 0);
@@ -90,7 +102,7 @@ pub fn error_rolls_back<D: TestDb>() {
         Err(Error::Config("validation failed".into()))
     });
     assert!(result.is_err());
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 3. The closure panics: the connection is dropped mid-transaction, which rolls it back.
@@ -121,7 +133,7 @@ pub fn panic_rolls_back<D: TestDb>() {
         assert!(outcome.is_err(), "the producer thread panicked");
     });
     let jid = jid_rx.recv().unwrap();
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 4. The producer's connection is killed mid-transaction.
@@ -135,14 +147,14 @@ pub fn killed_producer_aborts<D: TestDb>() {
         Ok(())
     });
     assert!(result.is_err(), "the commit of a killed session fails");
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 5a. Enqueued inside a savepoint that rolls back while the outer transaction commits.
 pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let mut conn = env.db.connect();
     let mut jid = None;
@@ -156,7 +168,7 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    assert_aborted(&env, &rx, id, jid.unwrap().as_str());
+    assert_aborted(&env, &worker, &rx, id, jid.unwrap().as_str());
 }
 
 /// 5b. Enqueued inside a savepoint that is released, then the outer transaction commits.
@@ -208,7 +220,7 @@ pub fn autocommit_runs_without_barrier<D: TestDb>() {
 pub fn barrier_required_and_opt_out<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let (required, optional) = (next_id(), next_id());
     let mut conn = env.db.connect();
     insert_order::<D>(&mut conn, required, "paid");
@@ -218,6 +230,9 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
     let bare_jid = bare.id().as_str().to_string();
     env.producer.push(bare).unwrap();
     env.producer.push(env.job(PLAIN_OK, optional)).unwrap();
+    wait_until("the bare job to fail", EVENTUALLY, || {
+        worker.monitor.failed() >= 1
+    });
     let others = drain_with_sentinel(&env, &rx);
     assert_eq!(others.len(), 1, "only the opt-out job ran: {others:?}");
     assert_eq!(others[0].order_id, optional);
@@ -299,7 +314,7 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
             record(job, conn)
         }
     });
-    let _worker = env.start_worker(handlers, 1);
+    let worker = env.start_worker(handlers, 1);
     let id = next_id();
     commit_order(&env, id, env.job(PAID, id));
     expect_run(&rx);
@@ -311,6 +326,9 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
     copy.custom = delivered.custom.clone();
     env.producer.push(same_jid).unwrap();
     env.producer.push(copy).unwrap();
+    wait_until("both copies to be skipped", EVENTUALLY, || {
+        worker.monitor.duplicates() + worker.monitor.aborted() >= 2
+    });
     let others = drain_with_sentinel(&env, &rx);
     assert!(others.is_empty(), "a duplicate ran: {others:?}");
     assert_eq!(runs_of(&env.db, id), 1);
