@@ -125,6 +125,9 @@ struct Waiter<C: BarrierConnection> {
     recent_order: VecDeque<(uuid::Uuid, Instant)>,
 }
 
+/// At most this many barriers of live-looking transactions are probed per check.
+const MAX_PROBES_PER_CHECK: usize = 8;
+
 /// How long a commit hint is remembered for a job not fetched yet.
 const RECENT_HINTS_KEEP: Duration = Duration::from_secs(60);
 /// At most this many remembered hints (16 bytes each, plus bookkeeping).
@@ -300,13 +303,19 @@ impl<C: BarrierConnection> Waiter<C> {
             return;
         };
         let now = Instant::now();
+        // Probing a live transaction costs a short lock wait: only a few per round.
+        let mut probes = MAX_PROBES_PER_CHECK;
         let batch: Vec<Pending> = self
             .pending
             .iter()
-            .map(|(id, e)| Pending {
-                id: *id,
-                txid: e.txid.clone(),
-                probe: now >= e.next_probe,
+            .map(|(id, e)| {
+                let probe = probes > 0 && now >= e.next_probe;
+                probes -= usize::from(probe);
+                Pending {
+                    id: *id,
+                    txid: e.txid.clone(),
+                    probe,
+                }
             })
             .collect();
         let started = Instant::now();
@@ -321,7 +330,7 @@ impl<C: BarrierConnection> Waiter<C> {
                                 if p.probe {
                                     // Probe old waiters less and less often.
                                     let age = e.since.elapsed().max(C::PROBE_INTERVAL);
-                                    e.next_probe = now + age.min(Duration::from_secs(5));
+                                    e.next_probe = now + age.min(Duration::from_secs(30));
                                 }
                             }
                         }

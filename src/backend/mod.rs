@@ -128,8 +128,8 @@ pub(crate) mod sealed {
         const CHECK_INTERVAL: Duration = Duration::from_millis(200);
         /// How soon a pending barrier gets its first authoritative probe even if its
         /// transaction looks alive (catches savepoints rolled back inside a running
-        /// transaction); later probes back off to every 5 s.
-        const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+        /// transaction); later probes back off to every 30 s, a few per check.
+        const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
         /// Makes this connection receive commit hints.
         fn listen_for_commits(&mut self) -> diesel::QueryResult<()> {
