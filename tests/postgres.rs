@@ -207,3 +207,8 @@ fn reaper_deletes_old_barriers() {
 fn graceful_shutdown_loses_nothing() {
     scenarios::graceful_shutdown_loses_nothing::<Pg>();
 }
+
+#[test]
+fn bad_input_fails_cleanly() {
+    scenarios::bad_input_fails_cleanly::<Pg>();
+}

@@ -173,7 +173,13 @@ pub(crate) mod sealed {
 /// `postgres`), `MysqlConnection` (feature `mysql`), `SqliteConnection` (feature `sqlite`).
 ///
 /// The trait is sealed; its methods are this crate's business.
-pub trait BarrierConnection: sealed::Backend {}
+pub trait BarrierConnection: sealed::Backend {
+    /// The backend's name as written into barrier descriptors: `"postgres"`, `"mysql"` or
+    /// `"sqlite"`.
+    fn backend_name() -> &'static str {
+        <Self as sealed::Backend>::NAME
+    }
+}
 
 impl<C: sealed::Backend> BarrierConnection for C {}
 

@@ -605,3 +605,93 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
         env.db.barrier_rows() == 0
     });
 }
+
+/// Hostile or broken barrier descriptors fail their job with a clear `MalformedBarrier` (or,
+/// for a well-formed id with no row, count as never committed); a panicking handler fails its
+/// job; the worker keeps serving throughout.
+pub fn bad_input_fails_cleanly<D: TestDb>() {
+    use serde_json::json;
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let panicking = "panicking_kind";
+    let handlers = handlers::<D>(&tx).register_without_barrier(
+        panicking,
+        |_job: &Job, _conn: &mut D::Conn| -> Result<(), std::io::Error> {
+            panic!("the handler blew up")
+        },
+    );
+    let worker = env.start_worker(handlers, 2);
+    let id = uuid::Uuid::new_v4().to_string();
+    let huge = "x".repeat(1 << 20);
+    let malformed = vec![
+        json!("not an object"),
+        json!({"v": 1, "backend": "postgres"}),
+        json!({"v": 1, "id": id}),
+        json!({"v": 1, "backend": 7, "id": id}),
+        json!({"v": 1, "backend": "postgres", "id": "not-a-uuid"}),
+        json!({"v": 1, "backend": "postgres", "id": id, "txid": "1; DROP TABLE orders"}),
+        json!({"v": 1, "backend": "oracle", "id": id}),
+        json!({"v": 1, "backend": huge, "id": id}),
+        json!({"v": 99, "backend": "postgres", "id": id}),
+    ];
+    let mut jids = Vec::new();
+    for (i, d) in malformed.into_iter().enumerate() {
+        let mut job = env.job(PAID, next_id());
+        job.retry = Some(0);
+        job.custom.insert(CUSTOM_KEY.to_string(), d);
+        jids.push((i, job.id().as_str().to_string()));
+        env.producer.push(job).unwrap();
+    }
+    // A well-formed descriptor whose barrier row does not exist: never committed.
+    let mut forged = env.job(PAID, next_id());
+    forged.custom.insert(
+        CUSTOM_KEY.to_string(),
+        json!({"v": 1, "backend": <D::Conn as BarrierConnection>::backend_name(), "id": uuid::Uuid::new_v4().to_string(), "txid": "12345"}),
+    );
+    env.producer.push(forged).unwrap();
+    let mut boom = env.job(panicking, next_id());
+    boom.retry = Some(0);
+    let boom_jid = boom.id().as_str().to_string();
+    env.producer.push(boom).unwrap();
+
+    let bad = jids.len() as u64;
+    wait_until("the malformed and panicking jobs to fail", EVENTUALLY, || {
+        worker.monitor.failed() > bad
+    });
+    wait_until("the forged barrier to count as aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    // The worker still serves.
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "nothing else ran: {others:?}");
+    if let Some(server) = env.faktory.server() {
+        for (i, jid) in &jids {
+            assert!(server.wait_until_history(jid, JobEventKind::Failed, EVENTUALLY));
+            let message = server
+                .history(jid)
+                .iter()
+                .find_map(|e| match e {
+                    JobEvent::Failed { message, .. } => Some(message.clone()),
+                    _ => None,
+                })
+                .unwrap();
+            assert!(
+                message.contains("malformed barrier"),
+                "descriptor #{i}: {message}"
+            );
+            assert!(message.len() < 600, "the message stays short: {}", message.len());
+        }
+        assert!(server.wait_until_history(&boom_jid, JobEventKind::Failed, EVENTUALLY));
+        let message = server
+            .history(&boom_jid)
+            .iter()
+            .find_map(|e| match e {
+                JobEvent::Failed { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(message.contains("the handler blew up"), "{message}");
+    } else {
+        eprintln!("real Faktory: skipping the failure-message inspections");
+    }
+}
