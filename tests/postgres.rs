@@ -212,3 +212,8 @@ fn graceful_shutdown_loses_nothing() {
 fn bad_input_fails_cleanly() {
     scenarios::bad_input_fails_cleanly::<Pg>();
 }
+
+#[test]
+fn soak_with_oracle() {
+    common::soak::soak::<Pg>();
+}

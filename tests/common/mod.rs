@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod scenarios;
+pub mod soak;
 
 /// How long a test waits for something that must happen.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);

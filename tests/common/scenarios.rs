@@ -124,7 +124,9 @@ pub fn panic_rolls_back<D: TestDb>() {
                     jid_tx.send(jid.as_str().to_string()).unwrap();
                     worker.wait_for_waiting(1);
                     if id >= 0 {
-                        panic!("the application panics inside its transaction");
+                        std::panic::resume_unwind(Box::new(
+                            "the application panics inside its transaction",
+                        ));
                     }
                     Ok::<_, Error>(())
                 });
@@ -655,9 +657,11 @@ pub fn bad_input_fails_cleanly<D: TestDb>() {
     env.producer.push(boom).unwrap();
 
     let bad = jids.len() as u64;
-    wait_until("the malformed and panicking jobs to fail", EVENTUALLY, || {
-        worker.monitor.failed() > bad
-    });
+    wait_until(
+        "the malformed and panicking jobs to fail",
+        EVENTUALLY,
+        || worker.monitor.failed() > bad,
+    );
     wait_until("the forged barrier to count as aborted", EVENTUALLY, || {
         worker.monitor.aborted() >= 1
     });
@@ -679,7 +683,11 @@ pub fn bad_input_fails_cleanly<D: TestDb>() {
                 message.contains("malformed barrier"),
                 "descriptor #{i}: {message}"
             );
-            assert!(message.len() < 600, "the message stays short: {}", message.len());
+            assert!(
+                message.len() < 600,
+                "the message stays short: {}",
+                message.len()
+            );
         }
         assert!(server.wait_until_history(&boom_jid, JobEventKind::Failed, EVENTUALLY));
         let message = server
