@@ -217,3 +217,13 @@ fn bad_input_fails_cleanly() {
 fn soak_with_oracle() {
     common::soak::soak::<Pg>();
 }
+
+#[test]
+fn broker_loss_is_reconciled() {
+    scenarios::broker_loss_is_reconciled::<Pg>();
+}
+
+#[test]
+fn backlog_is_repushed_at_most_once_per_grace() {
+    scenarios::backlog_is_repushed_at_most_once_per_grace::<Pg>();
+}

@@ -703,3 +703,97 @@ pub fn bad_input_fails_cleanly<D: TestDb>() {
         eprintln!("real Faktory: skipping the failure-message inspections");
     }
 }
+
+/// Broker loss: the job is committed but the Faktory that held it loses it (here: the server
+/// it was pushed to goes away, as a Faktory restarted without persistence does). The worker's
+/// reconciler pushes it again; the handler runs exactly once.
+pub fn broker_loss_is_reconciled<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let id = next_id();
+    {
+        let doomed = diesel_transaction_barrier::testing::TestServer::start().unwrap();
+        let producer = Producer::connect(&doomed.url()).unwrap();
+        let mut conn = env.db.connect();
+        conn.transaction(|c| {
+            insert_order::<D>(c, id, "paid");
+            c.enqueue_with_barrier(&producer, env.job(PAID, id))?;
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        assert_eq!(doomed.queue_size(&env.queue), 1);
+        drop(producer);
+        doomed.shutdown(); // and with it the job
+    }
+    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
+        b.reconcile_grace(Some(Duration::from_millis(400)))
+    });
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    wait_until("the barrier to be consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+    // Nothing else comes: the reconciler does not push a consumed barrier again.
+    expect_no_run(&rx, "the barrier is consumed");
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(worker.monitor.ran(), 1);
+}
+
+/// A barrier job merely waiting in a long backlog is pushed again at most once per grace
+/// period, and still runs once.
+pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let backlog = format!("{}-backlog", env.queue);
+    let id = next_id();
+    commit_order(&env, id, env.job(PAID, id).on_queue(backlog.clone()));
+    let grace = Duration::from_millis(500);
+    // A worker on another queue runs the reconciler over the whole barrier table.
+    let started = Instant::now();
+    let reconciler = env.start_worker_with(handlers::<D>(&tx), |b| b.reconcile_grace(Some(grace)));
+    std::thread::sleep(Duration::from_millis(1800));
+    drop(reconciler);
+    let elapsed = started.elapsed();
+    let copies = match env.faktory.server() {
+        Some(server) => {
+            let copies = server.queue_size(&backlog);
+            let bound = (elapsed.as_millis() / grace.as_millis()) as usize + 1;
+            assert!(
+                copies >= 2,
+                "the backlog job was pushed again ({copies} copies)"
+            );
+            assert!(
+                copies <= bound,
+                "{copies} copies in {elapsed:?}: more than one per grace period"
+            );
+            Some(copies)
+        }
+        None => {
+            eprintln!("real Faktory: skipping the copy count");
+            None
+        }
+    };
+    // A consumer for the backlog: one copy runs, the others are duplicates.
+    let mut consumer = WorkerBuilder::new(env.db.pool(8))
+        .handlers(handlers::<D>(&tx))
+        .url(env.faktory.url())
+        .reconcile_grace(None)
+        .connect()
+        .unwrap();
+    let handle = consumer.shutdown_handle();
+    let monitor = consumer.monitor();
+    let q = backlog.clone();
+    let thread = std::thread::spawn(move || consumer.run(&[q]).unwrap());
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    if let Some(copies) = copies {
+        wait_until("every copy to be processed", EVENTUALLY, || {
+            monitor.ran() + monitor.duplicates() + monitor.aborted() >= copies as u64
+        });
+    }
+    expect_no_run(&rx, "only one copy runs");
+    assert_eq!(runs_of(&env.db, id), 1);
+    handle.shutdown();
+    let _ = thread.join();
+}
