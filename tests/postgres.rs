@@ -70,7 +70,10 @@ impl TestDb for Pg {
 
     fn url(&self) -> String {
         let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.schema)
+        format!(
+            "{}{sep}options=-csearch_path%3D{}&application_name={}",
+            self.base, self.schema, self.schema
+        )
     }
 
     fn connect(&self) -> PgConnection {
@@ -110,6 +113,21 @@ impl TestDb for Pg {
             ),
         )
         .unwrap()
+    }
+
+    fn kill_waiter_sessions(&self) -> Option<usize> {
+        let mut c = self.connect();
+        let n = Pg::query_i64(
+            &mut c,
+            &format!(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{}' AND pid <> pg_backend_pid() \
+                   AND (query LIKE 'LISTEN%' OR query LIKE '%unnest($1::text[]%' \
+                        OR query LIKE '%dtb_await_barrier%')",
+                self.schema
+            ),
+        );
+        Some(n.unwrap_or(0) as usize)
     }
 
     fn kill(&self, session: i64) {
@@ -226,4 +244,14 @@ fn broker_loss_is_reconciled() {
 #[test]
 fn backlog_is_repushed_at_most_once_per_grace() {
     scenarios::backlog_is_repushed_at_most_once_per_grace::<Pg>();
+}
+
+#[test]
+fn waiter_connections_killed_mid_wait() {
+    scenarios::waiter_connections_killed_mid_wait::<Pg>();
+}
+
+#[test]
+fn faktory_restart_while_worker_runs() {
+    scenarios::faktory_restart_while_worker_runs::<Pg>();
 }

@@ -797,3 +797,83 @@ pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
     handle.shutdown();
     let _ = thread.join();
 }
+
+/// The waiter's database connections are killed mid-wait: the worker reconnects and resolves
+/// both barriers correctly (one transaction commits, the other rolls back).
+pub fn waiter_connections_killed_mid_wait<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let (commit_id, abort_id) = (next_id(), next_id());
+    let mut committer = env.db.connect();
+    let mut aborter = env.db.connect();
+    let mut killed = None;
+    committer
+        .transaction(|c1| {
+            insert_order::<D>(c1, commit_id, "paid");
+            c1.enqueue_with_barrier(&env.producer, env.job(PAID, commit_id))?;
+            let r = aborter.transaction(|c2| {
+                insert_order::<D>(c2, abort_id, "paid");
+                c2.enqueue_with_barrier(&env.producer, env.job(PAID, abort_id))?;
+                worker.wait_for_waiting(2);
+                // Let the waiter look at both at least once, then cut it off.
+                std::thread::sleep(Duration::from_millis(300));
+                killed = env.db.kill_waiter_sessions();
+                Err::<(), _>(Error::Config("roll back".into()))
+            });
+            assert!(r.is_err());
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    match killed {
+        Some(n) => assert!(n >= 1, "the waiter's sessions were found and killed"),
+        None => {
+            eprintln!("this backend has no server sessions to kill: only the outcome is checked")
+        }
+    }
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, commit_id);
+    wait_until("the rolled-back job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(runs_of(&env.db, abort_id), 0);
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// Faktory goes away while the worker runs and comes back on the same address: the worker
+/// reconnects and resumes. Needs a server it can stop: always the in-process one.
+pub fn faktory_restart_while_worker_runs<D: TestDb>() {
+    use diesel_transaction_barrier::testing::{TestFaktory, TestServer};
+    let server = TestServer::start().unwrap();
+    let addr = server.addr();
+    let env = Env::<D>::with_db_and_faktory(D::create(), TestFaktory::local(server));
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let first = next_id();
+    commit_order(&env, first, env.job(PAID, first));
+    assert_eq!(expect_run(&rx).order_id, first);
+    // Down.
+    let Env {
+        db,
+        faktory,
+        queue,
+        producer,
+    } = env;
+    drop(faktory);
+    std::thread::sleep(Duration::from_millis(500));
+    // Up again, empty, on the same port.
+    let server = TestServer::builder().bind(addr).start().unwrap();
+    let env = Env {
+        db,
+        faktory: TestFaktory::local(server),
+        queue,
+        producer,
+    };
+    let second = next_id();
+    commit_order(&env, second, env.job(PAID, second));
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, second, "the worker reconnected and resumed");
+    drop(worker);
+}
