@@ -255,3 +255,16 @@ fn waiter_connections_killed_mid_wait() {
 fn faktory_restart_while_worker_runs() {
     scenarios::faktory_restart_while_worker_runs::<Pg>();
 }
+
+#[test]
+fn worker_killed_mid_wait_and_mid_handler() {
+    common::faults::worker_killed_mid_wait_and_mid_handler::<Pg>("worker_child");
+}
+
+/// The worker process of `worker_killed_mid_wait_and_mid_handler`; does nothing unless
+/// started by it.
+#[test]
+#[ignore = "the child process of worker_killed_mid_wait_and_mid_handler"]
+fn worker_child() {
+    common::faults::worker_child_main::<Pg>();
+}
