@@ -96,7 +96,9 @@ where
         })
         .expect("transaction");
         let committed = Instant::now();
-        let started = rx.recv_timeout(Duration::from_secs(30)).expect("handler ran");
+        let started = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("handler ran");
         latencies.push(signed_micros(started, committed));
         from_issue.push(signed_micros(started, commit_issued));
     }

@@ -29,7 +29,9 @@ pub enum Error {
     ///
     /// Push it through `enqueue_with_barrier`, or register the kind with
     /// [`WorkerBuilder::register_without_barrier`](crate::WorkerBuilder::register_without_barrier).
-    #[error("job {jid} of kind {kind:?} requires a transaction barrier but was pushed without one")]
+    #[error(
+        "job {jid} of kind {kind:?} requires a transaction barrier but was pushed without one"
+    )]
     BarrierRequired {
         /// The job kind.
         kind: String,

@@ -18,7 +18,7 @@
 use crate::backend::{BarrierConnection, Pending, Verdict};
 use crate::worker::ConnectionPool;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,7 +119,19 @@ struct Waiter<C: BarrierConnection> {
     checker: Option<r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>>,
     next_check: Instant,
     retry_connect_at: Instant,
+    /// Commit hints for barriers nobody waited for yet: a job fetched just after its commit
+    /// is answered from here, without a query.
+    recent: HashMap<uuid::Uuid, Instant>,
+    recent_order: VecDeque<(uuid::Uuid, Instant)>,
 }
+
+/// At most this many barriers of live-looking transactions are probed per check.
+const MAX_PROBES_PER_CHECK: usize = 8;
+
+/// How long a commit hint is remembered for a job not fetched yet.
+const RECENT_HINTS_KEEP: Duration = Duration::from_secs(60);
+/// At most this many remembered hints (16 bytes each, plus bookkeeping).
+const RECENT_HINTS_MAX: usize = 100_000;
 
 impl<C: BarrierConnection> Waiter<C> {
     fn new(pool: ConnectionPool<C>, rx: Receiver<Registration>, stopping: Arc<AtomicBool>) -> Self {
@@ -133,6 +145,8 @@ impl<C: BarrierConnection> Waiter<C> {
             checker: None,
             next_check: now,
             retry_connect_at: now,
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
         }
     }
 
@@ -148,7 +162,9 @@ impl<C: BarrierConnection> Waiter<C> {
                 return;
             }
             let timeout = if self.pending.is_empty() {
-                Duration::from_millis(50)
+                // Idle, but hints must still be read: unread notifications pile up on the
+                // server for every session of the database.
+                Duration::from_millis(10)
             } else {
                 C::HINT_POLL.min(self.next_check.saturating_duration_since(Instant::now()))
             };
@@ -170,11 +186,11 @@ impl<C: BarrierConnection> Waiter<C> {
                 e.replies.retain(|r| !r.is_closed());
                 !e.replies.is_empty()
             });
+            self.ensure_connections();
+            self.take_hints();
             if self.pending.is_empty() {
                 continue;
             }
-            self.ensure_connections();
-            self.take_hints();
             if Instant::now() >= self.next_check {
                 self.check();
                 self.next_check = Instant::now() + C::CHECK_INTERVAL;
@@ -184,6 +200,11 @@ impl<C: BarrierConnection> Waiter<C> {
 
     fn add(&mut self, r: Registration) {
         let now = Instant::now();
+        if self.recent.contains_key(&r.id) {
+            // Its commit hint came before the job did.
+            let _ = r.reply.send(Answer::Verdict(Verdict::Committed));
+            return;
+        }
         let entry = self.pending.entry(r.id).or_insert_with(|| Entry {
             txid: r.txid.clone(),
             since: now,
@@ -248,12 +269,24 @@ impl<C: BarrierConnection> Waiter<C> {
         };
         match conn.take_commit_hints() {
             Ok(ids) => {
+                let now = Instant::now();
                 for id in ids {
                     if self.pending.contains_key(&id) {
                         // The NOTIFY is delivered only after the producer's commit is durable,
                         // and the claim that follows re-reads the row: a hint is enough.
                         self.answer(&id, Answer::Verdict(Verdict::Committed));
+                    } else if self.recent.insert(id, now).is_none() {
+                        self.recent_order.push_back((id, now));
                     }
+                }
+                while let Some(&(id, at)) = self.recent_order.front() {
+                    if self.recent_order.len() <= RECENT_HINTS_MAX
+                        && now.duration_since(at) < RECENT_HINTS_KEEP
+                    {
+                        break;
+                    }
+                    self.recent_order.pop_front();
+                    self.recent.remove(&id);
                 }
             }
             Err(e) => {
@@ -270,16 +303,25 @@ impl<C: BarrierConnection> Waiter<C> {
             return;
         };
         let now = Instant::now();
+        // Probing a live transaction costs a short lock wait: only a few per round.
+        let mut probes = MAX_PROBES_PER_CHECK;
         let batch: Vec<Pending> = self
             .pending
             .iter()
-            .map(|(id, e)| Pending {
-                id: *id,
-                txid: e.txid.clone(),
-                probe: now >= e.next_probe,
+            .map(|(id, e)| {
+                let probe = probes > 0 && now >= e.next_probe;
+                probes -= usize::from(probe);
+                Pending {
+                    id: *id,
+                    txid: e.txid.clone(),
+                    probe,
+                }
             })
             .collect();
-        match conn.check_pending(&batch) {
+        let started = Instant::now();
+        let result = conn.check_pending(&batch);
+        tracing::trace!(batch = batch.len(), took = ?started.elapsed(), "checked pending barriers");
+        match result {
             Ok(verdicts) => {
                 for (p, verdict) in batch.iter().zip(verdicts) {
                     match verdict {
@@ -288,7 +330,7 @@ impl<C: BarrierConnection> Waiter<C> {
                                 if p.probe {
                                     // Probe old waiters less and less often.
                                     let age = e.since.elapsed().max(C::PROBE_INTERVAL);
-                                    e.next_probe = now + age.min(Duration::from_secs(5));
+                                    e.next_probe = now + age.min(Duration::from_secs(30));
                                 }
                             }
                         }

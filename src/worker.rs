@@ -58,6 +58,7 @@ struct Config {
     shutdown_timeout: Duration,
     reap_interval: Duration,
     max_barrier_age: Duration,
+    reconcile_grace: Option<Duration>,
 }
 
 impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
@@ -94,6 +95,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 shutdown_timeout: Duration::from_secs(10),
                 reap_interval: Duration::from_secs(60 * 60),
                 max_barrier_age: Duration::from_secs(30 * 24 * 60 * 60),
+                reconcile_grace: Some(Duration::from_secs(15 * 60)),
             },
             hostname: None,
             labels: Vec::new(),
@@ -233,6 +235,17 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
+    /// After how long a committed barrier whose job no worker consumed gets its job pushed
+    /// again (see [`reconcile_barriers`](crate::reconcile_barriers)): the cure for a broker
+    /// that lost jobs. `None` turns the reconciler off. The worker checks every quarter of the
+    /// grace period (at most every minute).
+    ///
+    /// Defaults to 15 minutes.
+    pub fn reconcile_grace(mut self, grace: Option<Duration>) -> Self {
+        self.config.reconcile_grace = grace;
+        self
+    }
+
     /// The hostname reported to Faktory.
     ///
     /// Defaults to the machine's hostname.
@@ -350,7 +363,7 @@ impl ShutdownHandle {
     /// Asks the worker to stop: waiting jobs are handed back to Faktory at once, running
     /// handlers may finish (within the shutdown timeout), and [`Worker::run`] returns.
     pub fn shutdown(&self) {
-        let _ = self.tx.send(true);
+        self.tx.send_replace(true);
     }
 }
 
@@ -363,6 +376,8 @@ struct Stats {
     duplicates: AtomicU64,
     snoozed: AtomicU64,
     timed_out: AtomicU64,
+    failed: AtomicU64,
+    processed: AtomicU64,
 }
 
 /// Reads a [`Worker`]'s counters; cheap to clone, usable from any thread.
@@ -407,6 +422,16 @@ impl WorkerMonitor {
     /// Jobs failed with [`Error::BarrierTimeout`].
     pub fn timed_out(&self) -> u64 {
         self.stats.timed_out.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries that ended in a failure reported to Faktory (any error).
+    pub fn failed(&self) -> u64 {
+        self.stats.failed.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries processed to the end, whatever the outcome.
+    pub fn processed(&self) -> u64 {
+        self.stats.processed.load(Ordering::SeqCst)
     }
 }
 
@@ -472,30 +497,67 @@ impl<C: BarrierConnection> Worker<C> {
         result
     }
 
+    /// The maintenance thread: the reaper and the reconciler.
     fn start_reaper(&self) -> Option<Reaper> {
-        let interval = self.shared.config.reap_interval;
-        if interval.is_zero() {
+        let cfg = self.shared.config.clone();
+        let reconcile_every = cfg
+            .reconcile_grace
+            .map(|g| (g / 4).clamp(Duration::from_millis(50), Duration::from_secs(60)));
+        if cfg.reap_interval.is_zero() && reconcile_every.is_none() {
             return None;
         }
+        let tick = [
+            Some(cfg.reap_interval).filter(|d| !d.is_zero()),
+            reconcile_every,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(60));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let shared = Arc::clone(&self.shared);
         std::thread::Builder::new()
-            .name("dtb-reaper".into())
-            .spawn(move || loop {
-                match stop_rx.recv_timeout(interval) {
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        match shared.pool.get() {
-                            Ok(mut conn) => {
-                                if let Err(e) =
-                                    crate::reap_barriers(&mut *conn, shared.config.max_barrier_age)
-                                {
-                                    tracing::warn!(error = %e, "reaping old barriers failed");
-                                }
-                            }
-                            Err(e) => tracing::warn!(error = %e, "reaper: no database connection"),
+            .name("dtb-maintenance".into())
+            .spawn(move || {
+                let mut next_reap = Instant::now() + cfg.reap_interval;
+                let mut next_reconcile = Instant::now() + reconcile_every.unwrap_or_default();
+                loop {
+                    match stop_rx.recv_timeout(tick) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    let now = Instant::now();
+                    let reap = !cfg.reap_interval.is_zero() && now >= next_reap;
+                    let reconcile = reconcile_every.is_some() && now >= next_reconcile;
+                    if !reap && !reconcile {
+                        continue;
+                    }
+                    let mut conn = match shared.pool.get() {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "maintenance: no database connection");
+                            continue;
+                        }
+                    };
+                    if reap {
+                        next_reap = now + cfg.reap_interval;
+                        if let Err(e) = crate::reap_barriers(&mut *conn, cfg.max_barrier_age) {
+                            tracing::warn!(error = %e, "reaping old barriers failed");
                         }
                     }
-                    _ => return,
+                    if let (true, Some(grace), Some(every)) =
+                        (reconcile, cfg.reconcile_grace, reconcile_every)
+                    {
+                        next_reconcile = now + every;
+                        if let Err(e) = crate::reconcile_barriers(
+                            &mut *conn,
+                            &shared.producer,
+                            grace,
+                            cfg.max_barrier_age,
+                        ) {
+                            tracing::warn!(error = %e, "reconciling unconsumed barriers failed");
+                        }
+                    }
                 }
             })
             .ok()
@@ -537,16 +599,20 @@ impl<C: BarrierConnection> Worker<C> {
                 })
                 .shutdown_timeout(Duration::from_secs(5));
 
-            let failure = match builder.connect_to(&self.url).await {
-                Ok(mut worker) => match worker.run(queues).await {
-                    Ok(details) => {
-                        return Ok(match details.reason {
-                            faktory::StopReason::GracefulShutdown => StopReason::Shutdown,
-                            _ => StopReason::ServerInstruction,
-                        });
-                    }
-                    Err(e) => e,
-                },
+            let outcome = match builder.connect_to(&self.url).await {
+                Ok(mut worker) => worker.run(queues).await,
+                Err(e) => Err(e),
+            };
+            // The fetch tasks faktory aborted are dropped when the runtime next polls them; let
+            // that happen now, while their connections can still say END.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let failure = match outcome {
+                Ok(details) => {
+                    return Ok(match details.reason {
+                        faktory::StopReason::GracefulShutdown => StopReason::Shutdown,
+                        _ => StopReason::ServerInstruction,
+                    });
+                }
                 Err(e) => e,
             };
             tracing::warn!(error = %failure, backoff = ?self.shared.config.reconnect_backoff, "lost the connection to faktory; reconnecting");
@@ -564,7 +630,7 @@ struct Reaper(#[allow(dead_code)] crossbeam_channel::Sender<()>);
 /// handlers get up to the shutdown timeout to finish. Then faktory's own graceful shutdown
 /// fails whatever is still running.
 async fn drain<C: BarrierConnection>(shared: &Shared<C>) {
-    let _ = shared.draining.send(true);
+    shared.draining.send_replace(true);
     if let Some(waiter) = shared.waiter.get() {
         waiter.stop();
     }
@@ -574,7 +640,10 @@ async fn drain<C: BarrierConnection>(shared: &Shared<C>) {
     }
     // Let the last acknowledgements reach Faktory before it is told to fail what runs.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    tracing::info!(still_running = shared.in_flight.load(Ordering::SeqCst), "worker drained");
+    tracing::info!(
+        still_running = shared.in_flight.load(Ordering::SeqCst),
+        "worker drained"
+    );
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -597,6 +666,16 @@ impl Drop for InFlight<'_> {
 async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Result<()> {
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let _in_flight = InFlight(&shared.in_flight);
+    tracing::trace!(jid = job.id().as_str(), kind = %job.kind, "job fetched");
+    let result = process_inner(&shared, job).await;
+    if result.is_err() {
+        shared.stats.failed.fetch_add(1, Ordering::SeqCst);
+    }
+    shared.stats.processed.fetch_add(1, Ordering::SeqCst);
+    result
+}
+
+async fn process_inner<C: BarrierConnection>(shared: &Arc<Shared<C>>, job: Job) -> Result<()> {
     let Some(reg) = shared.handlers.get(&job.kind).cloned() else {
         // faktory only calls us for kinds we registered.
         return Err(Error::Config(format!("no handler for {}", job.kind)));
@@ -614,9 +693,9 @@ async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Resu
         }
         None | Some(Descriptor::NoWait) => {
             if shared.is_draining() {
-                return hand_back(&shared, &job, None, "shutting down");
+                return hand_back(shared, &job, None, "shutting down");
             }
-            run_on_pool(&shared, reg, job, None).await
+            run_on_pool(shared, reg, job, None).await
         }
         Some(Descriptor::Barrier(b)) => {
             if b.backend != C::NAME {
@@ -629,7 +708,7 @@ async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Resu
                     ),
                 });
             }
-            run_barrier(&shared, reg, job, b).await
+            run_barrier(shared, reg, job, b).await
         }
     }
 }
@@ -678,7 +757,13 @@ async fn run_barrier<C: BarrierConnection>(
                 return Err(timed_out(shared, &job, &b, age + waited).await);
             }
             shared.stats.snoozed.fetch_add(1, Ordering::SeqCst);
-            snooze(shared, &job, Some(&b), cfg.snooze_delay, "block limit reached")
+            snooze(
+                shared,
+                &job,
+                Some(&b),
+                cfg.snooze_delay,
+                "block limit reached",
+            )
         }
         Answer::Verdict(Verdict::NotCommitted) => {
             shared.stats.aborted.fetch_add(1, Ordering::SeqCst);
@@ -747,7 +832,7 @@ async fn run_on_pool<C: BarrierConnection>(
         shared2.stats.running.fetch_add(1, Ordering::SeqCst);
         let _running = Decrement(&shared2.stats.running);
         let mut conn = shared2.pool.get()?;
-        C::worker_transaction(&mut *conn, |c| -> Result<Outcome> {
+        let result = C::worker_transaction(&mut *conn, |c| -> Result<Outcome> {
             if let Some(b) = &b2 {
                 match c.claim_barrier(&b.id)? {
                     Claim::Gone => return Ok(Outcome::Duplicate),
@@ -760,7 +845,14 @@ async fn run_on_pool<C: BarrierConnection>(
                 c.delete_barrier(&b.id)?;
             }
             Ok(Outcome::Ran)
-        })
+        });
+        if let (Err(Error::Handler { .. } | Error::HandlerPanic { .. }), Some(b)) = (&result, &b2) {
+            // The job now lives in Faktory's retries: keep the reconciler off it.
+            if let Err(e) = conn.mark_attempted(&b.id) {
+                tracing::warn!(barrier_id = %b.id, error = %e, "could not mark the barrier attempted");
+            }
+        }
+        result
     })
     .await
     .map_err(|e| Error::HandlerPanic {
@@ -796,7 +888,11 @@ async fn run_on_pool<C: BarrierConnection>(
     }
 }
 
-fn call_handler<C: BarrierConnection>(reg: &Registration<C>, job: &Job, conn: &mut C) -> Result<()> {
+fn call_handler<C: BarrierConnection>(
+    reg: &Registration<C>,
+    job: &Job,
+    conn: &mut C,
+) -> Result<()> {
     match catch_unwind(AssertUnwindSafe(|| (reg.handler)(job, conn))) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(Error::Handler {
@@ -826,17 +922,29 @@ fn job_age(job: &Job) -> Duration {
         .unwrap_or_default()
 }
 
+/// How far ahead jobs handed back at shutdown are scheduled; see [`hand_back`].
+const SHUTDOWN_HAND_BACK_DELAY: Duration = Duration::from_secs(4);
+
 /// The custom key that counts how often a job was snoozed.
 pub(crate) const SNOOZES_KEY: &str = "transaction_barrier_snoozes";
 
 /// Hands a job back to Faktory without running it (shutdown, or too many waiting).
+///
+/// On shutdown the copy is scheduled a few seconds ahead: `FETCH`es this worker issued just
+/// before it stopped are still blocked on the server (for up to 2 s), and a job handed to a
+/// connection that has since closed stays reserved until its `reserve_for` runs out.
 fn hand_back<C: BarrierConnection>(
     shared: &Shared<C>,
     job: &Job,
     b: Option<&BarrierRef>,
     why: &str,
 ) -> Result<()> {
-    let delay = shared.config.snooze_delay.max(shared.config.overflow_delay);
+    let floor = if shared.is_draining() {
+        SHUTDOWN_HAND_BACK_DELAY
+    } else {
+        shared.config.overflow_delay
+    };
+    let delay = shared.config.snooze_delay.max(floor);
     shared.stats.snoozed.fetch_add(1, Ordering::SeqCst);
     snooze(shared, job, b, delay, why)
 }

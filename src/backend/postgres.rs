@@ -13,7 +13,7 @@
 //!   serialization error instead of answering.
 
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Pending, ReapedBarrier, Verdict};
+use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
 use crate::error::Error;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -34,6 +34,16 @@ struct CheckRow {
     visible: bool,
     #[diesel(sql_type = Text)]
     status: String,
+}
+
+#[derive(QueryableByName)]
+struct UnconsumedRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    txid: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    payload: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -158,52 +168,102 @@ impl Backend for PgConnection {
     }
 
     fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Vec<Verdict>> {
-        let ids: Vec<String> = pending.iter().map(|p| p.id.hyphenated().to_string()).collect();
+        let ids: Vec<String> = pending
+            .iter()
+            .map(|p| p.id.hyphenated().to_string())
+            .collect();
         let txids: Vec<Option<i64>> = pending
             .iter()
             .map(|p| p.txid.as_deref().and_then(|t| t.parse().ok()))
             .collect();
-        self.build_transaction().read_committed().run(|c| {
-            // One statement for the whole batch: is the row visible, and has the producer's
-            // transaction ended? The transaction id comes from the job and is only a hint for
-            // when to probe: an id the server has not assigned yet (a forged one, or one from
-            // before a crash) must not reach pg_xact_status, which would fail the batch.
-            let rows: Vec<CheckRow> = diesel::sql_query(
-                "SELECT p.id, (b.id IS NOT NULL) AS visible, \
-                    CASE WHEN p.txid IS NULL OR p.txid < 3 \
-                           OR p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
-                         THEN 'unknown' \
-                         ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status \
-                 FROM unnest($1::text[], $2::bigint[]) AS p(id, txid) \
-                 LEFT JOIN dtb_barriers b ON b.id = p.id::uuid",
-            )
-            .bind::<Array<Text>, _>(&ids)
-            .bind::<Array<Nullable<BigInt>>, _>(&txids)
-            .load(c)?;
-            let by_id: std::collections::HashMap<String, CheckRow> =
-                rows.into_iter().map(|r| (r.id.clone(), r)).collect();
-            let mut verdicts = Vec::with_capacity(pending.len());
-            for (p, id) in pending.iter().zip(&ids) {
-                let Some(row) = by_id.get(id) else {
+        // One statement for the whole batch: is the row visible, and has the producer's
+        // transaction ended? A single statement sees one fresh snapshot whatever the isolation
+        // level, so it needs no transaction of its own. The transaction id comes from the job
+        // and is only a hint for when to probe: an id the server has not assigned yet (a forged
+        // one, or one from before a crash) must not reach pg_xact_status, which would fail the
+        // whole batch.
+        let rows: Vec<CheckRow> = diesel::sql_query(
+            "SELECT p.id, (b.id IS NOT NULL) AS visible, \
+                CASE WHEN p.txid IS NULL OR p.txid < 3 \
+                       OR p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
+                     THEN 'unknown' \
+                     ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status \
+             FROM unnest($1::text[], $2::bigint[]) AS p(id, txid) \
+             LEFT JOIN dtb_barriers b ON b.id = p.id::uuid",
+        )
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<Nullable<BigInt>>, _>(&txids)
+        .load(self)?;
+        let by_id: std::collections::HashMap<String, CheckRow> =
+            rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let mut verdicts = Vec::with_capacity(pending.len());
+        let mut to_probe = Vec::new();
+        for (i, (p, id)) in pending.iter().zip(&ids).enumerate() {
+            match by_id.get(id) {
+                None => verdicts.push(Verdict::Pending),
+                Some(row) if row.visible => verdicts.push(Verdict::Committed),
+                Some(row) if row.status == "in progress" && !p.probe => {
+                    verdicts.push(Verdict::Pending)
+                }
+                Some(_) => {
                     verdicts.push(Verdict::Pending);
-                    continue;
-                };
-                if row.visible {
-                    verdicts.push(Verdict::Committed);
-                } else if row.status == "in progress" && !p.probe {
-                    verdicts.push(Verdict::Pending);
-                } else {
-                    // The transaction has ended (or it is time to look closer): only the
-                    // conflicting-insert probe may say "not committed". It waits at most 1 ms.
-                    let probe: TextRow =
-                        diesel::sql_query("SELECT dtb_await_barrier($1::uuid, 1) AS value")
-                            .bind::<Text, _>(id)
-                            .get_result(c)?;
-                    verdicts.push(parse_verdict(&probe.value)?);
+                    to_probe.push(i);
                 }
             }
-            Ok(verdicts)
-        })
+        }
+        if !to_probe.is_empty() {
+            // The transaction has ended (or it is time to look closer): only the
+            // conflicting-insert probe may say "not committed". It waits at most 1 ms, in READ
+            // COMMITTED (under REPEATABLE READ the insert would fail instead of answering).
+            self.build_transaction().read_committed().run(|c| {
+                for i in to_probe {
+                    let probe: TextRow =
+                        diesel::sql_query("SELECT dtb_await_barrier($1::uuid, 1) AS value")
+                            .bind::<Text, _>(&ids[i])
+                            .get_result(c)?;
+                    verdicts[i] = parse_verdict(&probe.value)?;
+                }
+                Ok::<_, diesel::result::Error>(())
+            })?;
+        }
+        Ok(verdicts)
+    }
+
+    fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        diesel::sql_query("UPDATE dtb_barriers SET attempted_at = now() WHERE id = $1::uuid")
+            .bind::<Text, _>(id.hyphenated().to_string())
+            .execute(self)?;
+        Ok(())
+    }
+
+    fn take_unconsumed(
+        &mut self,
+        grace: Duration,
+        max_age: Duration,
+        limit: i64,
+    ) -> QueryResult<Vec<Unconsumed>> {
+        // SKIP LOCKED passes over rows a worker is consuming right now.
+        let rows: Vec<UnconsumedRow> = diesel::sql_query(
+            "UPDATE dtb_barriers SET pushed_at = now() WHERE id IN ( \
+                 SELECT id FROM dtb_barriers \
+                 WHERE attempted_at IS NULL \
+                   AND pushed_at < now() - make_interval(secs => $1) \
+                   AND created_at > now() - make_interval(secs => $2) \
+                 ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING id::text AS id, txid, payload",
+        )
+        .bind::<Double, _>(grace.as_secs_f64())
+        .bind::<Double, _>(max_age.as_secs_f64())
+        .bind::<BigInt, _>(limit)
+        .load(self)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Unconsumed {
+                id: r.id,
+                txid: r.txid.map(|t| t.to_string()),
+                payload: r.payload,
+            })
+            .collect())
     }
 
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
@@ -233,15 +293,18 @@ impl Backend for PgConnection {
 
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
         let id = id.hyphenated().to_string();
-        // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate simply
-        // does not come back, and a second, non-locking read tells "held" from "gone".
-        let locked: Option<TextRow> = diesel::sql_query(
-            "SELECT id::text AS value FROM dtb_barriers WHERE id = $1::uuid FOR UPDATE SKIP LOCKED",
+        // Lock and delete in one statement: committing the worker transaction consumes the
+        // barrier, rolling it back (handler error, panic, lost connection) restores it. SKIP
+        // LOCKED never waits and never errors: a row held by a concurrent duplicate simply does
+        // not come back, and a second, non-locking read tells "held" from "gone".
+        let claimed: Option<TextRow> = diesel::sql_query(
+            "WITH c AS (SELECT id FROM dtb_barriers WHERE id = $1::uuid FOR UPDATE SKIP LOCKED) \
+             DELETE FROM dtb_barriers b USING c WHERE b.id = c.id RETURNING b.id::text AS value",
         )
         .bind::<Text, _>(&id)
         .get_result(self)
         .optional()?;
-        if locked.is_some() {
+        if claimed.is_some() {
             return Ok(Claim::Locked);
         }
         let exists: BoolRow = diesel::sql_query(
@@ -249,13 +312,15 @@ impl Backend for PgConnection {
         )
         .bind::<Text, _>(&id)
         .get_result(self)?;
-        Ok(if exists.value { Claim::Busy } else { Claim::Gone })
+        Ok(if exists.value {
+            Claim::Busy
+        } else {
+            Claim::Gone
+        })
     }
 
-    fn delete_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = $1::uuid")
-            .bind::<Text, _>(id.hyphenated().to_string())
-            .execute(self)?;
+    fn delete_barrier(&mut self, _id: &uuid::Uuid) -> QueryResult<()> {
+        // `claim_barrier` already deleted it inside this transaction.
         Ok(())
     }
 

@@ -442,6 +442,7 @@ impl TestServer {
     /// The predicate is evaluated once at the start and again after every change of the
     /// server's state (no polling), so it should only look at the server (through `&self`
     /// methods). It must not wait itself.
+    #[must_use = "the wait may have timed out"]
     pub fn wait_for<F>(&self, mut predicate: F, timeout: Duration) -> bool
     where
         F: FnMut(&TestServer) -> bool,
@@ -466,6 +467,7 @@ impl TestServer {
 
     /// Blocks until job `jid` has an event of this kind in its history, or `timeout` passes;
     /// returns whether it has.
+    #[must_use = "the wait may have timed out"]
     pub fn wait_until_history(&self, jid: &str, kind: JobEventKind, timeout: Duration) -> bool {
         self.wait_for(|s| s.shared.lock().has_event(jid, kind), timeout)
     }

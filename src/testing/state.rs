@@ -39,7 +39,12 @@ impl RetryDelay {
             RetryDelay::Faktory => {
                 let count = u64::from(retry_count);
                 let jitter: u64 = rand::thread_rng().gen_range(0..30);
-                Duration::from_secs(15 + count.pow(4) + jitter * (count + 1))
+                // Saturating: a pushed job may carry an absurd `failure.retry_count`.
+                let secs = count
+                    .saturating_pow(4)
+                    .saturating_add(15)
+                    .saturating_add(jitter.saturating_mul(count.saturating_add(1)));
+                Duration::from_secs(secs)
             }
             RetryDelay::Fixed(d) => *d,
             RetryDelay::Custom(f) => f(retry_count),
@@ -495,7 +500,7 @@ impl State {
         let retry = job.retry.unwrap_or(super::job::DEFAULT_RETRY);
         let mut failure = match job.failure.take() {
             Some(mut f) => {
-                f.retry_count += 1;
+                f.retry_count = f.retry_count.saturating_add(1);
                 if f.remaining > 0 {
                     f.remaining -= 1;
                 }
@@ -977,6 +982,26 @@ mod tests {
         s.tick(&later(&now, Duration::from_secs(6)), &cfg);
         assert_eq!(s.queue_size("b"), 1);
         assert!(s.has_event("abcdefgh", JobEventKind::Enqueued));
+    }
+
+    #[test]
+    fn absurd_failure_counts_from_a_producer_do_not_panic() {
+        let now = Now::get();
+        for (retry, count) in [(i64::MAX, i64::MAX), (i64::MAX, i64::MAX - 1), (5, -7)] {
+            let cfg = Config {
+                retry_delay: RetryDelay::Faktory,
+                ..cfg(Duration::ZERO)
+            };
+            let mut s = State::default();
+            let extra =
+                format!(r#","retry":{retry},"failure":{{"retry_count":{count},"remaining":-3}}"#);
+            s.push(job(&extra), &now).unwrap();
+            s.fetch(&["default".into()], &now, &cfg).unwrap();
+            s.fail("abcdefgh", None, None, None, &now, &cfg).unwrap();
+            s.tick(&now, &cfg);
+            assert!(s.find_job("abcdefgh").is_some());
+        }
+        assert!(RetryDelay::Faktory.delay(u32::MAX) >= Duration::from_secs(u64::MAX / 2));
     }
 
     #[test]

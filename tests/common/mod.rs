@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod faults;
 pub mod scenarios;
+pub mod soak;
 
 /// How long a test waits for something that must happen.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
@@ -54,6 +56,12 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     /// Kills `session` from another connection, as an operator or a crash would.
     fn kill(&self, session: i64);
 
+    /// Kills the sessions of every worker's waiter on this database (its listening and
+    /// checking connections). `None` when the backend has no server sessions.
+    fn kill_waiter_sessions(&self) -> Option<usize> {
+        None
+    }
+
     /// A pool for the worker.
     fn pool(&self, size: u32) -> Pool<ConnectionManager<Self::Conn>> {
         Pool::builder()
@@ -67,6 +75,17 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     fn barrier_rows(&self) -> i64 {
         let mut c = self.connect();
         Self::query_i64(&mut c, "SELECT COUNT(*) FROM dtb_barriers").unwrap()
+    }
+}
+
+/// Logs to the test output when `DTB_TEST_LOG` is set (an `EnvFilter` directive, e.g.
+/// `diesel_transaction_barrier=debug`).
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("DTB_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
 
@@ -178,7 +197,11 @@ impl<D: TestDb> Env<D> {
     }
 
     pub fn with_db(db: D) -> Self {
-        let faktory = TestFaktory::from_env_or_start().expect("faktory");
+        Self::with_db_and_faktory(db, TestFaktory::from_env_or_start().expect("faktory"))
+    }
+
+    pub fn with_db_and_faktory(db: D, faktory: TestFaktory) -> Self {
+        init_tracing();
         let queue = faktory.unique_queue("dtb");
         let producer = Producer::connect(&faktory.url()).expect("producer");
         Env {
@@ -271,7 +294,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 /// Receives the next run, or fails the test.
 pub fn expect_run(rx: &Receiver<Ran>) -> Ran {
-    rx.recv_timeout(EVENTUALLY).expect("the handler should have run")
+    rx.recv_timeout(EVENTUALLY)
+        .expect("the handler should have run")
 }
 
 /// Asserts that nothing arrives on `rx` for a short while.

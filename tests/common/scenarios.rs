@@ -72,7 +72,19 @@ fn enqueue_then<D: TestDb>(
     (result, jid.expect("enqueued").as_str().to_string())
 }
 
-fn assert_aborted<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64, jid: &str) {
+fn assert_aborted<D: TestDb>(
+    env: &Env<D>,
+    worker: &RunningWorker,
+    rx: &Receiver<Ran>,
+    id: i64,
+    jid: &str,
+) {
+    wait_until("the job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    if let Some(server) = env.faktory.server() {
+        assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
+    }
     let others = drain_with_sentinel(env, rx);
     assert!(others.is_empty(), "an aborted job ran: {others:?}");
     assert_eq!(runs_of(&env.db, id), 0);
@@ -90,7 +102,7 @@ pub fn error_rolls_back<D: TestDb>() {
         Err(Error::Config("validation failed".into()))
     });
     assert!(result.is_err());
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 3. The closure panics: the connection is dropped mid-transaction, which rolls it back.
@@ -112,7 +124,9 @@ pub fn panic_rolls_back<D: TestDb>() {
                     jid_tx.send(jid.as_str().to_string()).unwrap();
                     worker.wait_for_waiting(1);
                     if id >= 0 {
-                        panic!("the application panics inside its transaction");
+                        std::panic::resume_unwind(Box::new(
+                            "the application panics inside its transaction",
+                        ));
                     }
                     Ok::<_, Error>(())
                 });
@@ -121,7 +135,7 @@ pub fn panic_rolls_back<D: TestDb>() {
         assert!(outcome.is_err(), "the producer thread panicked");
     });
     let jid = jid_rx.recv().unwrap();
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 4. The producer's connection is killed mid-transaction.
@@ -135,14 +149,14 @@ pub fn killed_producer_aborts<D: TestDb>() {
         Ok(())
     });
     assert!(result.is_err(), "the commit of a killed session fails");
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 5a. Enqueued inside a savepoint that rolls back while the outer transaction commits.
 pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let mut conn = env.db.connect();
     let mut jid = None;
@@ -156,7 +170,7 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    assert_aborted(&env, &rx, id, jid.unwrap().as_str());
+    assert_aborted(&env, &worker, &rx, id, jid.unwrap().as_str());
 }
 
 /// 5b. Enqueued inside a savepoint that is released, then the outer transaction commits.
@@ -208,7 +222,7 @@ pub fn autocommit_runs_without_barrier<D: TestDb>() {
 pub fn barrier_required_and_opt_out<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let (required, optional) = (next_id(), next_id());
     let mut conn = env.db.connect();
     insert_order::<D>(&mut conn, required, "paid");
@@ -218,6 +232,9 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
     let bare_jid = bare.id().as_str().to_string();
     env.producer.push(bare).unwrap();
     env.producer.push(env.job(PLAIN_OK, optional)).unwrap();
+    wait_until("the bare job to fail", EVENTUALLY, || {
+        worker.monitor.failed() >= 1
+    });
     let others = drain_with_sentinel(&env, &rx);
     assert_eq!(others.len(), 1, "only the opt-out job ran: {others:?}");
     assert_eq!(others[0].order_id, optional);
@@ -252,7 +269,9 @@ pub fn inline_runs_at_once<D: TestDb>() {
     conn.transaction(|c| {
         insert_order::<D>(c, id, "paid");
         c.enqueue_with_barrier(&producer, Job::new(PAID, vec![id]))?;
-        let ran = rx.try_recv().expect("the handler ran before enqueue returned");
+        let ran = rx
+            .try_recv()
+            .expect("the handler ran before enqueue returned");
         assert_eq!(ran.seen_status.as_deref(), Some("paid"));
         Ok::<_, Error>(())
     })
@@ -297,7 +316,7 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
             record(job, conn)
         }
     });
-    let _worker = env.start_worker(handlers, 1);
+    let worker = env.start_worker(handlers, 1);
     let id = next_id();
     commit_order(&env, id, env.job(PAID, id));
     expect_run(&rx);
@@ -309,6 +328,9 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
     copy.custom = delivered.custom.clone();
     env.producer.push(same_jid).unwrap();
     env.producer.push(copy).unwrap();
+    wait_until("both copies to be skipped", EVENTUALLY, || {
+        worker.monitor.duplicates() + worker.monitor.aborted() >= 2
+    });
     let others = drain_with_sentinel(&env, &rx);
     assert!(others.is_empty(), "a duplicate ran: {others:?}");
     assert_eq!(runs_of(&env.db, id), 1);
@@ -331,12 +353,18 @@ pub fn faktory_unreachable_rolls_back<D: TestDb>() {
         Ok::<_, Error>(())
     });
     assert!(
-        matches!(result, Err(Error::Faktory(_)) | Err(Error::FaktoryTimeout(_))),
+        matches!(
+            result,
+            Err(Error::Faktory(_)) | Err(Error::FaktoryTimeout(_))
+        ),
         "{result:?}"
     );
     assert_eq!(db.barrier_rows(), 0);
     assert_eq!(
-        D::query_i64(&mut conn, &format!("SELECT COUNT(*) FROM orders WHERE id = {id}")),
+        D::query_i64(
+            &mut conn,
+            &format!("SELECT COUNT(*) FROM orders WHERE id = {id}")
+        ),
         Some(0)
     );
 }
@@ -409,7 +437,10 @@ pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
         producer.join().unwrap();
         (held, ran)
     });
-    assert!(held <= 3, "the worker held {held} connections while {waiting} jobs waited");
+    assert!(
+        held <= 3,
+        "the worker held {held} connections while {waiting} jobs waited"
+    );
     let _ = ready_ran;
     let mut seen = std::collections::HashSet::new();
     while seen.len() < waiting {
@@ -417,7 +448,9 @@ pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
         assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
     }
     assert!(ids.iter().all(|id| seen.contains(id)));
-    wait_until("all barriers consumed", EVENTUALLY, || env.db.barrier_rows() == 0);
+    wait_until("all barriers consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
 }
 
 /// (c) A job whose transaction stays open past the block limit is snoozed (not failed), and
@@ -483,9 +516,15 @@ pub fn barrier_timeout_after_deadline<D: TestDb>() {
             let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
             assert!(failed, "the job failed and waits for its retry");
             let job = &server.retry_jobs()[0];
-            let message = job["failure"]["message"].as_str().unwrap_or_default().to_string();
+            let message = job["failure"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             assert!(message.contains("still open"), "{message}");
-            assert!(message.contains("txid"), "the message carries the debug info: {message}");
+            assert!(
+                message.contains("txid"),
+                "the message carries the debug info: {message}"
+            );
             assert!(message.contains("transaction:"), "{message}");
         }
         None => eprintln!("real Faktory: skipping the failure-message inspection"),
@@ -497,28 +536,38 @@ pub fn reaper_deletes_old_barriers<D: TestDb>() {
     let env = Env::<D>::new();
     let id = next_id();
     // A committed barrier whose job nobody will ever fetch (its queue has no worker).
-    commit_order(&env, id, env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)));
+    commit_order(
+        &env,
+        id,
+        env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)),
+    );
     assert_eq!(env.db.barrier_rows(), 1);
     let mut conn = env.db.connect();
-    let kept = diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(3600))
-        .unwrap();
+    let kept =
+        diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(3600)).unwrap();
     assert_eq!(kept, 0, "a young barrier is kept");
     assert_eq!(env.db.barrier_rows(), 1);
     std::thread::sleep(Duration::from_millis(1100));
-    let reaped = diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(1))
-        .unwrap();
+    let reaped =
+        diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(1)).unwrap();
     assert_eq!(reaped, 1);
     assert_eq!(env.db.barrier_rows(), 0);
 
     // The worker's own reaper does the same periodically.
     let id = next_id();
-    commit_order(&env, id, env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)));
+    commit_order(
+        &env,
+        id,
+        env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)),
+    );
     let (tx, _rx) = unbounded();
     let _worker = env.start_worker_with(handlers::<D>(&tx), |b| {
         b.reap_interval(Duration::from_millis(100))
             .max_barrier_age(Duration::from_secs(1))
     });
-    wait_until("the worker's reaper", EVENTUALLY, || env.db.barrier_rows() == 0);
+    wait_until("the worker's reaper", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
 }
 
 /// (e) A graceful shutdown hands waiting jobs back at once; after a restart every committed
@@ -547,9 +596,6 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     })
     .unwrap();
     expect_no_run(&rx, "the worker is stopped");
-    if let Some(server) = env.faktory.server() {
-        eprintln!("queue {} scheduled {} retries {} dead {} working {}", server.queue_size(&env.queue), server.scheduled_len(), server.retries_len(), server.dead_len(), server.working_len());
-    }
     let _worker = env.start_worker(handlers::<D>(&tx), 2);
     let mut seen = std::collections::HashSet::new();
     while seen.len() < ids.len() {
@@ -557,5 +603,277 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
         assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
     }
     assert!(drain_with_sentinel(&env, &rx).is_empty());
-    wait_until("all barriers consumed", EVENTUALLY, || env.db.barrier_rows() == 0);
+    wait_until("all barriers consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+}
+
+/// Hostile or broken barrier descriptors fail their job with a clear `MalformedBarrier` (or,
+/// for a well-formed id with no row, count as never committed); a panicking handler fails its
+/// job; the worker keeps serving throughout.
+pub fn bad_input_fails_cleanly<D: TestDb>() {
+    use serde_json::json;
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let panicking = "panicking_kind";
+    let handlers = handlers::<D>(&tx).register_without_barrier(
+        panicking,
+        |_job: &Job, _conn: &mut D::Conn| -> Result<(), std::io::Error> {
+            panic!("the handler blew up")
+        },
+    );
+    let worker = env.start_worker(handlers, 2);
+    let id = uuid::Uuid::new_v4().to_string();
+    let huge = "x".repeat(1 << 20);
+    let malformed = vec![
+        json!("not an object"),
+        json!({"v": 1, "backend": "postgres"}),
+        json!({"v": 1, "id": id}),
+        json!({"v": 1, "backend": 7, "id": id}),
+        json!({"v": 1, "backend": "postgres", "id": "not-a-uuid"}),
+        json!({"v": 1, "backend": "postgres", "id": id, "txid": "1; DROP TABLE orders"}),
+        json!({"v": 1, "backend": "oracle", "id": id}),
+        json!({"v": 1, "backend": huge, "id": id}),
+        json!({"v": 99, "backend": "postgres", "id": id}),
+    ];
+    let mut jids = Vec::new();
+    for (i, d) in malformed.into_iter().enumerate() {
+        let mut job = env.job(PAID, next_id());
+        job.retry = Some(0);
+        job.custom.insert(CUSTOM_KEY.to_string(), d);
+        jids.push((i, job.id().as_str().to_string()));
+        env.producer.push(job).unwrap();
+    }
+    // A well-formed descriptor whose barrier row does not exist: never committed.
+    let mut forged = env.job(PAID, next_id());
+    forged.custom.insert(
+        CUSTOM_KEY.to_string(),
+        json!({"v": 1, "backend": <D::Conn as BarrierConnection>::backend_name(), "id": uuid::Uuid::new_v4().to_string(), "txid": "12345"}),
+    );
+    env.producer.push(forged).unwrap();
+    let mut boom = env.job(panicking, next_id());
+    boom.retry = Some(0);
+    let boom_jid = boom.id().as_str().to_string();
+    env.producer.push(boom).unwrap();
+
+    let bad = jids.len() as u64;
+    wait_until(
+        "the malformed and panicking jobs to fail",
+        EVENTUALLY,
+        || worker.monitor.failed() > bad,
+    );
+    wait_until("the forged barrier to count as aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    // The worker still serves.
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "nothing else ran: {others:?}");
+    if let Some(server) = env.faktory.server() {
+        for (i, jid) in &jids {
+            assert!(server.wait_until_history(jid, JobEventKind::Failed, EVENTUALLY));
+            let message = server
+                .history(jid)
+                .iter()
+                .find_map(|e| match e {
+                    JobEvent::Failed { message, .. } => Some(message.clone()),
+                    _ => None,
+                })
+                .unwrap();
+            assert!(
+                message.contains("malformed barrier"),
+                "descriptor #{i}: {message}"
+            );
+            assert!(
+                message.len() < 600,
+                "the message stays short: {}",
+                message.len()
+            );
+        }
+        assert!(server.wait_until_history(&boom_jid, JobEventKind::Failed, EVENTUALLY));
+        let message = server
+            .history(&boom_jid)
+            .iter()
+            .find_map(|e| match e {
+                JobEvent::Failed { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(message.contains("the handler blew up"), "{message}");
+    } else {
+        eprintln!("real Faktory: skipping the failure-message inspections");
+    }
+}
+
+/// Broker loss: the job is committed but the Faktory that held it loses it (here: the server
+/// it was pushed to goes away, as a Faktory restarted without persistence does). The worker's
+/// reconciler pushes it again; the handler runs exactly once.
+pub fn broker_loss_is_reconciled<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let id = next_id();
+    {
+        let doomed = diesel_transaction_barrier::testing::TestServer::start().unwrap();
+        let producer = Producer::connect(&doomed.url()).unwrap();
+        let mut conn = env.db.connect();
+        conn.transaction(|c| {
+            insert_order::<D>(c, id, "paid");
+            c.enqueue_with_barrier(&producer, env.job(PAID, id))?;
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        assert_eq!(doomed.queue_size(&env.queue), 1);
+        drop(producer);
+        doomed.shutdown(); // and with it the job
+    }
+    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
+        b.reconcile_grace(Some(Duration::from_millis(400)))
+    });
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    wait_until("the barrier to be consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+    // Nothing else comes: the reconciler does not push a consumed barrier again.
+    expect_no_run(&rx, "the barrier is consumed");
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(worker.monitor.ran(), 1);
+}
+
+/// A barrier job merely waiting in a long backlog is pushed again at most once per grace
+/// period, and still runs once.
+pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let backlog = format!("{}-backlog", env.queue);
+    let id = next_id();
+    commit_order(&env, id, env.job(PAID, id).on_queue(backlog.clone()));
+    let grace = Duration::from_millis(500);
+    // A worker on another queue runs the reconciler over the whole barrier table.
+    let started = Instant::now();
+    let reconciler = env.start_worker_with(handlers::<D>(&tx), |b| b.reconcile_grace(Some(grace)));
+    std::thread::sleep(Duration::from_millis(1800));
+    drop(reconciler);
+    let elapsed = started.elapsed();
+    let copies = match env.faktory.server() {
+        Some(server) => {
+            let copies = server.queue_size(&backlog);
+            let bound = (elapsed.as_millis() / grace.as_millis()) as usize + 1;
+            assert!(
+                copies >= 2,
+                "the backlog job was pushed again ({copies} copies)"
+            );
+            assert!(
+                copies <= bound,
+                "{copies} copies in {elapsed:?}: more than one per grace period"
+            );
+            Some(copies)
+        }
+        None => {
+            eprintln!("real Faktory: skipping the copy count");
+            None
+        }
+    };
+    // A consumer for the backlog: one copy runs, the others are duplicates.
+    let mut consumer = WorkerBuilder::new(env.db.pool(8))
+        .handlers(handlers::<D>(&tx))
+        .url(env.faktory.url())
+        .reconcile_grace(None)
+        .connect()
+        .unwrap();
+    let handle = consumer.shutdown_handle();
+    let monitor = consumer.monitor();
+    let q = backlog.clone();
+    let thread = std::thread::spawn(move || consumer.run(&[q]).unwrap());
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    if let Some(copies) = copies {
+        wait_until("every copy to be processed", EVENTUALLY, || {
+            monitor.ran() + monitor.duplicates() + monitor.aborted() >= copies as u64
+        });
+    }
+    expect_no_run(&rx, "only one copy runs");
+    assert_eq!(runs_of(&env.db, id), 1);
+    handle.shutdown();
+    let _ = thread.join();
+}
+
+/// The waiter's database connections are killed mid-wait: the worker reconnects and resolves
+/// both barriers correctly (one transaction commits, the other rolls back).
+pub fn waiter_connections_killed_mid_wait<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let (commit_id, abort_id) = (next_id(), next_id());
+    let mut committer = env.db.connect();
+    let mut aborter = env.db.connect();
+    let mut killed = None;
+    committer
+        .transaction(|c1| {
+            insert_order::<D>(c1, commit_id, "paid");
+            c1.enqueue_with_barrier(&env.producer, env.job(PAID, commit_id))?;
+            let r = aborter.transaction(|c2| {
+                insert_order::<D>(c2, abort_id, "paid");
+                c2.enqueue_with_barrier(&env.producer, env.job(PAID, abort_id))?;
+                worker.wait_for_waiting(2);
+                // Let the waiter look at both at least once, then cut it off.
+                std::thread::sleep(Duration::from_millis(300));
+                killed = env.db.kill_waiter_sessions();
+                Err::<(), _>(Error::Config("roll back".into()))
+            });
+            assert!(r.is_err());
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    match killed {
+        Some(n) => assert!(n >= 1, "the waiter's sessions were found and killed"),
+        None => {
+            eprintln!("this backend has no server sessions to kill: only the outcome is checked")
+        }
+    }
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, commit_id);
+    wait_until("the rolled-back job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(runs_of(&env.db, abort_id), 0);
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// Faktory goes away while the worker runs and comes back on the same address: the worker
+/// reconnects and resumes. Needs a server it can stop: always the in-process one.
+pub fn faktory_restart_while_worker_runs<D: TestDb>() {
+    use diesel_transaction_barrier::testing::{TestFaktory, TestServer};
+    let server = TestServer::start().unwrap();
+    let addr = server.addr();
+    let env = Env::<D>::with_db_and_faktory(D::create(), TestFaktory::local(server));
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let first = next_id();
+    commit_order(&env, first, env.job(PAID, first));
+    assert_eq!(expect_run(&rx).order_id, first);
+    // Down.
+    let Env {
+        db,
+        faktory,
+        queue,
+        producer,
+    } = env;
+    drop(faktory);
+    std::thread::sleep(Duration::from_millis(500));
+    // Up again, empty, on the same port.
+    let server = TestServer::builder().bind(addr).start().unwrap();
+    let env = Env {
+        db,
+        faktory: TestFaktory::local(server),
+        queue,
+        producer,
+    };
+    let second = next_id();
+    commit_order(&env, second, env.job(PAID, second));
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, second, "the worker reconnected and resumed");
+    drop(worker);
 }
