@@ -78,13 +78,13 @@
 //! tested. MariaDB before 10.6 lacks `SKIP LOCKED` and is not supported.
 
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Pending, ReapedBarrier, Verdict};
+use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
 use crate::error::Error;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer, Nullable, Text, Unsigned};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamp, Unsigned};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -105,9 +105,14 @@ const IN_LIST_MAX: usize = 1000;
 /// The longest wait `innodb_lock_wait_timeout` accepts, in seconds.
 const MAX_WAIT_SECS: u64 = 1_073_741_824;
 
-/// The longest age the reaper is given, in microseconds (a hundred years: beyond it MySQL's
+/// The longest age handed to the server, in microseconds (a hundred years: beyond it MySQL's
 /// date arithmetic would overflow).
-const MAX_REAP_AGE_MICROS: u128 = 100 * 366 * 24 * 3600 * 1_000_000;
+const MAX_AGE_MICROS: u128 = 100 * 366 * 24 * 3600 * 1_000_000;
+
+/// `d` in microseconds, for `NOW(6) - INTERVAL ? MICROSECOND`.
+fn micros(d: Duration) -> i64 {
+    d.as_micros().min(MAX_AGE_MICROS) as i64
+}
 
 #[allow(unreachable_pub, missing_docs)]
 mod schema {
@@ -119,6 +124,7 @@ mod schema {
             job_kind -> Text,
             job_queue -> Text,
             payload -> Nullable<Text>,
+            pushed_at -> Timestamp,
             attempts -> Integer,
         }
     }
@@ -130,6 +136,16 @@ use schema::dtb_barriers;
 struct CountRow {
     #[diesel(sql_type = BigInt)]
     value: i64,
+}
+
+#[derive(QueryableByName)]
+struct UnconsumedRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    txid: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    payload: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -276,6 +292,10 @@ fn wait_secs(limit: Duration) -> u64 {
 ///
 /// The fence costs one row write and one log flush per delivery, and it counts the
 /// deliveries that found the transaction committed.
+///
+/// Under READ COMMITTED an `UPDATE ... WHERE id IN (...)` never waits for rows outside `keys`,
+/// even when it is planned as a scan: InnoDB checks a row that another transaction holds
+/// against the last committed version ("semi-consistent read") and passes over it.
 fn fence(conn: &mut MysqlConnection, keys: &[String]) -> QueryResult<usize> {
     let mut updated = 0;
     for chunk in keys.chunks(IN_LIST_MAX) {
@@ -506,8 +526,54 @@ impl Backend for MysqlConnection {
             .collect())
     }
 
+    fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        read_committed(self, |c| {
+            diesel::sql_query("UPDATE dtb_barriers SET attempted_at = NOW(6) WHERE id = ?")
+                .bind::<Text, _>(id.hyphenated().to_string())
+                .execute(c)
+        })?;
+        Ok(())
+    }
+
+    fn take_unconsumed(
+        &mut self,
+        grace: Duration,
+        max_age: Duration,
+        limit: i64,
+    ) -> QueryResult<Vec<Unconsumed>> {
+        // Inside the worker's READ COMMITTED transaction. SKIP LOCKED passes over rows that a
+        // producer has not committed yet and rows a worker is consuming (or fencing) right now.
+        // MySQL has neither UPDATE ... RETURNING nor an UPDATE that selects from its own
+        // table, hence a locking read, then the update of what it locked.
+        let rows: Vec<UnconsumedRow> = diesel::sql_query(
+            "SELECT id, txid, payload FROM dtb_barriers \
+             WHERE attempted_at IS NULL \
+               AND pushed_at < NOW(6) - INTERVAL ? MICROSECOND \
+               AND created_at > NOW(6) - INTERVAL ? MICROSECOND \
+             ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED",
+        )
+        .bind::<BigInt, _>(micros(grace))
+        .bind::<BigInt, _>(micros(max_age))
+        .bind::<BigInt, _>(limit.clamp(0, IN_LIST_MAX as i64))
+        .load(self)?;
+        if !rows.is_empty() {
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            diesel::update(dtb_barriers::table.filter(dtb_barriers::id.eq_any(ids)))
+                .set(dtb_barriers::pushed_at.eq(sql::<Timestamp>("NOW(6)")))
+                .execute(self)?;
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| Unconsumed {
+                id: r.id,
+                txid: r.txid.map(|t| t.to_string()),
+                payload: r.payload,
+            })
+            .collect())
+    }
+
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
-        let micros = older_than.as_micros().min(MAX_REAP_AGE_MICROS) as i64;
+        let older_than = micros(older_than);
         let mut reaped = Vec::new();
         // In batches, each in a short transaction of its own.
         loop {
@@ -518,13 +584,14 @@ impl Backend for MysqlConnection {
                      WHERE created_at < NOW(6) - INTERVAL ? MICROSECOND \
                      ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED",
                 )
-                .bind::<BigInt, _>(micros)
+                .bind::<BigInt, _>(older_than)
                 .bind::<BigInt, _>(IN_LIST_MAX as i64)
                 .load(c)?;
-                if !rows.is_empty() {
-                    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-                    diesel::delete(dtb_barriers::table.filter(dtb_barriers::id.eq_any(ids)))
-                        .execute(c)?;
+                // One primary-key delete per row: a DELETE ... WHERE id IN (...) may be planned
+                // as a scan, and a scanning DELETE waits for rows that other transactions hold,
+                // even under READ COMMITTED (an UPDATE would pass over them).
+                for r in &rows {
+                    diesel::delete(dtb_barriers::table.find(&r.id)).execute(c)?;
                 }
                 Ok::<_, diesel::result::Error>(rows)
             })?;
@@ -1153,6 +1220,49 @@ mod tests {
         }
 
         #[test]
+        fn unconsumed_committed_barriers_are_taken_once_per_grace() {
+            let db = Db::new();
+            let (old, attempted, young, ancient, running) = (
+                uuid::Uuid::new_v4(),
+                uuid::Uuid::new_v4(),
+                uuid::Uuid::new_v4(),
+                uuid::Uuid::new_v4(),
+                uuid::Uuid::new_v4(),
+            );
+            let mut conn = db.connect();
+            for id in [old, attempted, young, ancient] {
+                conn.transaction(|c| c.insert_barrier(&new_barrier(&id)))
+                    .unwrap();
+            }
+            conn.batch_execute(&format!(
+                "UPDATE dtb_barriers SET pushed_at = NOW(6) - INTERVAL 10 MINUTE \
+                 WHERE id IN ('{old}', '{attempted}', '{ancient}'); \
+                 UPDATE dtb_barriers SET created_at = NOW(6) - INTERVAL 2 DAY \
+                 WHERE id = '{ancient}'"
+            ))
+            .unwrap();
+            let (end, producer, _) = open_producer(&db, running);
+            conn.mark_attempted(&attempted).unwrap();
+            let (grace, max_age) = (Duration::from_secs(60), Duration::from_secs(86400));
+            let started = Instant::now();
+            let taken = conn
+                .worker_transaction(|c| c.take_unconsumed(grace, max_age, 100))
+                .unwrap();
+            assert!(started.elapsed() < Duration::from_millis(500), "no wait");
+            let ids: Vec<&str> = taken.iter().map(|u| u.id.as_str()).collect();
+            assert_eq!(ids, [old.hyphenated().to_string()]);
+            assert_eq!(taken[0].payload.as_deref(), Some("{}"));
+            assert!(taken[0].txid.is_some());
+            // Marked pushed now: not taken again within the grace period.
+            let again = conn
+                .worker_transaction(|c| c.take_unconsumed(grace, max_age, 100))
+                .unwrap();
+            assert!(again.is_empty(), "{again:?}");
+            end.send(false).unwrap();
+            producer.join().unwrap();
+        }
+
+        #[test]
         fn reap_works_in_batches() {
             let db = Db::new();
             let mut conn = db.connect();
@@ -1175,14 +1285,14 @@ mod tests {
         #[test]
         fn reap_deletes_old_committed_rows_only() {
             let db = Db::new();
-            let (old, young, running) = (
-                uuid::Uuid::new_v4(),
-                uuid::Uuid::new_v4(),
-                uuid::Uuid::new_v4(),
-            );
+            let old: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
+            let (young, running) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
             let mut conn = db.connect();
-            conn.transaction(|c| c.insert_barrier(&new_barrier(&old)))
-                .unwrap();
+            for id in &old {
+                conn.transaction(|c| c.insert_barrier(&new_barrier(id)))
+                    .unwrap();
+            }
+            // Old too, but its transaction is still open: left alone, without waiting for it.
             let (end, producer, _) = open_producer(&db, running);
             std::thread::sleep(Duration::from_millis(1200));
             conn.transaction(|c| c.insert_barrier(&new_barrier(&young)))
@@ -1190,8 +1300,12 @@ mod tests {
             let started = Instant::now();
             let reaped = conn.reap(Duration::from_secs(1)).unwrap();
             assert!(started.elapsed() < Duration::from_millis(500), "no wait");
-            assert_eq!(reaped.len(), 1, "{reaped:?}");
-            assert_eq!(reaped[0].id, old.hyphenated().to_string());
+            let mut ids: Vec<String> = reaped.iter().map(|r| r.id.clone()).collect();
+            ids.sort();
+            let mut expected: Vec<String> =
+                old.iter().map(|id| id.hyphenated().to_string()).collect();
+            expected.sort();
+            assert_eq!(ids, expected);
             assert_eq!(reaped[0].job_kind, "kind");
             end.send(true).unwrap();
             producer.join().unwrap();

@@ -13,10 +13,15 @@ CREATE TABLE dtb_barriers (
     job_id TEXT NOT NULL,
     job_kind TEXT NOT NULL,
     job_queue TEXT NOT NULL,
-    -- the job as pushed (JSON), so it can be pushed again if the broker loses it
+    -- the job as pushed (JSON, without its barrier descriptor), so it can be pushed again if
+    -- the broker loses it
     payload LONGTEXT NULL,
-    -- how many deliveries found the transaction committed (each one writes this column
-    -- before it runs the handler: that write is the worker's durability fence)
+    -- when the job was last pushed (by the producer, or again by a worker's reconciler)
+    pushed_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    -- when a worker last ran the handler and it failed: the job is then in Faktory's retries
+    attempted_at TIMESTAMP(6) NULL DEFAULT NULL,
+    -- how often a worker found the transaction committed (each time it writes this column
+    -- before it reports so: that write is the worker's durability fence)
     attempts INT NOT NULL DEFAULT 0,
     PRIMARY KEY (id),
     KEY dtb_barriers_created_at_idx (created_at)
