@@ -157,6 +157,8 @@ type NoProcess = Maria<true>;
 
 impl<const RESTRICTED: bool> Maria<RESTRICTED> {
     fn new(migrate: bool, ticket: Option<SharedTicket>) -> Self {
+        // Before the scenario's environment would install a subscriber of its own.
+        record_warnings();
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("dtb_test_{suffix}");
         let admin_url = admin_url();
@@ -275,6 +277,36 @@ impl<const RESTRICTED: bool> TestDb for Maria<RESTRICTED> {
             .batch_execute(&format!("KILL {session}"))
             .expect("kill");
     }
+
+    fn kill_waiter_sessions(&self) -> Option<usize> {
+        // A waiter's connection is idle between checks, and the process list shows a
+        // connection's statement only while it runs: watch for the check's count query (which
+        // nothing else runs) for a while and kill every connection caught running it.
+        let mut admin = admin();
+        let mut killed = std::collections::HashSet::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            let ids: Vec<I64Row> = diesel::sql_query(
+                "SELECT CAST(ID AS SIGNED) AS v FROM information_schema.PROCESSLIST \
+                 WHERE DB = ? AND ID <> CONNECTION_ID() \
+                   AND INFO LIKE 'SELECT COUNT(*) FROM `dtb_barriers` WHERE%IN (%'",
+            )
+            .bind::<Text, _>(&self.name)
+            .load(&mut admin)
+            .expect("process list");
+            for id in ids.into_iter().filter_map(|r| r.v) {
+                // It may have gone already; only a kill that worked counts.
+                if admin.batch_execute(&format!("KILL {id}")).is_ok() {
+                    killed.insert(id);
+                }
+            }
+            if !killed.is_empty() && started.elapsed() > Duration::from_millis(200) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Some(killed.len())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,15 +345,17 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorder {
     }
 }
 
-/// Installs the recorder (once per test binary), plus log output filtered by `RUST_LOG`.
+/// Installs the recorder (once per test binary, before any database is created).
 fn record_warnings() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::Layer;
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        // `DTB_TEST_LOG` (as in `common::init_tracing`) also prints the logs.
+        let filter = std::env::var("DTB_TEST_LOG").unwrap_or_else(|_| "off".into());
         let log = tracing_subscriber::fmt::layer()
             .with_test_writer()
-            .with_filter(tracing_subscriber::EnvFilter::from_default_env());
+            .with_filter(tracing_subscriber::EnvFilter::new(filter));
         let subscriber = tracing_subscriber::registry().with(Recorder).with(log);
         tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
     });
@@ -429,6 +463,49 @@ fn reaper_deletes_old_barriers() {
 #[test]
 fn graceful_shutdown_loses_nothing() {
     scenarios::graceful_shutdown_loses_nothing::<Root>();
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    scenarios::bad_input_fails_cleanly::<Root>();
+}
+
+#[test]
+fn soak_with_oracle() {
+    common::soak::soak::<Root>();
+}
+
+#[test]
+fn broker_loss_is_reconciled() {
+    scenarios::broker_loss_is_reconciled::<Root>();
+}
+
+#[test]
+fn backlog_is_repushed_at_most_once_per_grace() {
+    scenarios::backlog_is_repushed_at_most_once_per_grace::<Root>();
+}
+
+#[test]
+fn waiter_connections_killed_mid_wait() {
+    scenarios::waiter_connections_killed_mid_wait::<Root>();
+}
+
+#[test]
+fn faktory_restart_while_worker_runs() {
+    scenarios::faktory_restart_while_worker_runs::<Root>();
+}
+
+#[test]
+fn worker_killed_mid_wait_and_mid_handler() {
+    common::faults::worker_killed_mid_wait_and_mid_handler::<Root>("worker_child");
+}
+
+/// The worker process of `worker_killed_mid_wait_and_mid_handler`; does nothing unless
+/// started by it.
+#[test]
+#[ignore = "the child process of worker_killed_mid_wait_and_mid_handler"]
+fn worker_child() {
+    common::faults::worker_child_main::<Root>();
 }
 
 // ---------------------------------------------------------------------------------------------
