@@ -46,13 +46,16 @@ if ! mysqladmin -uroot ping >/dev/null 2>&1; then
         --user=mysql --bind-address=127.0.0.1 --port=3306
     wait_for MariaDB mysqladmin -uroot ping
 fi
-# root connects over TCP without a password, as the tests' default URL expects; over the
-# socket it keeps its default authentication.
-mysql -uroot <<'SQL'
+# The tests' default URL connects as root over TCP without a password. A fresh Debian
+# install lets root in through the socket only: open TCP logins from this host, once.
+if ! mysql -uroot -h127.0.0.1 -e 'SELECT 1' >/dev/null 2>&1; then
+    mysql -uroot <<'SQL'
 CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '';
 GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
-CREATE DATABASE IF NOT EXISTS test;
+ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket OR mysql_native_password USING PASSWORD('');
 SQL
+fi
+mysql -uroot -h127.0.0.1 -e 'CREATE DATABASE IF NOT EXISTS test'
 
 log "Faktory"
 faktory_host=${FAKTORY_URL#*://}
