@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod faults;
+pub mod mysql;
 pub mod pg;
 pub mod restart;
 pub mod scenarios;
