@@ -10,20 +10,21 @@
 //! * **Waiting.** MySQL has nothing like PostgreSQL's `LISTEN`, so the worker's waiter checks
 //!   every pending barrier in one batch, at once when a job starts waiting and then every
 //!   2 ms while any job waits. A check never waits for a lock, and decides every barrier:
-//!   1. A READ UNCOMMITTED read: which rows exist at all. A running producer's insert is
-//!      there; a rolled-back insert (or a rolled-back savepoint around the enqueue) is not.
-//!   2. A plain read outside any transaction (so with a fresh snapshot, whatever the
+//!   1. A plain read outside any transaction (so with a fresh snapshot, whatever the
 //!      session's isolation level): which rows have a committed version.
-//!   3. Only if step 2 found some: a READ COMMITTED transaction takes those rows with
+//!   2. Only if step 1 found some: a READ COMMITTED transaction takes those rows with
 //!      `SELECT ... FOR UPDATE SKIP LOCKED` (skipping any that a worker running the handler of
-//!      another delivery holds), fences them (below), and commits.
+//!      another delivery holds), fences them (below), and commits. They are *committed*.
+//!   3. For the others, a READ UNCOMMITTED read: which rows exist at all. A running
+//!      producer's insert is there (*pending*); a rolled-back insert (or a rolled-back
+//!      savepoint around the enqueue) is not.
+//!   4. Only for rows step 3 did not find: a second plain read. No committed version now
+//!      either means *not committed*; one means *pending* (a handler's delete not yet
+//!      committed hides a row from step 3 but not from step 4).
 //!
-//!   A row taken and fenced is *committed*; a row seen by step 1 or 2 but not taken is
-//!   *pending*; a row seen by neither is *not committed*. Step 1 comes first, so a row with no
-//!   version at all and then no committed version is gone for good (a handler's delete that
-//!   is not yet committed hides the row from step 1 but not from step 2). A rollback is thus
-//!   seen as soon as a commit would be. Every verdict rests on the rows themselves, never on
-//!   `information_schema.innodb_trx`, which is a cache that can be arbitrarily stale.
+//!   A row with no version at all, and afterwards no committed version, is gone for good, so a
+//!   rollback is seen as soon as a commit would be. Every verdict rests on the rows themselves,
+//!   never on `information_schema.innodb_trx`, which is a cache that can be arbitrarily stale.
 //! * **Durability.** InnoDB releases the producer's row lock *before* its commit is flushed to
 //!   the redo log, so seeing the row does not yet prove that the commit would survive a crash.
 //!   Before answering "committed" the worker therefore commits a write of its own to the same
@@ -48,7 +49,7 @@
 //! waiting job and 2 ms for two hundred on a small machine (MariaDB 10.11, loopback,
 //! unoptimised build). The interval bounds the time from a producer's commit to its
 //! handler's start; on that machine `examples/latency_mysql.rs` (optimised build, 3 runs of
-//! 300 jobs, commits at random points of the polling cycle) measured a median of 1.9–2.1 ms
+//! 300 jobs, commits at random points of the polling cycle) measured a median of about 2 ms
 //! and a 99th percentile of 5–10 ms.
 //!
 //! # Maintenance
@@ -486,16 +487,10 @@ impl Backend for MysqlConnection {
         // Every check decides every barrier (the `probe` hint is not needed): a rollback is
         // seen as soon as a commit would be.
         //
-        // 1. Which rows exist at all, committed or not. READ UNCOMMITTED sees a running
-        //    producer's insert; a rolled-back insert (or savepoint) and a committed delete
-        //    leave nothing; so does a delete not yet committed, which step 2, coming later,
-        //    makes up for.
-        let exist: HashSet<String> =
-            in_transaction(self, BEGIN_READ_UNCOMMITTED, |c| existing(c, &all))?;
-        // 2. Which rows have a committed version: one plain read outside any transaction, so
+        // 1. Which rows have a committed version: one plain read outside any transaction, so
         //    with a snapshot taken when it starts, whatever the session's isolation level.
         let visible = existing(self, &all)?;
-        // 3. Take the committed rows that nobody holds (a worker running the handler of
+        // 2. Take the committed rows that nobody holds (a worker running the handler of
         //    another delivery may hold one; the locking read skips it without waiting) and
         //    fence them: the commit makes "committed" durable.
         let taken: HashSet<String> = if visible.is_empty() {
@@ -520,16 +515,33 @@ impl Backend for MysqlConnection {
             .into_iter()
             .collect()
         };
+        // 3. For the others: which rows exist at all, committed or not. READ UNCOMMITTED sees
+        //    a running producer's insert; a rolled-back insert (or savepoint) and a committed
+        //    delete leave nothing; so does a delete not yet committed, which step 4 makes up
+        //    for.
+        let rest: Vec<&String> = keys.iter().filter(|k| !taken.contains(*k)).collect();
+        let exist: HashSet<String> = if rest.is_empty() {
+            HashSet::new()
+        } else {
+            in_transaction(self, BEGIN_READ_UNCOMMITTED, |c| existing(c, &rest))?
+        };
+        // 4. For the rows step 3 did not find: is there a committed version now, after step 3?
+        let absent: Vec<&String> = rest.into_iter().filter(|k| !exist.contains(*k)).collect();
+        let still_visible: HashSet<String> = if absent.is_empty() {
+            HashSet::new()
+        } else {
+            existing(self, &absent)?
+        };
         // Committed: taken, fenced and (with the commit above) durable. Not committed: no
-        // version at all in step 1 and no committed one in the later step 2 — a row without
-        // any version cannot come back, except by the undoing of a delete, which step 2 would
+        // version at all in step 3 and no committed one in the later step 4 — a row without
+        // any version cannot come back, except by the undoing of a delete, which step 4 would
         // have seen. Anything else is still running, or held by another delivery's handler.
         Ok(keys
             .iter()
             .map(|k| {
                 if taken.contains(k) {
                     Verdict::Committed
-                } else if exist.contains(k) || visible.contains(k) {
+                } else if exist.contains(k) || still_visible.contains(k) {
                     Verdict::Pending
                 } else {
                     Verdict::NotCommitted
