@@ -50,7 +50,7 @@
 //! unoptimised build). The interval bounds the time from a producer's commit to its
 //! handler's start; on that machine `examples/latency_mysql.rs` (optimised build, 3 runs of
 //! 300 jobs, commits at random points of the polling cycle) measured a median of about 2 ms
-//! and a 99th percentile of 5–10 ms.
+//! and a 99th percentile of 3–10 ms, depending on what else the machine was doing.
 //!
 //! # Maintenance
 //!
