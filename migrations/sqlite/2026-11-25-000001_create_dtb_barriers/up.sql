@@ -1,0 +1,20 @@
+-- Barrier rows of diesel_transaction_barrier. A row is inserted by the producer inside the
+-- application's transaction; a worker runs the job only once the row is visible (committed),
+-- and deletes it in the transaction that runs the handler.
+--
+-- SQLite has no transaction ids, so there is no txid column: the worker tells a rolled-back
+-- transaction from a running one by taking the database's write lock (see
+-- src/backend/sqlite.rs). The database should be in WAL journal mode; run_migrations switches
+-- it (PRAGMA journal_mode cannot change inside the transaction a migration runs in).
+CREATE TABLE dtb_barriers (
+    -- the barrier's UUID, hyphenated
+    id TEXT PRIMARY KEY NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    job_id TEXT NOT NULL DEFAULT '',
+    job_kind TEXT NOT NULL DEFAULT '',
+    job_queue TEXT NOT NULL DEFAULT '',
+    -- the job as pushed (JSON), so it can be pushed again if the broker loses it
+    payload TEXT
+);
+
+CREATE INDEX dtb_barriers_created_at_idx ON dtb_barriers (created_at);
