@@ -283,6 +283,12 @@ pub fn drain_with_sentinel<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>) -> Vec<R
     loop {
         let ran = expect_run(rx);
         if ran.order_id == sentinel {
+            // The handler reports before the transaction it runs in commits. Wait for that
+            // commit (which also deletes the sentinel's barrier row), so that callers see the
+            // final state.
+            wait_until("the sentinel's transaction to commit", EVENTUALLY, || {
+                runs_of(&env.db, sentinel) == 1
+            });
             return others;
         }
         others.push(ran);
