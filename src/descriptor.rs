@@ -59,10 +59,12 @@ impl Descriptor {
     pub(crate) fn from_job(job: &Job) -> Result<Option<Descriptor>, Error> {
         match job.custom.get(CUSTOM_KEY) {
             None => Ok(None),
-            Some(v) => Self::parse(v).map(Some).map_err(|reason| Error::MalformedBarrier {
-                jid: job.id().to_string(),
-                reason,
-            }),
+            Some(v) => Self::parse(v)
+                .map(Some)
+                .map_err(|reason| Error::MalformedBarrier {
+                    jid: job.id().to_string(),
+                    reason,
+                }),
         }
     }
 
@@ -79,7 +81,10 @@ impl Descriptor {
             return match wait {
                 Value::Bool(false) if obj.len() == 2 => Ok(Descriptor::NoWait),
                 Value::Bool(false) => Err("`wait: false` carries unexpected fields".into()),
-                other => Err(format!("field `wait` must be false, found {}", short(other))),
+                other => Err(format!(
+                    "field `wait` must be false, found {}",
+                    short(other)
+                )),
             };
         }
         for key in obj.keys() {
@@ -89,7 +94,8 @@ impl Descriptor {
         }
         let backend = string_field(obj, "backend")?.ok_or("missing field `backend`")?;
         let id = string_field(obj, "id")?.ok_or("missing field `id`")?;
-        let id = uuid::Uuid::try_parse(&id).map_err(|_| format!("`id` is not a UUID: {}", truncate(&id)))?;
+        let id = uuid::Uuid::try_parse(&id)
+            .map_err(|_| format!("`id` is not a UUID: {}", truncate(&id)))?;
         let txid = string_field(obj, "txid")?;
         if let Some(t) = &txid {
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
@@ -105,7 +111,10 @@ fn string_field(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, S
         None => Ok(None),
         Some(Value::String(s)) if s.len() <= MAX_FIELD_LEN => Ok(Some(s.clone())),
         Some(Value::String(s)) => Err(format!("field `{key}` is too long ({} bytes)", s.len())),
-        Some(other) => Err(format!("field `{key}` must be a string, found {}", kind_of(other))),
+        Some(other) => Err(format!(
+            "field `{key}` must be a string, found {}",
+            kind_of(other)
+        )),
     }
 }
 

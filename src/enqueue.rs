@@ -32,12 +32,15 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
     fn enqueue_with_barrier(&mut self, producer: &Producer, mut job: Job) -> Result<JobId> {
         let jid = job.id().clone();
         if let Inner::Inline(handlers) = &*producer.inner {
-            let handlers = handlers.as_any().downcast_ref::<Handlers<C>>().ok_or_else(|| {
-                Error::Inline(format!(
-                    "this producer's handlers are not for {}",
-                    std::any::type_name::<C>()
-                ))
-            })?;
+            let handlers = handlers
+                .as_any()
+                .downcast_ref::<Handlers<C>>()
+                .ok_or_else(|| {
+                    Error::Inline(format!(
+                        "this producer's handlers are not for {}",
+                        std::any::type_name::<C>()
+                    ))
+                })?;
             return run_inline(handlers, self, job).map(|()| jid);
         }
 
@@ -54,9 +57,8 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
         let id = uuid::Uuid::new_v4();
         // The payload stored with the barrier is the job as it will be pushed, minus the
         // descriptor (which needs the transaction id that the insert itself returns).
-        let payload = serde_json::to_string(&job).map_err(|e| {
-            Error::Config(format!("the job cannot be serialised to JSON: {e}"))
-        })?;
+        let payload = serde_json::to_string(&job)
+            .map_err(|e| Error::Config(format!("the job cannot be serialised to JSON: {e}")))?;
         let txid = self
             .insert_barrier(&NewBarrier {
                 id: &id,
@@ -86,7 +88,9 @@ fn missing_table_or(e: diesel::result::Error) -> Error {
     // inspected now; a message check is the only clue left, and only used to pick the error.
     let msg = e.to_string();
     if msg.contains(crate::BARRIER_TABLE)
-        && (msg.contains("does not exist") || msg.contains("doesn't exist") || msg.contains("no such table"))
+        && (msg.contains("does not exist")
+            || msg.contains("doesn't exist")
+            || msg.contains("no such table"))
     {
         return Error::MigrationsMissing {
             table: crate::BARRIER_TABLE,

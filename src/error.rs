@@ -29,7 +29,9 @@ pub enum Error {
     ///
     /// Push it through `enqueue_with_barrier`, or register the kind with
     /// [`WorkerBuilder::register_without_barrier`](crate::WorkerBuilder::register_without_barrier).
-    #[error("job {jid} of kind {kind:?} requires a transaction barrier but was pushed without one")]
+    #[error(
+        "job {jid} of kind {kind:?} requires a transaction barrier but was pushed without one"
+    )]
     BarrierRequired {
         /// The job kind.
         kind: String,
@@ -39,7 +41,7 @@ pub enum Error {
 
     /// The producer's transaction was still open when the worker's total waiting deadline
     /// passed. The job fails (and is retried by Faktory per its `retry` setting).
-    #[error("barrier {} still open after {:?}", .0.barrier_id, .0.age)]
+    #[error("gave up waiting: {0}")]
     BarrierTimeout(Box<TimeoutInfo>),
 
     /// The barrier descriptor attached to the job is not one this crate wrote.
@@ -137,7 +139,7 @@ impl fmt::Display for TimeoutInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "barrier {} of job {} open for {:?}",
+            "barrier {} of job {} still open after {:?}",
             self.barrier_id, self.jid, self.age
         )?;
         if let Some(txid) = &self.txid {

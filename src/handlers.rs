@@ -110,9 +110,8 @@ impl<C: 'static> Handlers<C> {
         F: Fn(&Job, &mut C) -> Result<(), E> + Send + Sync + 'static,
         E: Into<BoxError>,
     {
-        let handler: Arc<HandlerFn<C>> = Arc::new(move |job: &Job, conn: &mut C| {
-            handler(job, conn).map_err(Into::into)
-        });
+        let handler: Arc<HandlerFn<C>> =
+            Arc::new(move |job: &Job, conn: &mut C| handler(job, conn).map_err(Into::into));
         self.map.insert(kind, Registration { handler, mode });
     }
 

@@ -133,6 +133,7 @@ mod error;
 mod handlers;
 mod migrations;
 mod producer;
+mod waiter;
 mod worker;
 
 #[cfg(feature = "testing")]
@@ -144,8 +145,10 @@ pub use descriptor::CUSTOM_KEY;
 pub use enqueue::EnqueueWithBarrier;
 pub use error::{BoxError, Error, Result, TimeoutInfo};
 pub use handlers::Handlers;
-pub use migrations::{barrier_schema_present, run_migrations};
+pub use migrations::{barrier_schema_present, reap_barriers, run_migrations};
 pub use producer::{Producer, ProducerBuilder};
-pub use worker::{AbortPolicy, ConnectionPool, ShutdownHandle, StopReason, Worker, WorkerBuilder};
+pub use worker::{
+    AbortPolicy, ConnectionPool, ShutdownHandle, StopReason, Worker, WorkerBuilder, WorkerMonitor,
+};
 
 pub use faktory::{Job, JobId};

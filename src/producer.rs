@@ -237,14 +237,22 @@ impl FaktoryPool {
         let url = self.url.clone();
         let max_idle = self.max_idle;
         let timeout = self.timeout;
-        let runtime = self.runtime.as_ref().expect("runtime lives as long as the pool");
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("runtime lives as long as the pool");
         runtime.spawn(async move {
             let deadline = tokio::time::Instant::now() + timeout;
-            let pooled = if reuse { idle.lock().unwrap().pop() } else { None };
+            let pooled = if reuse {
+                idle.lock().unwrap().pop()
+            } else {
+                None
+            };
             let mut client = match pooled {
                 Some(c) => c,
                 None => {
-                    match tokio::time::timeout_at(deadline, faktory::Client::connect_to(&url)).await {
+                    match tokio::time::timeout_at(deadline, faktory::Client::connect_to(&url)).await
+                    {
                         Ok(Ok(c)) => c,
                         Ok(Err(e)) => return drop(tx.send(Err(Error::Faktory(e)))),
                         Err(_) => return drop(tx.send(Err(Error::FaktoryTimeout(timeout)))),
@@ -253,10 +261,12 @@ impl FaktoryPool {
             };
             let r = match op {
                 Op::Push(job) => tokio::time::timeout_at(deadline, client.enqueue(*job)).await,
-                Op::Ping => tokio::time::timeout_at(deadline, async {
-                    client.current_info().await.map(|_| ())
-                })
-                .await,
+                Op::Ping => {
+                    tokio::time::timeout_at(deadline, async {
+                        client.current_info().await.map(|_| ())
+                    })
+                    .await
+                }
             };
             match r {
                 Ok(Ok(())) => {

@@ -182,3 +182,28 @@ fn faktory_unreachable_rolls_back() {
 fn missing_migrations_are_reported() {
     scenarios::missing_migrations_are_reported::<Pg>();
 }
+
+#[test]
+fn many_waiting_jobs_hold_few_connections() {
+    scenarios::many_waiting_jobs_hold_few_connections::<Pg>();
+}
+
+#[test]
+fn snoozed_after_block_limit() {
+    scenarios::snoozed_after_block_limit::<Pg>();
+}
+
+#[test]
+fn barrier_timeout_after_deadline() {
+    scenarios::barrier_timeout_after_deadline::<Pg>();
+}
+
+#[test]
+fn reaper_deletes_old_barriers() {
+    scenarios::reaper_deletes_old_barriers::<Pg>();
+}
+
+#[test]
+fn graceful_shutdown_loses_nothing() {
+    scenarios::graceful_shutdown_loses_nothing::<Pg>();
+}

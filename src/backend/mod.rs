@@ -42,6 +42,28 @@ pub enum Claim {
     Busy,
 }
 
+/// A barrier the waiter is waiting for, as handed to [`sealed::Backend::check_pending`].
+#[allow(unreachable_pub)] // named by the sealed trait
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: uuid::Uuid,
+    /// The producer's transaction id from the job's descriptor (untrusted: a hint only).
+    pub txid: Option<String>,
+    /// Whether an authoritative probe is due even if the transaction looks alive.
+    pub probe: bool,
+}
+
+/// A barrier row removed by the reaper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReapedBarrier {
+    /// The barrier id.
+    pub id: String,
+    /// The Faktory job id it guarded.
+    pub job_id: String,
+    /// The job kind.
+    pub job_kind: String,
+}
+
 /// The barrier row written by the producer.
 #[derive(Debug)]
 #[allow(unreachable_pub)] // named by the sealed trait
@@ -95,6 +117,48 @@ pub(crate) mod sealed {
 
         /// Inside [`worker_transaction`](Self::worker_transaction): deletes a claimed barrier.
         fn delete_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<()>;
+
+        /// Whether the backend delivers commit hints ([`take_commit_hints`](Self::take_commit_hints)).
+        const HAS_HINTS: bool = false;
+        /// How often the waiter looks for commit hints (or new registrations) while barriers
+        /// are pending.
+        const HINT_POLL: Duration = Duration::from_millis(1);
+        /// How often the waiter runs [`check_pending`](Self::check_pending) while barriers are
+        /// pending.
+        const CHECK_INTERVAL: Duration = Duration::from_millis(200);
+        /// How soon a pending barrier gets its first authoritative probe even if its
+        /// transaction looks alive (catches savepoints rolled back inside a running
+        /// transaction); later probes back off to every 30 s, a few per check.
+        const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+        /// Makes this connection receive commit hints.
+        fn listen_for_commits(&mut self) -> diesel::QueryResult<()> {
+            Ok(())
+        }
+
+        /// Undoes [`listen_for_commits`](Self::listen_for_commits).
+        fn stop_listening(&mut self) -> diesel::QueryResult<()> {
+            Ok(())
+        }
+
+        /// The barrier ids whose transactions committed since the last call (may include ids
+        /// nobody waits for), without blocking.
+        fn take_commit_hints(&mut self) -> diesel::QueryResult<Vec<uuid::Uuid>> {
+            Ok(Vec::new())
+        }
+
+        /// Verdicts for a batch of pending barriers, one per entry, in order, without waiting
+        /// on any producer. `Committed` must be durable and `NotCommitted` authoritative, as
+        /// for [`await_verdict`](Self::await_verdict).
+        fn check_pending(&mut self, pending: &[Pending]) -> diesel::QueryResult<Vec<Verdict>> {
+            pending
+                .iter()
+                .map(|p| self.await_verdict(&p.id, Duration::from_millis(1)))
+                .collect()
+        }
+
+        /// Deletes barrier rows created more than `older_than` ago, returning what it deleted.
+        fn reap(&mut self, older_than: Duration) -> diesel::QueryResult<Vec<ReapedBarrier>>;
 
         /// Describes the producer's transaction for a timeout report.
         fn transaction_info(

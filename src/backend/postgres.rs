@@ -13,15 +13,49 @@
 //!   serialization error instead of answering.
 
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Verdict};
+use super::{Claim, NewBarrier, Pending, ReapedBarrier, Verdict};
 use crate::error::Error;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::time::Duration;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// The `NOTIFY` channel of commit hints.
+const CHANNEL: &str = "dtb_barriers";
+
+#[derive(QueryableByName)]
+struct CheckRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Bool)]
+    visible: bool,
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+#[derive(QueryableByName)]
+struct ReapedRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    job_id: String,
+    #[diesel(sql_type = Text)]
+    job_kind: String,
+}
+
+fn parse_verdict(value: &str) -> QueryResult<Verdict> {
+    match value {
+        "committed" => Ok(Verdict::Committed),
+        "not_committed" => Ok(Verdict::NotCommitted),
+        "pending" => Ok(Verdict::Pending),
+        other => Err(diesel::result::Error::DeserializationError(
+            format!("dtb_await_barrier returned {other:?}").into(),
+        )),
+    }
+}
 
 #[derive(QueryableByName)]
 struct TextRow {
@@ -66,10 +100,14 @@ impl Backend for PgConnection {
     }
 
     fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Option<String>> {
+        // The NOTIFY is part of the transaction: delivered to the workers' listeners only when
+        // it commits, never on rollback (nor from a rolled-back savepoint).
         let inserted: TxidRow = diesel::sql_query(
-            "INSERT INTO dtb_barriers (id, txid, job_id, job_kind, job_queue, payload) \
-             VALUES ($1::uuid, pg_current_xact_id()::text::bigint, $2, $3, $4, $5) \
-             RETURNING txid",
+            "WITH ins AS ( \
+                 INSERT INTO dtb_barriers (id, txid, job_id, job_kind, job_queue, payload) \
+                 VALUES ($1::uuid, pg_current_xact_id()::text::bigint, $2, $3, $4, $5) \
+                 RETURNING id, txid) \
+             SELECT ins.txid FROM ins, LATERAL (SELECT pg_notify('dtb_barriers', ins.id::text)) AS n",
         )
         .bind::<Text, _>(row.id.hyphenated().to_string())
         .bind::<Text, _>(row.job_id)
@@ -89,14 +127,113 @@ impl Backend for PgConnection {
                 .bind::<Integer, _>(ms)
                 .get_result(c)
         })?;
-        match row.value.as_str() {
-            "committed" => Ok(Verdict::Committed),
-            "not_committed" => Ok(Verdict::NotCommitted),
-            "pending" => Ok(Verdict::Pending),
-            other => Err(diesel::result::Error::DeserializationError(
-                format!("dtb_await_barrier returned {other:?}").into(),
-            )),
+        parse_verdict(&row.value)
+    }
+
+    const HAS_HINTS: bool = true;
+    const HINT_POLL: Duration = Duration::from_micros(500);
+
+    fn listen_for_commits(&mut self) -> QueryResult<()> {
+        diesel::sql_query(format!("LISTEN {CHANNEL}")).execute(self)?;
+        Ok(())
+    }
+
+    fn stop_listening(&mut self) -> QueryResult<()> {
+        diesel::sql_query(format!("UNLISTEN {CHANNEL}")).execute(self)?;
+        Ok(())
+    }
+
+    fn take_commit_hints(&mut self) -> QueryResult<Vec<uuid::Uuid>> {
+        // Reads what the server already sent to this idle connection: no query, no round trip.
+        let mut ids = Vec::new();
+        for n in self.notifications_iter() {
+            let n = n?;
+            if n.channel == CHANNEL {
+                if let Ok(id) = uuid::Uuid::try_parse(&n.payload) {
+                    ids.push(id);
+                }
+            }
         }
+        Ok(ids)
+    }
+
+    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Vec<Verdict>> {
+        let ids: Vec<String> = pending
+            .iter()
+            .map(|p| p.id.hyphenated().to_string())
+            .collect();
+        let txids: Vec<Option<i64>> = pending
+            .iter()
+            .map(|p| p.txid.as_deref().and_then(|t| t.parse().ok()))
+            .collect();
+        // One statement for the whole batch: is the row visible, and has the producer's
+        // transaction ended? A single statement sees one fresh snapshot whatever the isolation
+        // level, so it needs no transaction of its own. The transaction id comes from the job
+        // and is only a hint for when to probe: an id the server has not assigned yet (a forged
+        // one, or one from before a crash) must not reach pg_xact_status, which would fail the
+        // whole batch.
+        let rows: Vec<CheckRow> = diesel::sql_query(
+            "SELECT p.id, (b.id IS NOT NULL) AS visible, \
+                CASE WHEN p.txid IS NULL OR p.txid < 3 \
+                       OR p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
+                     THEN 'unknown' \
+                     ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status \
+             FROM unnest($1::text[], $2::bigint[]) AS p(id, txid) \
+             LEFT JOIN dtb_barriers b ON b.id = p.id::uuid",
+        )
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<Nullable<BigInt>>, _>(&txids)
+        .load(self)?;
+        let by_id: std::collections::HashMap<String, CheckRow> =
+            rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let mut verdicts = Vec::with_capacity(pending.len());
+        let mut to_probe = Vec::new();
+        for (i, (p, id)) in pending.iter().zip(&ids).enumerate() {
+            match by_id.get(id) {
+                None => verdicts.push(Verdict::Pending),
+                Some(row) if row.visible => verdicts.push(Verdict::Committed),
+                Some(row) if row.status == "in progress" && !p.probe => {
+                    verdicts.push(Verdict::Pending)
+                }
+                Some(_) => {
+                    verdicts.push(Verdict::Pending);
+                    to_probe.push(i);
+                }
+            }
+        }
+        if !to_probe.is_empty() {
+            // The transaction has ended (or it is time to look closer): only the
+            // conflicting-insert probe may say "not committed". It waits at most 1 ms, in READ
+            // COMMITTED (under REPEATABLE READ the insert would fail instead of answering).
+            self.build_transaction().read_committed().run(|c| {
+                for i in to_probe {
+                    let probe: TextRow =
+                        diesel::sql_query("SELECT dtb_await_barrier($1::uuid, 1) AS value")
+                            .bind::<Text, _>(&ids[i])
+                            .get_result(c)?;
+                    verdicts[i] = parse_verdict(&probe.value)?;
+                }
+                Ok::<_, diesel::result::Error>(())
+            })?;
+        }
+        Ok(verdicts)
+    }
+
+    fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
+        let rows: Vec<ReapedRow> = diesel::sql_query(
+            "DELETE FROM dtb_barriers WHERE created_at < now() - make_interval(secs => $1) \
+             RETURNING id::text AS id, job_id, job_kind",
+        )
+        .bind::<Double, _>(older_than.as_secs_f64())
+        .load(self)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ReapedBarrier {
+                id: r.id,
+                job_id: r.job_id,
+                job_kind: r.job_kind,
+            })
+            .collect())
     }
 
     fn worker_transaction<R, E, F>(&mut self, f: F) -> Result<R, E>
@@ -109,15 +246,18 @@ impl Backend for PgConnection {
 
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
         let id = id.hyphenated().to_string();
-        // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate simply
-        // does not come back, and a second, non-locking read tells "held" from "gone".
-        let locked: Option<TextRow> = diesel::sql_query(
-            "SELECT id::text AS value FROM dtb_barriers WHERE id = $1::uuid FOR UPDATE SKIP LOCKED",
+        // Lock and delete in one statement: committing the worker transaction consumes the
+        // barrier, rolling it back (handler error, panic, lost connection) restores it. SKIP
+        // LOCKED never waits and never errors: a row held by a concurrent duplicate simply does
+        // not come back, and a second, non-locking read tells "held" from "gone".
+        let claimed: Option<TextRow> = diesel::sql_query(
+            "WITH c AS (SELECT id FROM dtb_barriers WHERE id = $1::uuid FOR UPDATE SKIP LOCKED) \
+             DELETE FROM dtb_barriers b USING c WHERE b.id = c.id RETURNING b.id::text AS value",
         )
         .bind::<Text, _>(&id)
         .get_result(self)
         .optional()?;
-        if locked.is_some() {
+        if claimed.is_some() {
             return Ok(Claim::Locked);
         }
         let exists: BoolRow = diesel::sql_query(
@@ -125,13 +265,15 @@ impl Backend for PgConnection {
         )
         .bind::<Text, _>(&id)
         .get_result(self)?;
-        Ok(if exists.value { Claim::Busy } else { Claim::Gone })
+        Ok(if exists.value {
+            Claim::Busy
+        } else {
+            Claim::Gone
+        })
     }
 
-    fn delete_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = $1::uuid")
-            .bind::<Text, _>(id.hyphenated().to_string())
-            .execute(self)?;
+    fn delete_barrier(&mut self, _id: &uuid::Uuid) -> QueryResult<()> {
+        // `claim_barrier` already deleted it inside this transaction.
         Ok(())
     }
 

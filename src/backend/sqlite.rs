@@ -110,7 +110,7 @@
 //! numbers this module computes. Every other value is bound.
 
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Verdict};
+use super::{Claim, NewBarrier, ReapedBarrier, Verdict};
 use crate::error::Error;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -139,6 +139,16 @@ struct IntRow {
 struct TextRow {
     #[diesel(sql_type = Text)]
     value: String,
+}
+
+#[derive(QueryableByName)]
+struct ReapedRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    job_id: String,
+    #[diesel(sql_type = Text)]
+    job_kind: String,
 }
 
 #[derive(QueryableByName)]
@@ -238,6 +248,41 @@ impl Backend for SqliteConnection {
             .bind::<Text, _>(id.hyphenated().to_string())
             .execute(self)?;
         Ok(())
+    }
+
+    fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
+        // The cutoff is computed once, so that the rows listed are exactly the rows deleted.
+        // `created_at` is ISO 8601 text in UTC, which orders as it sorts.
+        let modifier = format!("-{:.3} seconds", older_than.as_secs_f64());
+        with_busy_timeout(
+            self,
+            |previous| previous.max(millis(WRITE_LOCK_WAIT)),
+            |c| {
+                c.immediate_transaction(|c| {
+                    let cutoff: TextRow = diesel::sql_query(
+                        "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) AS value",
+                    )
+                    .bind::<Text, _>(&modifier)
+                    .get_result(c)?;
+                    let rows: Vec<ReapedRow> = diesel::sql_query(
+                        "SELECT id, job_id, job_kind FROM dtb_barriers WHERE created_at < ?",
+                    )
+                    .bind::<Text, _>(&cutoff.value)
+                    .load(c)?;
+                    diesel::sql_query("DELETE FROM dtb_barriers WHERE created_at < ?")
+                        .bind::<Text, _>(&cutoff.value)
+                        .execute(c)?;
+                    Ok(rows
+                        .into_iter()
+                        .map(|r| ReapedBarrier {
+                            id: r.id,
+                            job_id: r.job_id,
+                            job_kind: r.job_kind,
+                        })
+                        .collect())
+                })
+            },
+        )
     }
 
     fn transaction_info(

@@ -165,15 +165,13 @@ impl Job {
                     job.jid = field::<Option<String>>(raw, key, "a string")?.unwrap_or_default()
                 }
                 "jobtype" => {
-                    job.jobtype =
-                        field::<Option<String>>(raw, key, "a string")?.unwrap_or_default()
+                    job.jobtype = field::<Option<String>>(raw, key, "a string")?.unwrap_or_default()
                 }
                 "queue" => {
                     job.queue = field::<Option<String>>(raw, key, "a string")?.unwrap_or_default()
                 }
                 "args" => {
-                    job.has_args =
-                        field::<Option<Vec<IgnoredAny>>>(raw, key, "an array")?.is_some()
+                    job.has_args = field::<Option<Vec<IgnoredAny>>>(raw, key, "an array")?.is_some()
                 }
                 "retry" => job.retry = field::<Option<i64>>(raw, key, "an integer")?,
                 "reserve_for" => {
@@ -184,12 +182,12 @@ impl Job {
                     field::<Option<i64>>(raw, key, "an integer")?;
                 }
                 "at" => {
-                    job.at = field::<Option<String>>(raw, key, "a string")?
-                        .filter(|s| !s.is_empty())
+                    job.at =
+                        field::<Option<String>>(raw, key, "a string")?.filter(|s| !s.is_empty())
                 }
                 "created_at" => {
-                    job.created_at = field::<Option<String>>(raw, key, "a string")?
-                        .filter(|s| !s.is_empty())
+                    job.created_at =
+                        field::<Option<String>>(raw, key, "a string")?.filter(|s| !s.is_empty())
                 }
                 "enqueued_at" => {
                     field::<Option<String>>(raw, key, "a string")?;
@@ -198,8 +196,12 @@ impl Job {
                     field::<Option<BTreeMap<String, IgnoredAny>>>(raw, key, "an object")?;
                 }
                 "failure" => {
-                    job.failure = field::<Option<FailureIn>>(raw, key, "a failure object")?
-                        .map(Failure::from)
+                    // serde would also take an array for a struct; Go does not.
+                    if raw.get().starts_with('[') {
+                        return Err("invalid JSON: field `failure` must be an object".into());
+                    }
+                    job.failure =
+                        field::<Option<FailureIn>>(raw, key, "an object")?.map(Failure::from)
                 }
                 _ => {}
             }
@@ -322,8 +324,8 @@ mod tests {
 
     #[test]
     fn push_fills_in_server_fields() {
-        let mut job = Job::parse(br#"{"jid":"abcdefgh","jobtype":"t","args":[],"queue":""}"#)
-            .unwrap();
+        let mut job =
+            Job::parse(br#"{"jid":"abcdefgh","jobtype":"t","args":[],"queue":""}"#).unwrap();
         job.prepare_for_push(now());
         job.mark_enqueued(now());
         assert_eq!(
@@ -334,7 +336,8 @@ mod tests {
 
     #[test]
     fn explicit_retry_and_created_at_are_kept() {
-        let input = r#"{"jid":"abcdefgh","jobtype":"t","args":[],"retry":0,"created_at":"x","queue":"q"}"#;
+        let input =
+            r#"{"jid":"abcdefgh","jobtype":"t","args":[],"retry":0,"created_at":"x","queue":"q"}"#;
         let mut job = Job::parse(input.as_bytes()).unwrap();
         job.prepare_for_push(now());
         assert_eq!(job.to_json(), input);
@@ -359,6 +362,7 @@ mod tests {
             br#"{"reserve_for":"60"}"#,
             br#"{"custom":[1]}"#,
             br#"{"failure":3}"#,
+            br#"{"failure":["2024-01-01T00:00:00Z"]}"#,
             br#"{"jid":"abcdefgh""#,
             b"\xff",
         ] {
@@ -383,13 +387,14 @@ mod tests {
             "jobs must have an args parameter"
         );
         assert_eq!(
-            check(r#"{"jid":"abcdefgh","jobtype":"t","args":[],"reserve_for":86401}"#)
-                .unwrap_err(),
+            check(r#"{"jid":"abcdefgh","jobtype":"t","args":[],"reserve_for":86401}"#).unwrap_err(),
             "jobs cannot be reserved for more than one day"
         );
-        assert!(check(r#"{"jid":"abcdefgh","jobtype":"t","args":[],"at":"soon"}"#)
-            .unwrap_err()
-            .starts_with("invalid timestamp for 'at'"));
+        assert!(
+            check(r#"{"jid":"abcdefgh","jobtype":"t","args":[],"at":"soon"}"#)
+                .unwrap_err()
+                .starts_with("invalid timestamp for 'at'")
+        );
         check(r#"{"jid":"abcdefgh","jobtype":"t","args":[],"at":""}"#).unwrap();
     }
 

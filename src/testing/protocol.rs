@@ -132,7 +132,8 @@ impl Reply {
     #[cfg(test)]
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        self.write_to(&mut out).expect("writing to a Vec never fails");
+        self.write_to(&mut out)
+            .expect("writing to a Vec never fails");
         out
     }
 }
@@ -343,7 +344,10 @@ mod tests {
         assert_eq!(password_hash("pw", "salt", 2), hex(&twice));
         assert_eq!(password_hash("pw", "salt", 3), hex(&thrice));
         assert_eq!(password_hash("pw", "salt", 0), hex(&once));
-        assert_ne!(password_hash("pw", "salt", 3), password_hash("pw", "salu", 3));
+        assert_ne!(
+            password_hash("pw", "salt", 3),
+            password_hash("pw", "salu", 3)
+        );
     }
 
     #[test]

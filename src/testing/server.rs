@@ -4,8 +4,7 @@
 use super::job::Job;
 use super::protocol::{password_hash, printable, read_line, split_command, ReadLine, Reply};
 use super::state::{
-    Config, Hello, JobEvent, JobEventKind, Now, RetryDelay, State, Stats, WorkerInfo,
-    WorkerState,
+    Config, Hello, JobEvent, JobEventKind, Now, RetryDelay, State, Stats, WorkerInfo, WorkerState,
 };
 use rand::Rng;
 use serde::Deserialize;
@@ -69,11 +68,26 @@ impl Shared {
 /// assert!(server.url().starts_with("tcp://:s3cret@127.0.0.1:"));
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use = "call `start` to run the server"]
 pub struct TestServerBuilder {
     config: Config,
     bind: SocketAddr,
+}
+
+impl fmt::Debug for TestServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("TestServerBuilder")
+            // Never print the password itself.
+            .field("password", &c.password.as_ref().map(|_| "***"))
+            .field("retry_delay", &c.retry_delay)
+            .field("fetch_timeout", &c.fetch_timeout)
+            .field("min_reserve_for", &c.min_reserve_for)
+            .field("max_line_length", &c.max_line_length)
+            .field("bind", &self.bind)
+            .finish()
+    }
 }
 
 impl Default for TestServerBuilder {
@@ -428,6 +442,7 @@ impl TestServer {
     /// The predicate is evaluated once at the start and again after every change of the
     /// server's state (no polling), so it should only look at the server (through `&self`
     /// methods). It must not wait itself.
+    #[must_use = "the wait may have timed out"]
     pub fn wait_for<F>(&self, mut predicate: F, timeout: Duration) -> bool
     where
         F: FnMut(&TestServer) -> bool,
@@ -452,6 +467,7 @@ impl TestServer {
 
     /// Blocks until job `jid` has an event of this kind in its history, or `timeout` passes;
     /// returns whether it has.
+    #[must_use = "the wait may have timed out"]
     pub fn wait_until_history(&self, jid: &str, kind: JobEventKind, timeout: Duration) -> bool {
         self.wait_for(|s| s.shared.lock().has_event(jid, kind), timeout)
     }
@@ -668,13 +684,23 @@ struct HelloIn {
     v: Option<i64>,
 }
 
+/// Decodes a JSON object into `T`. Unlike plain serde, an array is not accepted for a
+/// struct (the real server's decoder refuses it too).
+fn from_object<T: serde::de::DeserializeOwned>(data: &[u8]) -> Result<T, serde_json::Error> {
+    let raw: Box<RawValue> = serde_json::from_slice(data)?;
+    if !raw.get().starts_with('{') {
+        return Err(serde::de::Error::custom("expected a JSON object"));
+    }
+    serde_json::from_str(raw.get())
+}
+
 fn hello(
     shared: &Shared,
     args: &[u8],
     challenge: Option<&Challenge>,
 ) -> Result<Session, HelloError> {
-    let info: HelloIn = serde_json::from_slice(args)
-        .map_err(|e| HelloError::Invalid(format!("invalid HELLO: {e}")))?;
+    let info: HelloIn =
+        from_object(args).map_err(|e| HelloError::Invalid(format!("invalid HELLO: {e}")))?;
     if let (Some(password), Some(challenge)) = (&shared.config.password, challenge) {
         // The real server hashes once for clients older than protocol version 2.
         let iterations = if info.v.unwrap_or(0) < 2 {
@@ -703,9 +729,13 @@ fn hello(
     Ok(Session { wid })
 }
 
+/// A command handler: shared state, the session, the raw arguments (`None` when the line
+/// has no space) and the same arguments as bytes (empty when absent).
+type Command = fn(&Shared, &Session, Option<&[u8]>, &[u8]) -> Reply;
+
 fn dispatch(shared: &Shared, session: &Session, verb: &[u8], args: Option<&[u8]>) -> Reply {
     let data = args.unwrap_or_default();
-    let command: fn(&Shared, &Session, Option<&[u8]>, &[u8]) -> Reply = match verb {
+    let command: Command = match verb {
         b"PUSH" => push,
         b"PUSHB" => push_bulk,
         b"FETCH" => fetch,
@@ -821,7 +851,7 @@ struct FailIn {
 }
 
 fn fail(shared: &Shared, _: &Session, _: Option<&[u8]>, data: &[u8]) -> Reply {
-    let Ok(f) = serde_json::from_slice::<FailIn>(data) else {
+    let Ok(f) = from_object::<FailIn>(data) else {
         return Reply::err(format!("invalid FAIL {}", printable(data)));
     };
     let result = shared.lock().fail(
@@ -851,7 +881,7 @@ struct BeatIn {
 }
 
 fn beat(shared: &Shared, _: &Session, _: Option<&[u8]>, data: &[u8]) -> Reply {
-    let Ok(b) = serde_json::from_slice::<BeatIn>(data) else {
+    let Ok(b) = from_object::<BeatIn>(data) else {
         return Reply::err(format!("invalid BEAT {}", printable(data)));
     };
     let result = shared.lock().beat(

@@ -39,7 +39,12 @@ impl RetryDelay {
             RetryDelay::Faktory => {
                 let count = u64::from(retry_count);
                 let jitter: u64 = rand::thread_rng().gen_range(0..30);
-                Duration::from_secs(15 + count.pow(4) + jitter * (count + 1))
+                // Saturating: a pushed job may carry an absurd `failure.retry_count`.
+                let secs = count
+                    .saturating_pow(4)
+                    .saturating_add(15)
+                    .saturating_add(jitter.saturating_mul(count.saturating_add(1)));
+                Duration::from_secs(secs)
             }
             RetryDelay::Fixed(d) => *d,
             RetryDelay::Custom(f) => f(retry_count),
@@ -495,7 +500,7 @@ impl State {
         let retry = job.retry.unwrap_or(super::job::DEFAULT_RETRY);
         let mut failure = match job.failure.take() {
             Some(mut f) => {
-                f.retry_count += 1;
+                f.retry_count = f.retry_count.saturating_add(1);
                 if f.remaining > 0 {
                     f.remaining -= 1;
                 }
@@ -645,11 +650,7 @@ impl State {
             .workers
             .get(wid)
             .map_or(WorkerState::Running, |r| r.reported);
-        let forced = self
-            .worker_overrides
-            .get(wid)
-            .copied()
-            .unwrap_or_default();
+        let forced = self.worker_overrides.get(wid).copied().unwrap_or_default();
         self.global_worker_state.max(forced).max(reported)
     }
 
@@ -889,7 +890,10 @@ mod tests {
         s.push(job(r#","retry":2"#), &now).unwrap();
         let mut remaining = Vec::new();
         for round in 0..3 {
-            assert!(s.fetch(&["default".into()], &now, &cfg).is_some(), "{round}");
+            assert!(
+                s.fetch(&["default".into()], &now, &cfg).is_some(),
+                "{round}"
+            );
             s.fail("abcdefgh", None, Some(" boom ".into()), None, &now, &cfg)
                 .unwrap();
             now = later(&now, Duration::from_millis(1));
@@ -952,7 +956,8 @@ mod tests {
         // A late ACK is accepted but changes nothing.
         assert!(!s.ack("abcdefgh", &now));
         assert_eq!(
-            s.fail("abcdefgh", None, None, None, &now, &cfg).unwrap_err(),
+            s.fail("abcdefgh", None, None, None, &now, &cfg)
+                .unwrap_err(),
             "Job not found abcdefgh"
         );
     }
@@ -980,6 +985,26 @@ mod tests {
     }
 
     #[test]
+    fn absurd_failure_counts_from_a_producer_do_not_panic() {
+        let now = Now::get();
+        for (retry, count) in [(i64::MAX, i64::MAX), (i64::MAX, i64::MAX - 1), (5, -7)] {
+            let cfg = Config {
+                retry_delay: RetryDelay::Faktory,
+                ..cfg(Duration::ZERO)
+            };
+            let mut s = State::default();
+            let extra =
+                format!(r#","retry":{retry},"failure":{{"retry_count":{count},"remaining":-3}}"#);
+            s.push(job(&extra), &now).unwrap();
+            s.fetch(&["default".into()], &now, &cfg).unwrap();
+            s.fail("abcdefgh", None, None, None, &now, &cfg).unwrap();
+            s.tick(&now, &cfg);
+            assert!(s.find_job("abcdefgh").is_some());
+        }
+        assert!(RetryDelay::Faktory.delay(u32::MAX) >= Duration::from_secs(u64::MAX / 2));
+    }
+
+    #[test]
     fn worker_state_only_moves_forward_and_global_is_a_floor() {
         let now = Now::get();
         let mut s = State::default();
@@ -992,9 +1017,15 @@ mod tests {
         assert_eq!(s.beat("w1", None, &now), Ok(WorkerState::Running));
         s.set_worker_state_for("w1", WorkerState::Quiet);
         assert_eq!(s.beat("w1", None, &now), Ok(WorkerState::Quiet));
-        assert_eq!(s.beat("w1", Some("terminate"), &now), Ok(WorkerState::Terminate));
+        assert_eq!(
+            s.beat("w1", Some("terminate"), &now),
+            Ok(WorkerState::Terminate)
+        );
         s.set_worker_state_for("w1", WorkerState::Running);
-        assert_eq!(s.beat("w1", Some("running"), &now), Ok(WorkerState::Terminate));
+        assert_eq!(
+            s.beat("w1", Some("running"), &now),
+            Ok(WorkerState::Terminate)
+        );
         s.worker_disconnected("w1");
         assert!(s.workers().is_empty());
         s.set_global_worker_state(WorkerState::Quiet);

@@ -12,7 +12,7 @@ use diesel::Connection;
 use diesel_transaction_barrier::testing::TestFaktory;
 use diesel_transaction_barrier::{
     BarrierConnection, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle, StopReason,
-    WorkerBuilder,
+    WorkerBuilder, WorkerMonitor,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -67,6 +67,17 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     fn barrier_rows(&self) -> i64 {
         let mut c = self.connect();
         Self::query_i64(&mut c, "SELECT COUNT(*) FROM dtb_barriers").unwrap()
+    }
+}
+
+/// Logs to the test output when `DTB_TEST_LOG` is set (an `EnvFilter` directive, e.g.
+/// `diesel_transaction_barrier=debug`).
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("DTB_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
 
@@ -178,6 +189,7 @@ impl<D: TestDb> Env<D> {
     }
 
     pub fn with_db(db: D) -> Self {
+        init_tracing();
         let faktory = TestFaktory::from_env_or_start().expect("faktory");
         let queue = faktory.unique_queue("dtb");
         let producer = Producer::connect(&faktory.url()).expect("producer");
@@ -204,16 +216,27 @@ impl<D: TestDb> Env<D> {
         handlers: Handlers<D::Conn>,
         configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
     ) -> RunningWorker {
-        let builder = WorkerBuilder::new(self.db.pool(16))
+        self.start_worker_on(self.db.pool(16), handlers, configure)
+    }
+
+    pub fn start_worker_on(
+        &self,
+        pool: Pool<ConnectionManager<D::Conn>>,
+        handlers: Handlers<D::Conn>,
+        configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
+    ) -> RunningWorker {
+        let builder = WorkerBuilder::new(pool)
             .handlers(handlers)
             .url(self.faktory.url())
             .reconnect_backoff(Duration::from_millis(200));
         let mut worker = configure(builder).connect().expect("worker connects");
         let handle = worker.shutdown_handle();
+        let monitor = worker.monitor();
         let queue = self.queue.clone();
         let thread = std::thread::spawn(move || worker.run(&[queue]).expect("worker runs"));
         RunningWorker {
             handle,
+            monitor,
             thread: Some(thread),
         }
     }
@@ -222,10 +245,18 @@ impl<D: TestDb> Env<D> {
 /// A worker running on a thread of its own; stopped on drop.
 pub struct RunningWorker {
     pub handle: ShutdownHandle,
+    pub monitor: WorkerMonitor,
     thread: Option<JoinHandle<StopReason>>,
 }
 
 impl RunningWorker {
+    /// Waits until the worker holds `n` jobs waiting for their transactions.
+    pub fn wait_for_waiting(&self, n: usize) {
+        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
+            self.monitor.waiting() >= n
+        });
+    }
+
     pub fn stop(mut self) -> StopReason {
         self.handle.shutdown();
         self.thread.take().unwrap().join().expect("worker thread")
@@ -252,7 +283,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 /// Receives the next run, or fails the test.
 pub fn expect_run(rx: &Receiver<Ran>) -> Ran {
-    rx.recv_timeout(EVENTUALLY).expect("the handler should have run")
+    rx.recv_timeout(EVENTUALLY)
+        .expect("the handler should have run")
 }
 
 /// Asserts that nothing arrives on `rx` for a short while.

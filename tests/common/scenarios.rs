@@ -28,19 +28,16 @@ fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
 pub fn commit_runs_after_commit<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 2);
+    let worker = env.start_worker(handlers::<D>(&tx), 2);
     let id = next_id();
     let mut conn = env.db.connect();
-    let session = D::session_id(&mut conn);
     let mut jid = None;
     conn.transaction(|c| {
         insert_order::<D>(c, id, "new");
         jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
         // A write after the enqueue must be visible to the handler too.
         set_status::<D>(c, id, "paid");
-        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-            env.db.waiters_on(session) > 0
-        });
+        worker.wait_for_waiting(1);
         expect_no_run(&rx, "the transaction is still open");
         Ok::<_, Error>(())
     })
@@ -59,6 +56,7 @@ pub fn commit_runs_after_commit<D: TestDb>() {
 /// Enqueues in a transaction that the worker is seen waiting on, then ends it with `end`.
 fn enqueue_then<D: TestDb>(
     env: &Env<D>,
+    worker: &RunningWorker,
     id: i64,
     end: impl FnOnce(&mut D::Conn, i64) -> Result<(), Error>,
 ) -> (Result<(), Error>, String) {
@@ -68,15 +66,25 @@ fn enqueue_then<D: TestDb>(
     let result = conn.transaction(|c| {
         insert_order::<D>(c, id, "paid");
         jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
-        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-            env.db.waiters_on(session) > 0
-        });
+        worker.wait_for_waiting(1);
         end(c, session)
     });
     (result, jid.expect("enqueued").as_str().to_string())
 }
 
-fn assert_aborted<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64, jid: &str) {
+fn assert_aborted<D: TestDb>(
+    env: &Env<D>,
+    worker: &RunningWorker,
+    rx: &Receiver<Ran>,
+    id: i64,
+    jid: &str,
+) {
+    wait_until("the job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    if let Some(server) = env.faktory.server() {
+        assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
+    }
     let others = drain_with_sentinel(env, rx);
     assert!(others.is_empty(), "an aborted job ran: {others:?}");
     assert_eq!(runs_of(&env.db, id), 0);
@@ -88,35 +96,33 @@ fn assert_aborted<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64, jid: &st
 pub fn error_rolls_back<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
-    let (result, jid) = enqueue_then(&env, id, |_, _| {
+    let (result, jid) = enqueue_then(&env, &worker, id, |_, _| {
         Err(Error::Config("validation failed".into()))
     });
     assert!(result.is_err());
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 3. The closure panics: the connection is dropped mid-transaction, which rolls it back.
 pub fn panic_rolls_back<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let (jid_tx, jid_rx) = unbounded();
     std::thread::scope(|s| {
         let env = &env;
+        let worker = &worker;
         let outcome = s
             .spawn(move || {
                 let mut conn = env.db.connect();
-                let session = D::session_id(&mut conn);
                 let _ = conn.transaction(|c| {
                     insert_order::<D>(c, id, "paid");
                     let jid = c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
                     jid_tx.send(jid.as_str().to_string()).unwrap();
-                    wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-                        env.db.waiters_on(session) > 0
-                    });
+                    worker.wait_for_waiting(1);
                     if id >= 0 {
                         panic!("the application panics inside its transaction");
                     }
@@ -127,28 +133,28 @@ pub fn panic_rolls_back<D: TestDb>() {
         assert!(outcome.is_err(), "the producer thread panicked");
     });
     let jid = jid_rx.recv().unwrap();
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 4. The producer's connection is killed mid-transaction.
 pub fn killed_producer_aborts<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
-    let (result, jid) = enqueue_then(&env, id, |_, session| {
+    let (result, jid) = enqueue_then(&env, &worker, id, |_, session| {
         env.db.kill(session);
         Ok(())
     });
     assert!(result.is_err(), "the commit of a killed session fails");
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// 5a. Enqueued inside a savepoint that rolls back while the outer transaction commits.
 pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let mut conn = env.db.connect();
     let mut jid = None;
@@ -162,17 +168,16 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    assert_aborted(&env, &rx, id, jid.unwrap().as_str());
+    assert_aborted(&env, &worker, &rx, id, jid.unwrap().as_str());
 }
 
 /// 5b. Enqueued inside a savepoint that is released, then the outer transaction commits.
 pub fn released_savepoint_runs<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let mut conn = env.db.connect();
-    let session = D::session_id(&mut conn);
     conn.transaction(|c| {
         insert_order::<D>(c, id, "new");
         c.transaction(|c| {
@@ -180,9 +185,7 @@ pub fn released_savepoint_runs<D: TestDb>() {
                 .map(|_| ())
         })?;
         set_status::<D>(c, id, "paid");
-        wait_until("the worker to wait on the barrier", EVENTUALLY, || {
-            env.db.waiters_on(session) > 0
-        });
+        worker.wait_for_waiting(1);
         expect_no_run(&rx, "the outer transaction is still open");
         Ok::<_, Error>(())
     })
@@ -217,7 +220,7 @@ pub fn autocommit_runs_without_barrier<D: TestDb>() {
 pub fn barrier_required_and_opt_out<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
     let (required, optional) = (next_id(), next_id());
     let mut conn = env.db.connect();
     insert_order::<D>(&mut conn, required, "paid");
@@ -227,6 +230,9 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
     let bare_jid = bare.id().as_str().to_string();
     env.producer.push(bare).unwrap();
     env.producer.push(env.job(PLAIN_OK, optional)).unwrap();
+    wait_until("the bare job to fail", EVENTUALLY, || {
+        worker.monitor.failed() >= 1
+    });
     let others = drain_with_sentinel(&env, &rx);
     assert_eq!(others.len(), 1, "only the opt-out job ran: {others:?}");
     assert_eq!(others[0].order_id, optional);
@@ -261,7 +267,9 @@ pub fn inline_runs_at_once<D: TestDb>() {
     conn.transaction(|c| {
         insert_order::<D>(c, id, "paid");
         c.enqueue_with_barrier(&producer, Job::new(PAID, vec![id]))?;
-        let ran = rx.try_recv().expect("the handler ran before enqueue returned");
+        let ran = rx
+            .try_recv()
+            .expect("the handler ran before enqueue returned");
         assert_eq!(ran.seen_status.as_deref(), Some("paid"));
         Ok::<_, Error>(())
     })
@@ -306,7 +314,7 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
             record(job, conn)
         }
     });
-    let _worker = env.start_worker(handlers, 1);
+    let worker = env.start_worker(handlers, 1);
     let id = next_id();
     commit_order(&env, id, env.job(PAID, id));
     expect_run(&rx);
@@ -318,6 +326,9 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
     copy.custom = delivered.custom.clone();
     env.producer.push(same_jid).unwrap();
     env.producer.push(copy).unwrap();
+    wait_until("both copies to be skipped", EVENTUALLY, || {
+        worker.monitor.duplicates() + worker.monitor.aborted() >= 2
+    });
     let others = drain_with_sentinel(&env, &rx);
     assert!(others.is_empty(), "a duplicate ran: {others:?}");
     assert_eq!(runs_of(&env.db, id), 1);
@@ -340,12 +351,18 @@ pub fn faktory_unreachable_rolls_back<D: TestDb>() {
         Ok::<_, Error>(())
     });
     assert!(
-        matches!(result, Err(Error::Faktory(_)) | Err(Error::FaktoryTimeout(_))),
+        matches!(
+            result,
+            Err(Error::Faktory(_)) | Err(Error::FaktoryTimeout(_))
+        ),
         "{result:?}"
     );
     assert_eq!(db.barrier_rows(), 0);
     assert_eq!(
-        D::query_i64(&mut conn, &format!("SELECT COUNT(*) FROM orders WHERE id = {id}")),
+        D::query_i64(
+            &mut conn,
+            &format!("SELECT COUNT(*) FROM orders WHERE id = {id}")
+        ),
         Some(0)
     );
 }
@@ -371,4 +388,220 @@ pub fn missing_migrations_are_reported<D: TestDb>() {
         matches!(result, Err(Error::MigrationsMissing { .. })),
         "{result:?}"
     );
+}
+
+/// (a) + (b) Many jobs wait on open transactions through a bounded number of database
+/// connections, and a ready job still runs while they all wait.
+pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let pool = env.db.pool(8);
+    let worker = env.start_worker_on(pool.clone(), handlers::<D>(&tx), |b| {
+        b.workers(2).max_waiting(250)
+    });
+    let waiting = 200;
+    let mut producer_conn = env.db.connect();
+    let ids: Vec<i64> = (0..waiting).map(|_| next_id()).collect();
+    let (held, ready_ran) = std::thread::scope(|s| {
+        let (go_tx, go_rx) = unbounded::<()>();
+        let (done_tx, done_rx) = unbounded::<()>();
+        let env = &env;
+        let ids = &ids;
+        let conn = &mut producer_conn;
+        let producer = s.spawn(move || {
+            conn.transaction(|c| {
+                for &id in ids {
+                    insert_order::<D>(c, id, "paid");
+                    c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+                }
+                go_tx.send(()).unwrap();
+                done_rx.recv().unwrap();
+                Ok::<_, Error>(())
+            })
+            .unwrap();
+        });
+        go_rx.recv().unwrap();
+        worker.wait_for_waiting(waiting);
+        // Every job waits; the worker holds at most its waiter's connections.
+        let state = pool.state();
+        let held = state.connections - state.idle_connections;
+        // A ready job is fetched and runs while all of them wait.
+        let ready = next_id();
+        commit_order(env, ready, env.job(PAID, ready));
+        let ran = expect_run(&rx);
+        assert_eq!(ran.order_id, ready, "the ready job ran first");
+        assert!(worker.monitor.waiting() >= waiting, "the others still wait");
+        done_tx.send(()).unwrap();
+        producer.join().unwrap();
+        (held, ran)
+    });
+    assert!(
+        held <= 3,
+        "the worker held {held} connections while {waiting} jobs waited"
+    );
+    let _ = ready_ran;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < waiting {
+        let ran = expect_run(&rx);
+        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
+    }
+    assert!(ids.iter().all(|id| seen.contains(id)));
+    wait_until("all barriers consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+}
+
+/// (c) A job whose transaction stays open past the block limit is snoozed (not failed), and
+/// runs once when the transaction finally commits.
+pub fn snoozed_after_block_limit<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
+        b.workers(1).block_limit(Duration::from_millis(300))
+    });
+    let id = next_id();
+    let mut conn = env.db.connect();
+    let mut jid = None;
+    conn.transaction(|c| {
+        insert_order::<D>(c, id, "paid");
+        jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
+        wait_until("two snoozes", EVENTUALLY, || worker.monitor.snoozed() >= 2);
+        expect_no_run(&rx, "the transaction is still open");
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(worker.monitor.timed_out(), 0);
+    if let Some(server) = env.faktory.server() {
+        let events = server.history(jid.unwrap().as_str());
+        assert!(
+            events.iter().any(|e| e.kind() == JobEventKind::Acked)
+                && !events.iter().any(|e| e.kind() == JobEventKind::Failed),
+            "the first delivery was snoozed, not failed: {events:?}"
+        );
+    }
+}
+
+/// (c) Past the deadline the job fails with `BarrierTimeout`, whose message carries the debug
+/// information; nothing runs.
+pub fn barrier_timeout_after_deadline<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
+        b.workers(1)
+            .block_limit(Duration::from_millis(200))
+            .deadline(Duration::from_millis(800))
+    });
+    let id = next_id();
+    let mut conn = env.db.connect();
+    let mut job = env.job(PAID, id);
+    job.retry = Some(1);
+    let result = conn.transaction(|c| {
+        insert_order::<D>(c, id, "paid");
+        c.enqueue_with_barrier(&env.producer, job)?;
+        wait_until("the barrier to time out", EVENTUALLY, || {
+            worker.monitor.timed_out() >= 1
+        });
+        Err::<(), _>(Error::Config("roll back at last".into()))
+    });
+    assert!(result.is_err());
+    expect_no_run(&rx, "timed out");
+    match env.faktory.server() {
+        Some(server) => {
+            let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
+            assert!(failed, "the job failed and waits for its retry");
+            let job = &server.retry_jobs()[0];
+            let message = job["failure"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(message.contains("still open"), "{message}");
+            assert!(
+                message.contains("txid"),
+                "the message carries the debug info: {message}"
+            );
+            assert!(message.contains("transaction:"), "{message}");
+        }
+        None => eprintln!("real Faktory: skipping the failure-message inspection"),
+    }
+}
+
+/// (d) The reaper deletes barrier rows that can no longer be consumed, and only those.
+pub fn reaper_deletes_old_barriers<D: TestDb>() {
+    let env = Env::<D>::new();
+    let id = next_id();
+    // A committed barrier whose job nobody will ever fetch (its queue has no worker).
+    commit_order(
+        &env,
+        id,
+        env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)),
+    );
+    assert_eq!(env.db.barrier_rows(), 1);
+    let mut conn = env.db.connect();
+    let kept =
+        diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(3600)).unwrap();
+    assert_eq!(kept, 0, "a young barrier is kept");
+    assert_eq!(env.db.barrier_rows(), 1);
+    std::thread::sleep(Duration::from_millis(1100));
+    let reaped =
+        diesel_transaction_barrier::reap_barriers(&mut conn, Duration::from_secs(1)).unwrap();
+    assert_eq!(reaped, 1);
+    assert_eq!(env.db.barrier_rows(), 0);
+
+    // The worker's own reaper does the same periodically.
+    let id = next_id();
+    commit_order(
+        &env,
+        id,
+        env.job(PAID, id).on_queue(format!("{}-nobody", env.queue)),
+    );
+    let (tx, _rx) = unbounded();
+    let _worker = env.start_worker_with(handlers::<D>(&tx), |b| {
+        b.reap_interval(Duration::from_millis(100))
+            .max_barrier_age(Duration::from_secs(1))
+    });
+    wait_until("the worker's reaper", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+}
+
+/// (e) A graceful shutdown hands waiting jobs back at once; after a restart every committed
+/// job runs exactly once.
+pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 2);
+    let mut conn = env.db.connect();
+    let ids: Vec<i64> = (0..5).map(|_| next_id()).collect();
+    conn.transaction(|c| {
+        for &id in &ids {
+            insert_order::<D>(c, id, "paid");
+            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+        }
+        worker.wait_for_waiting(ids.len());
+        let started = Instant::now();
+        let reason = worker.stop();
+        assert_eq!(reason, StopReason::Shutdown);
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "shutdown took {:?}",
+            started.elapsed()
+        );
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    expect_no_run(&rx, "the worker is stopped");
+    let _worker = env.start_worker(handlers::<D>(&tx), 2);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < ids.len() {
+        let ran = expect_run(&rx);
+        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
+    }
+    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    wait_until("all barriers consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
 }

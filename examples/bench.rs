@@ -1,0 +1,815 @@
+//! The waiting-at-scale benchmark: prints a table of figures, each with its goal.
+//!
+//! ```text
+//! cargo run --release --example bench --features testing                      # PostgreSQL
+//! DATABASE_URL=mysql://root@127.0.0.1:3306/test \
+//!     cargo run --release --example bench --features mysql,testing            # MariaDB
+//! ```
+//!
+//! `DATABASE_URL` defaults to `postgres://postgres@127.0.0.1:5432/test`; `FAKTORY_URL` names a
+//! Faktory server (else an in-process test server is started); `BENCH_SCALE` (default 1.0)
+//! scales every job count. The benchmark exits non-zero only on a correctness failure (a job
+//! lost, run twice or run early, a barrier row left), never because a figure missed its goal.
+//!
+//! 1. commit → handler start when the worker already holds the job (2,000 jobs);
+//! 2. producer cost: update + `enqueue_with_barrier` vs update + plain push, transactions/s;
+//! 3. worker throughput, 8 handlers: already-committed barrier jobs vs plain jobs;
+//! 4. 500 jobs waiting on open transactions: database connections the worker process holds,
+//!    and the commit → start latency of 200 short transactions' jobs meanwhile;
+//! 5. barrier rows left after draining 10,000 jobs, and the worker process's peak RSS.
+//!
+//! Parts 4 and 5 run the worker in a child process (this binary, re-executed) so that its
+//! connections and memory are its own.
+
+use crossbeam_channel::{unbounded, Receiver};
+use diesel::query_builder::SqlQuery;
+use diesel::query_dsl::methods::{ExecuteDsl, LoadQuery};
+use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
+use diesel::sql_types::BigInt;
+use diesel::{QueryableByName, RunQueryDsl};
+use diesel_transaction_barrier::testing::TestFaktory;
+use diesel_transaction_barrier::{
+    BarrierConnection, EnqueueWithBarrier, Error, Job, Producer, WorkerBuilder,
+};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const KIND: &str = "bench_job";
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn main() {
+    if let Ok(filter) = std::env::var("DTB_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .init();
+    }
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    if url.starts_with("postgres") {
+        #[cfg(feature = "postgres")]
+        return dispatch::<diesel::pg::PgConnection>(&url);
+    }
+    if url.starts_with("mysql") {
+        #[cfg(feature = "mysql")]
+        return dispatch::<diesel::mysql::MysqlConnection>(&url);
+    }
+    eprintln!("DATABASE_URL {url:?} needs a backend feature this example was not built with");
+    std::process::exit(2);
+}
+
+#[allow(dead_code)]
+fn dispatch<C>(url: &str)
+where
+    C: BarrierConnection + R2D2Connection,
+    SqlQuery: ExecuteDsl<C> + for<'a> LoadQuery<'a, C, Count>,
+{
+    if std::env::var("DTB_BENCH_ROLE").as_deref() == Ok("worker") {
+        child_worker::<C>(url);
+    } else {
+        Bench::<C>::new(url).run();
+    }
+}
+
+fn scale(n: usize) -> usize {
+    let s: f64 = std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    ((n as f64 * s).round() as usize).max(10)
+}
+
+fn now_micros() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+}
+
+struct Row {
+    what: String,
+    figure: String,
+    goal: String,
+    met: Option<bool>,
+}
+
+struct Bench<C: BarrierConnection> {
+    url: String,
+    faktory: TestFaktory,
+    producer: Producer,
+    rows: Vec<Row>,
+    failures: Vec<String>,
+    next_id: i64,
+    _c: std::marker::PhantomData<C>,
+}
+
+impl<C> Bench<C>
+where
+    C: BarrierConnection + R2D2Connection,
+    SqlQuery: ExecuteDsl<C> + for<'a> LoadQuery<'a, C, Count>,
+{
+    fn new(url: &str) -> Self {
+        let faktory = TestFaktory::from_env_or_start().expect("faktory");
+        let producer = Producer::builder()
+            .url(faktory.url())
+            .max_idle(32)
+            .connect()
+            .expect("producer");
+        let mut conn = C::establish(url).expect("database");
+        diesel_transaction_barrier::run_migrations(&mut conn).expect("migrations");
+        exec(&mut conn, "DROP TABLE IF EXISTS dtb_bench_orders");
+        exec(
+            &mut conn,
+            "CREATE TABLE dtb_bench_orders (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)",
+        );
+        exec(&mut conn, "DELETE FROM dtb_barriers");
+        println!("database: {url}");
+        println!("faktory:  {}", faktory.url());
+        println!(
+            "machine:  {} cores; figures are ratios or latencies measured in this one run",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        Bench {
+            url: url.to_string(),
+            faktory,
+            producer,
+            rows: Vec::new(),
+            failures: Vec::new(),
+            next_id: 1,
+            _c: std::marker::PhantomData,
+        }
+    }
+
+    fn conn(&self) -> C {
+        C::establish(&self.url).expect("database")
+    }
+
+    fn ids(&mut self, n: usize) -> Vec<i64> {
+        let first = self.next_id;
+        self.next_id += n as i64;
+        (first..self.next_id).collect()
+    }
+
+    fn pool(&self, size: u32) -> Pool<ConnectionManager<C>> {
+        Pool::builder()
+            .max_size(size)
+            .min_idle(Some(0))
+            .build(ConnectionManager::new(self.url.clone()))
+            .expect("pool")
+    }
+
+    fn row(&mut self, what: &str, figure: String, goal: &str, met: Option<bool>) {
+        println!("  {what}: {figure}");
+        self.rows.push(Row {
+            what: what.into(),
+            figure,
+            goal: goal.into(),
+            met,
+        });
+    }
+
+    fn run(mut self) {
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        let on = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
+        if on("1") {
+            self.latency();
+        }
+        if on("2") {
+            self.producer_cost();
+        }
+        if on("3") {
+            self.throughput();
+        }
+        if on("4") {
+            self.waiting_at_scale();
+        }
+        self.print();
+        if !self.failures.is_empty() {
+            for f in &self.failures {
+                eprintln!("CORRECTNESS FAILURE: {f}");
+            }
+            std::process::exit(1);
+        }
+    }
+
+    fn print(&self) {
+        println!();
+        println!("| figure | measured | goal | met |");
+        println!("| --- | --- | --- | --- |");
+        for r in &self.rows {
+            let met = match r.met {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            };
+            println!("| {} | {} | {} | {} |", r.what, r.figure, r.goal, met);
+        }
+    }
+
+    /// A worker in this process on `queue`, whose handler reports (id, start instant).
+    fn start_worker(
+        &self,
+        queue: &str,
+        workers: usize,
+        max_waiting: usize,
+    ) -> (
+        diesel_transaction_barrier::ShutdownHandle,
+        diesel_transaction_barrier::WorkerMonitor,
+        std::thread::JoinHandle<()>,
+        Receiver<(i64, Instant)>,
+    ) {
+        let (tx, rx) = unbounded();
+        let mut worker = WorkerBuilder::new(self.pool(workers as u32 + 4))
+            .url(self.faktory.url())
+            .workers(workers)
+            .max_waiting(max_waiting)
+            .register_without_barrier(KIND, move |job: &Job, _conn: &mut C| {
+                let _ = tx.send((job.args()[0].as_i64().unwrap_or(-1), Instant::now()));
+                Ok::<(), std::io::Error>(())
+            })
+            .connect()
+            .expect("worker");
+        let stop = worker.shutdown_handle();
+        let monitor = worker.monitor();
+        let q = queue.to_string();
+        let t = std::thread::spawn(move || {
+            worker.run(&[q]).expect("worker run");
+        });
+        (stop, monitor, t, rx)
+    }
+
+    fn job(&self, queue: &str, id: i64) -> Job {
+        Job::new(KIND, vec![id]).on_queue(queue.to_string())
+    }
+
+    /// 1. commit → handler start, the worker already waiting on the barrier.
+    fn latency(&mut self) {
+        let n = scale(2000);
+        println!("\n1. commit -> handler start, worker already waiting ({n} jobs)");
+        let queue = self.faktory.unique_queue("bench-latency");
+        let (stop, monitor, t, rx) = self.start_worker(&queue, 2, 8);
+        let mut conn = self.conn();
+        let mut lat = Vec::with_capacity(n);
+        for id in self.ids(n) {
+            conn.transaction(|c| {
+                exec(
+                    c,
+                    &format!("INSERT INTO dtb_bench_orders (id, n) VALUES ({id}, 0)"),
+                );
+                c.enqueue_with_barrier(&self.producer, self.job(&queue, id))?;
+                let start = Instant::now();
+                while monitor.waiting() == 0 {
+                    if start.elapsed() > Duration::from_secs(10) {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+                Ok::<_, Error>(())
+            })
+            .expect("transaction");
+            let committed = Instant::now();
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok((ran, at)) if ran == id => lat.push(signed_micros(at, committed)),
+                Ok((ran, _)) => self
+                    .failures
+                    .push(format!("latency: job {ran} ran instead of {id}")),
+                Err(_) => self.failures.push(format!("latency: job {id} never ran")),
+            }
+        }
+        stop.shutdown();
+        let _ = t.join();
+        let (p50, p99) = percentiles(&mut lat);
+        self.row(
+            "1. commit → handler start, p50",
+            format!("{:.3} ms", p50 / 1000.0),
+            "≤ 2 ms",
+            Some(p50 <= 2000.0),
+        );
+        self.row(
+            "1. commit → handler start, p99",
+            format!("{:.3} ms", p99 / 1000.0),
+            "≤ 10 ms",
+            Some(p99 <= 10_000.0),
+        );
+    }
+
+    /// 2. transactions/s: update + enqueue_with_barrier vs update + plain push.
+    fn producer_cost(&mut self) {
+        let n = scale(2000);
+        println!("\n2. producer cost ({n} transactions each way, 4 threads)");
+        let queue = self.faktory.unique_queue("bench-producer");
+        let ids = self.ids(n);
+        {
+            let mut c = self.conn();
+            for chunk in ids.chunks(500) {
+                let values: Vec<String> = chunk.iter().map(|id| format!("({id}, 0)")).collect();
+                exec(
+                    &mut c,
+                    &format!(
+                        "INSERT INTO dtb_bench_orders (id, n) VALUES {}",
+                        values.join(",")
+                    ),
+                );
+            }
+        }
+        let run = |barrier: bool| -> f64 {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for part in ids.chunks(ids.len().div_ceil(4)) {
+                    let queue = &queue;
+                    let producer = &self.producer;
+                    let url = &self.url;
+                    s.spawn(move || {
+                        let mut conn = C::establish(url).expect("database");
+                        for &id in part {
+                            conn.transaction(|c| {
+                                exec(
+                                    c,
+                                    &format!(
+                                        "UPDATE dtb_bench_orders SET n = n + 1 WHERE id = {id}"
+                                    ),
+                                );
+                                let job = Job::new(KIND, vec![id]).on_queue(queue.clone());
+                                if barrier {
+                                    c.enqueue_with_barrier(producer, job)?;
+                                } else {
+                                    producer.push(job)?;
+                                }
+                                Ok::<_, Error>(())
+                            })
+                            .expect("transaction");
+                        }
+                    });
+                }
+            });
+            ids.len() as f64 / start.elapsed().as_secs_f64()
+        };
+        // Alternate to spread any drift over both; keep the best of two rounds each.
+        let plain1 = run(false);
+        let barrier1 = run(true);
+        let plain2 = run(false);
+        let barrier2 = run(true);
+        let (plain, barrier) = (plain1.max(plain2), barrier1.max(barrier2));
+        let ratio = barrier / plain;
+        self.row(
+            "2. producer: barrier tx/s vs plain-push tx/s",
+            format!("{barrier:.0} / {plain:.0} = {ratio:.2}"),
+            "ratio ≥ 0.7",
+            Some(ratio >= 0.7),
+        );
+        // Leave nothing behind for the next parts: consume the barrier jobs.
+        let (stop, _monitor, t, rx) = self.start_worker(&queue, 8, 64);
+        let expected = 4 * n;
+        let mut got = 0;
+        while got < expected && rx.recv_timeout(Duration::from_secs(30)).is_ok() {
+            got += 1;
+        }
+        stop.shutdown();
+        let _ = t.join();
+        if got < expected {
+            self.failures
+                .push(format!("producer cost: {got} of {expected} jobs ran"));
+        }
+    }
+
+    /// 3. worker throughput on already-committed barrier jobs vs plain jobs, 8 handlers.
+    fn throughput(&mut self) {
+        let n = scale(4000);
+        println!("\n3. worker throughput, 8 handlers ({n} jobs each way)");
+        let measure = |this: &mut Self, barrier: bool| -> f64 {
+            let queue = this.faktory.unique_queue("bench-throughput");
+            let ids = this.ids(n);
+            let mut conn = this.conn();
+            if barrier {
+                for chunk in ids.chunks(100) {
+                    conn.transaction(|c| {
+                        for &id in chunk {
+                            c.enqueue_with_barrier(&this.producer, this.job(&queue, id))?;
+                        }
+                        Ok::<_, Error>(())
+                    })
+                    .expect("transaction");
+                }
+            } else {
+                for &id in &ids {
+                    this.producer.push(this.job(&queue, id)).expect("push");
+                }
+            }
+            let (stop, _monitor, t, rx) = this.start_worker(&queue, 8, 32);
+            let start = Instant::now();
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < n {
+                match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok((id, _)) => {
+                        if !seen.insert(id) {
+                            this.failures
+                                .push(format!("throughput: job {id} ran twice"));
+                        }
+                    }
+                    Err(_) => {
+                        this.failures
+                            .push(format!("throughput: only {} of {n} jobs ran", seen.len()));
+                        break;
+                    }
+                }
+            }
+            let rate = seen.len() as f64 / start.elapsed().as_secs_f64();
+            stop.shutdown();
+            let _ = t.join();
+            rate
+        };
+        let plain = measure(self, false);
+        let barrier = measure(self, true);
+        let ratio = barrier / plain;
+        self.row(
+            "3. worker: barrier jobs/s vs plain jobs/s",
+            format!("{barrier:.0} / {plain:.0} = {ratio:.2}"),
+            "ratio ≥ 0.8",
+            Some(ratio >= 0.8),
+        );
+    }
+
+    /// 4 and 5, with the worker in a child process.
+    fn waiting_at_scale(&mut self) {
+        let waiting = scale(500);
+        let short = scale(200);
+        let drain = scale(10_000);
+        let queue = self.faktory.unique_queue("bench-scale");
+        // One connection per open transaction: stay within the server's limit.
+        let limit = max_connections::<C>(&mut self.conn());
+        let transactions = waiting.min(limit.saturating_sub(40).max(1));
+        println!(
+            "\n4. {waiting} jobs waiting on {transactions} open transactions (server max_connections {limit}), {short} short transactions meanwhile"
+        );
+        let mut child = Command::new(std::env::current_exe().expect("current exe"))
+            .env("DTB_BENCH_ROLE", "worker")
+            .env("DTB_BENCH_QUEUE", &queue)
+            .env("DTB_BENCH_FAKTORY", self.faktory.url())
+            .env("DTB_BENCH_WAITING", (waiting + 16).to_string())
+            .env("DATABASE_URL", &self.url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("worker process");
+        let pid = child.id();
+        let mut child_in = child.stdin.take().unwrap();
+        let (tx, rx) = unbounded::<String>();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ran = |rx: &Receiver<String>| -> Option<(i64, u128)> {
+            loop {
+                let line = rx.recv_timeout(Duration::from_secs(60)).ok()?;
+                let mut parts = line.split_whitespace();
+                if parts.next() == Some("RAN") {
+                    let id = parts.next()?.parse().ok()?;
+                    let at = parts.next()?.parse().ok()?;
+                    return Some((id, at));
+                }
+            }
+        };
+        let ask = |child_in: &mut std::process::ChildStdin,
+                   rx: &Receiver<String>,
+                   q: &str|
+         -> Option<String> {
+            writeln!(child_in, "{q}").ok()?;
+            loop {
+                let line = rx.recv_timeout(Duration::from_secs(30)).ok()?;
+                if let Some(rest) = line.strip_prefix(&format!("{q} ")) {
+                    return Some(rest.to_string());
+                }
+            }
+        };
+
+        // Open the long transactions, each with its share of the waiting jobs.
+        let long_ids = self.ids(waiting);
+        let release = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = unbounded::<()>();
+        let mut holders = Vec::new();
+        for part in long_ids.chunks(waiting.div_ceil(transactions)) {
+            let part = part.to_vec();
+            let url = self.url.clone();
+            let producer = self.producer.clone();
+            let queue = queue.clone();
+            let release = Arc::clone(&release);
+            let ready_tx = ready_tx.clone();
+            holders.push(std::thread::spawn(move || {
+                let mut conn = C::establish(&url).expect("database");
+                conn.transaction(|c| {
+                    for &id in &part {
+                        c.enqueue_with_barrier(
+                            &producer,
+                            Job::new(KIND, vec![id]).on_queue(queue.clone()),
+                        )?;
+                    }
+                    ready_tx.send(()).unwrap();
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Ok::<_, Error>(())
+                })
+                .expect("long transaction");
+            }));
+        }
+        for _ in 0..holders.len() {
+            ready_rx.recv().expect("long transaction ready");
+        }
+        let start = Instant::now();
+        while ask(&mut child_in, &rx, "WAITING")
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(0)
+            < waiting
+        {
+            if start.elapsed() > Duration::from_secs(60) {
+                self.failures
+                    .push("scale: the worker never held all waiting jobs".into());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let held = ask(&mut child_in, &rx, "POOL").unwrap_or_default();
+        let server_side = worker_sessions::<C>(&mut self.conn(), pid);
+        let held_n: usize = held
+            .split('/')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(usize::MAX);
+        self.row(
+            "4. DB connections held by the worker while jobs wait",
+            format!("{held_n} (open/in use/max: {held}; server-side: {server_side})"),
+            "≤ 3",
+            Some(held_n <= 3),
+        );
+
+        // Short transactions meanwhile, one at a time, each job waited on before commit.
+        let mut conn = self.conn();
+        let mut lat = Vec::new();
+        for id in self.ids(short) {
+            let mut committed = 0;
+            conn.transaction(|c| {
+                c.enqueue_with_barrier(&self.producer, self.job(&queue, id))?;
+                committed = now_micros();
+                Ok::<_, Error>(())
+            })
+            .expect("short transaction");
+            match ran(&rx) {
+                Some((ran_id, at)) if ran_id == id => lat.push(at as i64 - committed as i64),
+                Some((ran_id, _)) => self.failures.push(format!("scale: job {ran_id} ran while {id} was expected (a long transaction is still open)")),
+                None => self.failures.push(format!("scale: short job {id} never ran")),
+            }
+        }
+        let (_, p99) = percentiles(&mut lat);
+        self.row(
+            "4. commit → start of short jobs meanwhile, p99",
+            format!("{:.3} ms", p99 / 1000.0),
+            "≤ 20 ms",
+            Some(p99 <= 20_000.0),
+        );
+        let rss = peak_rss_kib(pid);
+        self.row(
+            "5. worker peak RSS with the jobs waiting",
+            format!("{:.1} MiB", rss as f64 / 1024.0),
+            "reported",
+            None,
+        );
+
+        // Release the long transactions: every waiting job runs exactly once.
+        release.store(true, Ordering::SeqCst);
+        for h in holders {
+            let _ = h.join();
+        }
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < waiting {
+            match ran(&rx) {
+                Some((id, _)) => {
+                    if !seen.insert(id) {
+                        self.failures.push(format!("scale: job {id} ran twice"));
+                    }
+                }
+                None => {
+                    self.failures.push(format!(
+                        "scale: {} of {waiting} waiting jobs ran",
+                        seen.len()
+                    ));
+                    break;
+                }
+            }
+        }
+
+        // 5. Drain 10,000 jobs; no barrier row may be left.
+        println!("\n5. draining {drain} barrier jobs");
+        let drain_ids = self.ids(drain);
+        for chunk in drain_ids.chunks(200) {
+            conn.transaction(|c| {
+                for &id in chunk {
+                    c.enqueue_with_barrier(&self.producer, self.job(&queue, id))?;
+                }
+                Ok::<_, Error>(())
+            })
+            .expect("transaction");
+        }
+        let mut count = 0;
+        while count < drain {
+            if ran(&rx).is_none() {
+                self.failures
+                    .push(format!("drain: {count} of {drain} jobs ran"));
+                break;
+            }
+            count += 1;
+        }
+        let rss_all = peak_rss_kib(pid);
+        let _ = writeln!(child_in, "STOP");
+        let _ = child.wait();
+        let left = count_rows(&mut conn, "SELECT COUNT(*) AS n FROM dtb_barriers");
+        self.row(
+            "5. barrier rows left after draining",
+            format!("{left} (after {drain} jobs)"),
+            "0",
+            Some(left == 0),
+        );
+        if left != 0 {
+            self.failures.push(format!("{left} barrier rows left"));
+        }
+        if rss_all > 0 {
+            self.row(
+                "5. worker peak RSS over the whole run",
+                format!("{:.1} MiB", rss_all as f64 / 1024.0),
+                "reported",
+                None,
+            );
+        }
+    }
+}
+
+/// The worker process of parts 4 and 5: reports each handler start as `RAN <id> <unix µs>`
+/// and answers `WAITING` and `POOL` on stdin.
+fn child_worker<C>(url: &str)
+where
+    C: BarrierConnection + R2D2Connection,
+{
+    let queue = std::env::var("DTB_BENCH_QUEUE").expect("queue");
+    let faktory = std::env::var("DTB_BENCH_FAKTORY").expect("faktory");
+    let max_waiting: usize = std::env::var("DTB_BENCH_WAITING")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let pool = Pool::builder()
+        .max_size(16)
+        .min_idle(Some(0))
+        .build(ConnectionManager::<C>::new(url))
+        .expect("pool");
+    let (tx, rx) = unbounded::<String>();
+    let mut worker = WorkerBuilder::new(pool.clone())
+        .url(faktory)
+        .workers(8)
+        .max_waiting(max_waiting)
+        .block_limit(Duration::from_secs(600))
+        .register(KIND, move |job: &Job, _conn: &mut C| {
+            let at = now_micros();
+            let _ = tx.send(format!("RAN {} {at}", job.args()[0].as_i64().unwrap_or(-1)));
+            Ok::<(), std::io::Error>(())
+        })
+        .connect()
+        .expect("worker");
+    let stop = worker.shutdown_handle();
+    let monitor = worker.monitor();
+    std::thread::spawn(move || {
+        let out = std::io::stdout();
+        for line in rx {
+            let mut out = out.lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    });
+    let (qtx, qrx) = unbounded::<String>();
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                let answer = match line.as_str() {
+                    "WAITING" => format!("WAITING {}", monitor.waiting()),
+                    "POOL" => {
+                        let s = pool.state();
+                        format!(
+                            "POOL {}/{}/{}",
+                            s.connections,
+                            s.connections - s.idle_connections,
+                            pool.max_size()
+                        )
+                    }
+                    "STOP" => {
+                        stop.shutdown();
+                        break;
+                    }
+                    _ => continue,
+                };
+                if qtx.send(answer).is_err() {
+                    break;
+                }
+            }
+            stop.shutdown();
+        });
+    }
+    std::thread::spawn(move || {
+        let out = std::io::stdout();
+        for line in qrx {
+            let mut out = out.lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    });
+    worker.run(&[queue]).expect("worker run");
+}
+
+fn exec<C: diesel::Connection>(conn: &mut C, sql: &str)
+where
+    SqlQuery: ExecuteDsl<C>,
+{
+    diesel::sql_query(sql)
+        .execute(conn)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+fn count_rows<C: diesel::Connection>(conn: &mut C, sql: &str) -> i64
+where
+    SqlQuery: for<'a> LoadQuery<'a, C, Count>,
+{
+    diesel::sql_query(sql)
+        .load::<Count>(conn)
+        .ok()
+        .and_then(|v| v.into_iter().next())
+        .map_or(-1, |c| c.n)
+}
+
+fn max_connections<C: BarrierConnection>(conn: &mut C) -> usize
+where
+    SqlQuery: for<'a> LoadQuery<'a, C, Count>,
+{
+    let sql = if C::NAME == "postgres" {
+        "SELECT current_setting('max_connections')::bigint AS n"
+    } else {
+        "SELECT CAST(@@max_connections AS SIGNED) AS n"
+    };
+    count_rows(conn, sql).max(0) as usize
+}
+
+/// Server-side sessions of the worker process, where the server can tell (PostgreSQL).
+fn worker_sessions<C: BarrierConnection>(conn: &mut C, _pid: u32) -> String
+where
+    SqlQuery: for<'a> LoadQuery<'a, C, Count>,
+{
+    if C::NAME == "postgres" {
+        // Sessions that are neither ours (this process) nor idle-in-transaction producers:
+        // the worker's are idle or active outside any transaction.
+        let n = count_rows(
+            conn,
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND backend_type = 'client backend' AND state = 'idle' AND xact_start IS NULL",
+        );
+        format!("{n} idle sessions outside transactions")
+    } else {
+        "n/a".into()
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn signed_micros(a: Instant, b: Instant) -> i64 {
+    if a >= b {
+        (a - b).as_micros() as i64
+    } else {
+        -((b - a).as_micros() as i64)
+    }
+}
+
+/// (p50, p99) in microseconds.
+fn percentiles(v: &mut [i64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    v.sort_unstable();
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64;
+    (at(0.5), at(0.99))
+}
