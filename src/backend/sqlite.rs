@@ -9,37 +9,38 @@
 //! * The producer inserts the barrier row in its transaction *before* the job is pushed, so from
 //!   then on its transaction holds the write lock. A worker can fetch the job only after the
 //!   push: by then the producer's transaction still holds the lock, or it has ended.
-//! * **Committed** — the row is visible. Another connection reads committed data only (a WAL
+//! * **Committed**: the row is visible. Another connection reads committed data only (a WAL
 //!   reader sees the last commit; in rollback-journal mode an uncommitted change never reaches
 //!   the file while a reader holds its lock). The row's id is random and only this producer
 //!   writes it, so seeing it proves that its transaction committed.
-//! * **Not committed** — the worker takes the write lock itself (`BEGIN IMMEDIATE`) and the row
-//!   is still not there. Holding the lock proves that no write transaction is running, the
-//!   producer's included, so it has ended; it ended without the row, so it rolled back (or the
-//!   savepoint around the enqueue did, or an earlier delivery consumed the row).
-//! * **Pending** — neither happened within the limit given to `await_verdict`.
+//! * **Not committed**: the worker takes the write lock itself (`BEGIN IMMEDIATE`, which does
+//!   not wait: busy timeout zero) and the row is still not there. Holding the lock proves that
+//!   no write transaction is running, the producer's included, so it has ended; it ended
+//!   without the row, so it rolled back (or the savepoint around the enqueue did, or an earlier
+//!   delivery consumed the row). One lock taken this way settles every pending barrier at once.
+//! * **Pending**: the row is not visible and the lock is taken.
 //!
-//! The worker alternates the two looks — read the row, try the lock — with pauses of at most
-//! 5 ms, so it notices a commit or a rollback within a few milliseconds, and gives up at the
-//! limit. It does its own waiting instead of leaving it to SQLite's busy handler, which sleeps
-//! up to 100 ms between attempts and would not look at the row meanwhile. A commit is seen
-//! without the lock, so commits are noticed even while other writers keep the lock busy.
-//!
-//! While it waits, the worker is inside a `debug` span named `dtb_sqlite_wait`, with the fields
-//! `barrier_id` and `database` (the database file, filled in only when a subscriber listens to
-//! the span).
+//! The worker's waiter thread does this through two pooled connections, however many jobs wait
+//! (see the waiter): every millisecond the *listener* reads the barrier rows committed since
+//! its last look, by their `seq` column (`AUTOINCREMENT`, so never reused, and with one writer
+//! at a time rows become visible in `seq` order); those are commit hints, so a waiting job
+//! starts a millisecond or two after its transaction commits. Every 200 ms, and at once for a
+//! newly fetched job, the *checker* runs [`check_pending`](Backend::check_pending): one read
+//! for the visible rows, then one attempt at the lock for the rest. A rollback is therefore
+//! noticed within about 200 ms.
 //!
 //! # The worker transaction holds the write lock
 //!
 //! `worker_transaction` is `BEGIN IMMEDIATE`: it takes the write lock before the claim, and the
-//! handler runs inside it. So `claim_barrier` is a plain read that never waits, and it answers
-//! `Locked` or `Gone`, never `Busy`: a second worker consuming the same barrier would hold the
-//! write lock, so two consumers are serialised by the lock, and the second finds the row gone.
-//! What the handler writes commits together with the row's deletion, exactly once, as on the
-//! other backends.
+//! handler runs inside it. The claim deletes the row (a rollback of the worker transaction puts
+//! it back) and never waits, and it answers `Locked` or `Gone`, never `Busy`: a second worker
+//! consuming the same barrier would hold the write lock, so two consumers are serialised by the
+//! lock, and the second finds the row gone. What the handler writes commits together with the
+//! row's deletion, exactly once, as on the other backends.
 //!
 //! The price is SQLite's single writer: **while a handler runs, the application's writers
-//! wait** for it. Their busy timeout must outlast the longest handler, or their writes fail with
+//! wait** for it, and while an application transaction writes, no handler can start. The
+//! application's busy timeout must outlast the longest handler, or its writes fail with
 //! "database is locked". Keep handlers short, and do slow work outside the database (a handler
 //! can enqueue a plain follow-up job for it).
 //!
@@ -53,12 +54,11 @@
 //! # Busy timeouts
 //!
 //! The backend sets the busy timeout it needs on the worker's connections and puts the previous
-//! one back afterwards, so a plain `ConnectionManager<SqliteConnection>` pool works:
-//! `await_verdict` polls with a busy timeout of zero (its waiting is its own, bounded by the
-//! limit), and `worker_transaction` waits at least 5 seconds for the write lock (longer if the
-//! connection already had a longer busy timeout). If an application transaction keeps the lock
-//! longer than that, the delivery fails and Faktory retries the job later; the handler has not
-//! run.
+//! one back afterwards, so a plain `ConnectionManager<SqliteConnection>` pool works: checks
+//! use zero (they never wait for a producer), and `worker_transaction` and the reaper wait at
+//! least 5 seconds for the write lock (longer if the connection already had a longer busy
+//! timeout). If an application transaction keeps the lock longer than that, the delivery fails
+//! and Faktory retries the job later; the handler has not run.
 //!
 //! The application's connections need a busy timeout too, as they do whenever an SQLite
 //! database has more than one connection: the worker takes the write lock for a moment to
@@ -70,8 +70,8 @@
 //! journal_mode = WAL`, which is stored in the database file, so once is enough; it cannot run
 //! inside the migration's transaction, so it is not in the migration's SQL). Correctness does
 //! not depend on it, but in rollback-journal mode the producer's `COMMIT` has to wait until the
-//! worker's polling read lets go of its shared lock, and readers get "database is locked" while
-//! a commit is written. In WAL mode readers and the writer do not block each other. The worker
+//! worker's reads let go of their shared lock, and readers get "database is locked" while a
+//! commit is written. In WAL mode readers and the writer do not block each other. The worker
 //! logs a warning when it starts on a database that is not in WAL mode. Applications that copy
 //! the SQL instead of calling `run_migrations` should run `PRAGMA journal_mode = WAL;` once.
 //! WAL needs every process on the same host (no network file systems).
@@ -84,19 +84,19 @@
 //!
 //! # Limits
 //!
-//! * One writer at a time; a running handler holds the write lock (see above).
+//! * One writer at a time: a running handler holds the write lock, and an open application
+//!   write transaction holds up every handler (see above).
 //! * Producer and worker must open the same database file. In-memory databases are private to
 //!   their connection, and shared-cache databases lock differently: neither is supported.
 //! * A producer connection in `PRAGMA locking_mode = EXCLUSIVE` never lets go of the lock: its
 //!   rolled-back jobs wait until the deadline (its committed ones are still seen at once).
 //! * A rolled-back savepoint removes the row, but the outer transaction keeps the write lock: the
-//!   worker learns "not committed" when the outer transaction ends (PostgreSQL knows at the
-//!   savepoint's rollback).
+//!   worker learns "not committed" when the outer transaction ends.
 //! * Telling a rollback from a running transaction needs the write lock. In a database whose
-//!   writers never pause, the worker may not win it (SQLite's locks are not fair) within
-//!   `block_limit`, and snoozes the job.
+//!   writers never pause, the worker may not find it free within `block_limit`, and snoozes the
+//!   job; commits are seen without the lock.
 //! * There is no transaction id: descriptors carry none, and a timeout report says only whether
-//!   the write lock is held and the journal mode.
+//!   the write lock is held, and the journal mode.
 //! * A "killed producer" is a producer whose process dies (or whose connection is dropped, as
 //!   when its thread panics) in the middle of the transaction: there is no server on which to
 //!   kill a session. The operating system releases the dead process's file locks, and its
@@ -107,10 +107,11 @@
 //!   message for `SQLITE_BUSY`, "database is locked".
 //!
 //! `PRAGMA` values cannot be bound as parameters; the only ones formatted into SQL here are
-//! numbers this module computes. Every other value is bound.
+//! numbers this module computes, and the only other formatted text is a list of `?`. Every
+//! value is bound.
 
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, ReapedBarrier, Verdict};
+use super::{Claim, NewBarrier, Pending, ReapedBarrier, Verdict};
 use crate::error::Error;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -118,16 +119,20 @@ use diesel::result::Error as DieselError;
 use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
-/// The least time `worker_transaction` (and `run_migrations`) wait for the write lock.
+/// The least time `worker_transaction` (and `run_migrations`, and the reaper) wait for the
+/// write lock.
 const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// The longest pause between two looks in `await_verdict`: how late, at most, the worker
-/// notices that the producer's transaction ended.
+/// The longest pause between two checks in `await_verdict`.
 const MAX_POLL_PAUSE: Duration = Duration::from_millis(5);
+
+/// Ids per `IN (...)` list: under SQLite's oldest limit on bound parameters (999).
+const IDS_PER_QUERY: usize = 500;
 
 #[derive(QueryableByName)]
 struct IntRow {
@@ -139,6 +144,14 @@ struct IntRow {
 struct TextRow {
     #[diesel(sql_type = Text)]
     value: String,
+}
+
+#[derive(QueryableByName)]
+struct HintRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    id: String,
 }
 
 #[derive(QueryableByName)]
@@ -200,7 +213,7 @@ impl Backend for SqliteConnection {
 
     fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Option<String>> {
         // This insert takes the write lock (if an earlier write of the transaction has not), and
-        // the transaction keeps it until it ends: `await_verdict` relies on that.
+        // the transaction keeps it until it ends: `check_pending` relies on that.
         diesel::sql_query(
             "INSERT INTO dtb_barriers (id, job_id, job_kind, job_queue, payload) \
              VALUES (?, ?, ?, ?, ?)",
@@ -215,9 +228,24 @@ impl Backend for SqliteConnection {
     }
 
     fn await_verdict(&mut self, id: &uuid::Uuid, limit: Duration) -> QueryResult<Verdict> {
-        let id = id.hyphenated().to_string();
-        // Busy timeout zero: a look never blocks, the loop does the (bounded) waiting.
-        with_busy_timeout(self, |_| 0, |c| poll_verdict(c, &id, limit))
+        // Checks again and again, never waiting on the producer in SQLite itself: its busy
+        // handler sleeps up to 100 ms between attempts and would not look at the row meanwhile.
+        let batch = [Pending {
+            id: *id,
+            txid: None,
+            probe: true,
+        }];
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let verdict = self.check_pending(&batch)?[0];
+            let elapsed = started.elapsed();
+            if verdict != Verdict::Pending || elapsed >= limit {
+                return Ok(verdict);
+            }
+            std::thread::sleep(pause.min(limit - elapsed));
+            pause = (pause * 2).min(MAX_POLL_PAUSE);
+        }
     }
 
     fn worker_transaction<R, E, F>(&mut self, f: F) -> Result<R, E>
@@ -237,17 +265,80 @@ impl Backend for SqliteConnection {
 
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
         // Inside `worker_transaction` this connection holds the database's write lock, so no one
-        // else can be consuming the row: a read decides, and never waits. `Busy` cannot happen;
-        // a concurrent duplicate waited in BEGIN IMMEDIATE and now finds the row gone.
-        let present = barrier_visible(self, &id.hyphenated().to_string())?;
-        Ok(if present { Claim::Locked } else { Claim::Gone })
-    }
-
-    fn delete_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
+        // else can be consuming the row: deleting it decides, and never waits. Committing the
+        // worker transaction consumes the barrier; rolling it back (handler error, panic) puts
+        // the row back. `Busy` cannot happen: a concurrent duplicate waited in BEGIN IMMEDIATE
+        // and now finds the row gone.
+        let deleted = diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
             .bind::<Text, _>(id.hyphenated().to_string())
             .execute(self)?;
+        Ok(if deleted > 0 {
+            Claim::Locked
+        } else {
+            Claim::Gone
+        })
+    }
+
+    fn delete_barrier(&mut self, _id: &uuid::Uuid) -> QueryResult<()> {
+        // `claim_barrier` already deleted it inside this transaction.
         Ok(())
+    }
+
+    const HAS_HINTS: bool = true;
+
+    fn listen_for_commits(&mut self) -> QueryResult<()> {
+        // The listener's cursor lives in a temporary table: private to this connection, and
+        // writing it takes no lock on the database.
+        self.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS dtb_hint_cursor (seq INTEGER NOT NULL); \
+             DELETE FROM temp.dtb_hint_cursor;",
+        )?;
+        // Rows committed before now are found by the first check of their jobs.
+        diesel::sql_query(
+            "INSERT INTO temp.dtb_hint_cursor (seq) \
+             SELECT COALESCE(MAX(seq), 0) FROM main.dtb_barriers",
+        )
+        .execute(self)?;
+        Ok(())
+    }
+
+    fn stop_listening(&mut self) -> QueryResult<()> {
+        self.batch_execute("DROP TABLE IF EXISTS temp.dtb_hint_cursor")
+    }
+
+    fn take_commit_hints(&mut self) -> QueryResult<Vec<uuid::Uuid>> {
+        // Rows past the cursor have committed (a read sees nothing else). They become visible
+        // in `seq` order, because one transaction writes at a time and `seq` is never reused.
+        let rows: QueryResult<Vec<HintRow>> = diesel::sql_query(
+            "SELECT b.seq, b.id FROM main.dtb_barriers b, temp.dtb_hint_cursor c \
+             WHERE b.seq > c.seq ORDER BY b.seq",
+        )
+        .load(self);
+        let rows = match rows {
+            Ok(rows) => rows,
+            // Rollback-journal mode refuses reads while a commit is written: look again later.
+            Err(e) if is_busy(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let Some(last) = rows.last() else {
+            return Ok(Vec::new());
+        };
+        diesel::sql_query("UPDATE temp.dtb_hint_cursor SET seq = ?")
+            .bind::<BigInt, _>(last.seq)
+            .execute(self)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| uuid::Uuid::try_parse(&r.id).ok())
+            .collect())
+    }
+
+    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Vec<Verdict>> {
+        let ids: Vec<String> = pending
+            .iter()
+            .map(|p| p.id.hyphenated().to_string())
+            .collect();
+        // Busy timeout zero: nothing here waits for a producer.
+        with_busy_timeout(self, |_| 0, |c| check_ids(c, &ids))
     }
 
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
@@ -311,64 +402,71 @@ impl Backend for SqliteConnection {
     }
 }
 
-/// The loop of `await_verdict`; the connection's busy timeout is zero.
-fn poll_verdict(conn: &mut SqliteConnection, id: &str, limit: Duration) -> QueryResult<Verdict> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(1);
-    let mut waiting: Option<tracing::span::EnteredSpan> = None;
-    loop {
-        // Committed? A read sees committed rows only, and only the producer writes this one.
-        match barrier_visible(conn, id) {
-            Ok(true) => return Ok(Verdict::Committed),
-            Ok(false) => {}
-            // In rollback-journal mode a read is refused while a commit is being written.
-            Err(e) if is_busy(&e) => {}
-            Err(e) => return Err(e),
-        }
-        // Ended? The producer's transaction took the write lock with its barrier insert, before
-        // the job was pushed. If we get the lock now, that transaction is over, and what we read
-        // while holding the lock is its final outcome.
-        match conn.immediate_transaction(|c| barrier_visible(c, id)) {
-            Ok(true) => return Ok(Verdict::Committed),
-            Ok(false) => return Ok(Verdict::NotCommitted),
-            Err(e) if is_busy(&e) => {}
-            Err(e) => return Err(e),
-        }
-        if waiting.is_none() {
-            waiting = Some(wait_span(conn, id).entered());
-        }
-        let elapsed = started.elapsed();
-        if elapsed >= limit {
-            return Ok(Verdict::Pending);
-        }
-        std::thread::sleep(pause.min(limit - elapsed));
-        pause = (pause * 2).min(MAX_POLL_PAUSE);
+/// Verdicts for `ids`, in order. The connection's busy timeout is zero: nothing here waits.
+fn check_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryResult<Vec<Verdict>> {
+    // Committed? A read sees committed rows only, and only the producer writes its row.
+    let visible = match visible_ids(conn, ids) {
+        Ok(visible) => visible,
+        // Rollback-journal mode refuses reads while a commit is written: look again later.
+        Err(e) if is_busy(&e) => return Ok(vec![Verdict::Pending; ids.len()]),
+        Err(e) => return Err(e),
+    };
+    let mut verdicts: Vec<Verdict> = ids
+        .iter()
+        .map(|id| {
+            if visible.contains(id) {
+                Verdict::Committed
+            } else {
+                Verdict::Pending
+            }
+        })
+        .collect();
+    let rest: Vec<String> = ids
+        .iter()
+        .filter(|id| !visible.contains(*id))
+        .cloned()
+        .collect();
+    if rest.is_empty() {
+        return Ok(verdicts);
     }
+    // Ended? Each producer took the write lock with its barrier insert, before its job was
+    // pushed, fetched and handed to us. If we get the lock now, all those transactions are
+    // over, and what we read while holding the lock is their final outcome.
+    match conn.immediate_transaction(|c| visible_ids(c, &rest)) {
+        Ok(committed) => {
+            for (verdict, id) in verdicts.iter_mut().zip(ids) {
+                if *verdict == Verdict::Pending {
+                    *verdict = if committed.contains(id) {
+                        Verdict::Committed
+                    } else {
+                        Verdict::NotCommitted
+                    };
+                }
+            }
+        }
+        // Some transaction holds the lock: the rest stay pending.
+        Err(e) if is_busy(&e) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(verdicts)
 }
 
-/// The span the worker waits in, with the database file when someone listens.
-fn wait_span(conn: &mut SqliteConnection, id: &str) -> tracing::Span {
-    let span = tracing::debug_span!(
-        "dtb_sqlite_wait",
-        barrier_id = id,
-        database = tracing::field::Empty
-    );
-    if !span.is_disabled() {
-        let file: QueryResult<TextRow> =
-            diesel::sql_query("SELECT file AS value FROM pragma_database_list WHERE name = 'main'")
-                .get_result(conn);
-        if let Ok(file) = file {
-            span.record("database", file.value.as_str());
+/// Which of `ids` have a visible barrier row.
+fn visible_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryResult<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(IDS_PER_QUERY) {
+        let params = vec!["?"; chunk.len()].join(", ");
+        let mut query = diesel::sql_query(format!(
+            "SELECT id AS value FROM dtb_barriers WHERE id IN ({params})"
+        ))
+        .into_boxed();
+        for id in chunk {
+            query = query.bind::<Text, _>(id.as_str());
         }
+        let rows: Vec<TextRow> = query.load(conn)?;
+        found.extend(rows.into_iter().map(|r| r.value));
     }
-    span
-}
-
-fn barrier_visible(conn: &mut SqliteConnection, id: &str) -> QueryResult<bool> {
-    let row: IntRow = diesel::sql_query("SELECT COUNT(*) AS value FROM dtb_barriers WHERE id = ?")
-        .bind::<Text, _>(id)
-        .get_result(conn)?;
-    Ok(row.value > 0)
+    Ok(found)
 }
 
 /// `SQLITE_BUSY` (and its extended codes), which Diesel reports only by SQLite's message.
@@ -676,6 +774,156 @@ mod tests {
         producer.join().unwrap();
         let info = w.transaction_info(&id, None).unwrap().unwrap();
         assert!(info.contains("free"), "{info}");
+    }
+
+    #[test]
+    fn check_pending_decides_a_batch_with_one_lock_attempt() {
+        let db = TempDb::new();
+        let committed = uuid::Uuid::new_v4();
+        let rolled_back = uuid::Uuid::new_v4();
+        insert(&mut db.connect(), &committed);
+        let mut p = db.connect();
+        let _ = p.transaction(|c| {
+            insert(c, &rolled_back);
+            Err::<(), _>(DieselError::RollbackTransaction)
+        });
+        let pending = |id| Pending {
+            id,
+            txid: None,
+            probe: false,
+        };
+        let mut w = db.worker();
+        let batch = [pending(committed), pending(rolled_back)];
+        assert_eq!(
+            w.check_pending(&batch).unwrap(),
+            [Verdict::Committed, Verdict::NotCommitted]
+        );
+
+        // While some transaction holds the lock, what is not visible stays pending.
+        let open = uuid::Uuid::new_v4();
+        let (end, producer) = open_transaction(&db, open, true);
+        let batch = [pending(committed), pending(rolled_back), pending(open)];
+        let started = Instant::now();
+        assert_eq!(
+            w.check_pending(&batch).unwrap(),
+            [Verdict::Committed, Verdict::Pending, Verdict::Pending]
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "it did not wait"
+        );
+        end.send(()).unwrap();
+        producer.join().unwrap();
+        assert_eq!(
+            w.check_pending(&batch).unwrap(),
+            [
+                Verdict::Committed,
+                Verdict::NotCommitted,
+                Verdict::Committed
+            ]
+        );
+        assert_eq!(busy_timeout(&mut w).unwrap(), 0, "busy timeout put back");
+    }
+
+    #[test]
+    fn check_pending_handles_more_ids_than_one_query_takes() {
+        let db = TempDb::new();
+        let ids: Vec<uuid::Uuid> = (0..IDS_PER_QUERY * 2 + 7)
+            .map(|_| uuid::Uuid::new_v4())
+            .collect();
+        let mut p = db.connect();
+        p.transaction(|c| {
+            for id in ids.iter().step_by(2) {
+                insert(c, id);
+            }
+            Ok::<_, DieselError>(())
+        })
+        .unwrap();
+        let batch: Vec<Pending> = ids
+            .iter()
+            .map(|&id| Pending {
+                id,
+                txid: None,
+                probe: false,
+            })
+            .collect();
+        let verdicts = db.worker().check_pending(&batch).unwrap();
+        for (i, v) in verdicts.iter().enumerate() {
+            let expected = if i % 2 == 0 {
+                Verdict::Committed
+            } else {
+                Verdict::NotCommitted
+            };
+            assert_eq!(*v, expected, "barrier {i}");
+        }
+    }
+
+    #[test]
+    fn commit_hints_name_committed_rows_once() {
+        let db = TempDb::new();
+        let before = uuid::Uuid::new_v4();
+        insert(&mut db.connect(), &before);
+        let mut listener = db.worker();
+        listener.listen_for_commits().unwrap();
+        assert!(
+            listener.take_commit_hints().unwrap().is_empty(),
+            "rows from before"
+        );
+
+        let mut p = db.connect();
+        let _ = p.transaction(|c| {
+            insert(c, &uuid::Uuid::new_v4());
+            Err::<(), _>(DieselError::RollbackTransaction)
+        });
+        assert!(
+            listener.take_commit_hints().unwrap().is_empty(),
+            "rolled back"
+        );
+        let open = uuid::Uuid::new_v4();
+        let (end, producer) = open_transaction(&db, open, true);
+        assert!(listener.take_commit_hints().unwrap().is_empty(), "open");
+        end.send(()).unwrap();
+        producer.join().unwrap();
+        let committed = uuid::Uuid::new_v4();
+        insert(&mut db.connect(), &committed);
+        assert_eq!(listener.take_commit_hints().unwrap(), [open, committed]);
+        assert!(listener.take_commit_hints().unwrap().is_empty(), "once");
+
+        // A consumed row's seq is not reused, so the next commit is still seen.
+        let mut w = db.worker();
+        w.worker_transaction(|c| c.claim_barrier(&committed))
+            .unwrap();
+        let next = uuid::Uuid::new_v4();
+        insert(&mut db.connect(), &next);
+        assert_eq!(listener.take_commit_hints().unwrap(), [next]);
+
+        listener.stop_listening().unwrap();
+        listener.listen_for_commits().unwrap();
+        assert!(
+            listener.take_commit_hints().unwrap().is_empty(),
+            "a new cursor"
+        );
+    }
+
+    #[test]
+    fn reap_deletes_old_rows_only() {
+        let db = TempDb::new();
+        let old = uuid::Uuid::new_v4();
+        let young = uuid::Uuid::new_v4();
+        let mut c = db.connect();
+        insert(&mut c, &old);
+        insert(&mut c, &young);
+        c.batch_execute(&format!(
+            "UPDATE dtb_barriers SET created_at = '2000-01-01T00:00:00.000Z' WHERE id = '{old}'"
+        ))
+        .unwrap();
+        let mut w = db.worker();
+        let reaped = w.reap(Duration::from_secs(3600)).unwrap();
+        assert_eq!(reaped.len(), 1);
+        assert_eq!(reaped[0].id, old.hyphenated().to_string());
+        assert_eq!(reaped[0].job_id, "jid");
+        assert_eq!(w.await_verdict(&young, SHORT).unwrap(), Verdict::Committed);
+        assert_eq!(w.await_verdict(&old, SHORT).unwrap(), Verdict::NotCommitted);
     }
 
     #[test]

@@ -7,8 +7,10 @@
 -- src/backend/sqlite.rs). The database should be in WAL journal mode; run_migrations switches
 -- it (PRAGMA journal_mode cannot change inside the transaction a migration runs in).
 CREATE TABLE dtb_barriers (
+    -- insertion order, never reused: workers find newly committed rows by it
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     -- the barrier's UUID, hyphenated
-    id TEXT PRIMARY KEY NOT NULL,
+    id TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     job_id TEXT NOT NULL DEFAULT '',
     job_kind TEXT NOT NULL DEFAULT '',
