@@ -5,15 +5,15 @@
 //!
 //! * `session_id`: a connection has no server-side id. It returns a number unique in this
 //!   process, and nothing else uses it.
-//! * `waiters_on`: SQLite cannot list who waits for a lock. The worker waits inside the
-//!   `dtb_sqlite_wait` tracing span, which names the database file; a tracing layer installed
-//!   by these tests counts the workers inside it, per file. A database has one write lock, held
-//!   by one transaction at a time, and the scenarios ask while their own transaction holds it
-//!   (it has written): so a worker waiting on this file waits on that session.
+//! * `waiters_on`: SQLite cannot list who waits for a lock, and the worker never blocks on one
+//!   (its checks try the lock without waiting). The shared scenarios watch the worker's own
+//!   count of waiting jobs (`WorkerMonitor::waiting`) instead; this method panics.
 //! * `kill`: nothing can end another connection's transaction in SQLite. What a killed
 //!   producer means here is a producer *process* that dies mid-transaction: see
 //!   `killed_producer_aborts` below, which runs the producer as a child process (this test
 //!   binary, run again with `producer_child` as its only test) and kills it.
+//!
+//! Four shared scenarios have SQLite versions in this file, each saying why.
 #![cfg(feature = "sqlite")]
 
 mod common;
@@ -21,7 +21,7 @@ mod common;
 use common::scenarios;
 use common::{
     drain_with_sentinel, expect_no_run, expect_run, handlers, insert_order, next_id, runs_of,
-    wait_until, Env, Ran, TestDb, EVENTUALLY, PAID,
+    wait_until, Env, Ran, RunningWorker, TestDb, EVENTUALLY, PAID,
 };
 use crossbeam_channel::{unbounded, Receiver};
 use diesel::connection::SimpleConnection;
@@ -34,6 +34,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 struct Lite {
     dir: PathBuf,
@@ -56,7 +57,6 @@ const FILE: &str = "test.db";
 
 impl Lite {
     fn with_dir(migrate: bool) -> Lite {
-        waits::install();
         let dir =
             std::env::temp_dir().join(format!("dtb-sqlite-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temporary directory");
@@ -70,11 +70,6 @@ impl Lite {
         }
         common::create_app_tables::<Lite>(&mut conn);
         db
-    }
-
-    /// How many workers are waiting for this database's write lock right now.
-    fn waiting_workers(&self) -> i64 {
-        waits::waiting_on(&self.dir.join(FILE))
     }
 }
 
@@ -136,131 +131,11 @@ impl TestDb for Lite {
     }
 
     fn waiters_on(&self, _session: i64) -> i64 {
-        self.waiting_workers()
+        panic!("SQLite cannot tell who waits for a lock; watch the worker's monitor instead");
     }
 
     fn kill(&self, _session: i64) {
         panic!("SQLite has no server on which to kill a session; see killed_producer_aborts");
-    }
-}
-
-/// Counts the workers inside the backend's `dtb_sqlite_wait` span, per database file.
-mod waits {
-    use std::collections::HashMap;
-    use std::path::Path;
-    use std::sync::{Mutex, Once};
-    use tracing::field::{Field, Visit};
-    use tracing::span::{Attributes, Id, Record};
-    use tracing::Subscriber;
-    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
-    use tracing_subscriber::registry::LookupSpan;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::EnvFilter;
-
-    const SPAN: &str = "dtb_sqlite_wait";
-
-    /// Database file → workers inside the span now.
-    static WAITING: Mutex<Option<HashMap<String, i64>>> = Mutex::new(None);
-
-    /// Installs the counting layer (and, with `RUST_LOG`, a log printer) once per process.
-    pub fn install() {
-        static ONCE: Once = Once::new();
-        ONCE.call_once(|| {
-            let log = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
-            tracing_subscriber::registry()
-                .with(Counter)
-                .with(
-                    tracing_subscriber::fmt::layer()
-                        .with_test_writer()
-                        .with_filter(log),
-                )
-                .try_init()
-                .expect("no other global tracing subscriber");
-        });
-    }
-
-    /// How many workers wait on `file` now.
-    pub fn waiting_on(file: &Path) -> i64 {
-        let waiting = WAITING.lock().unwrap();
-        waiting
-            .iter()
-            .flatten()
-            .filter(|(f, _)| same_file(Path::new(f), file))
-            .map(|(_, n)| *n)
-            .sum()
-    }
-
-    /// SQLite reports the path it opened, made absolute; compare the last two components (the
-    /// test's own directory and the file), which are unique.
-    fn same_file(a: &Path, b: &Path) -> bool {
-        fn tail(p: &Path) -> Vec<std::path::Component<'_>> {
-            let mut c: Vec<_> = p.components().rev().take(2).collect();
-            c.reverse();
-            c
-        }
-        tail(a) == tail(b)
-    }
-
-    struct Counter;
-
-    /// The database a wait span is about.
-    struct WaitsOn(String);
-
-    struct DatabaseField(Option<String>);
-
-    impl Visit for DatabaseField {
-        fn record_str(&mut self, field: &Field, value: &str) {
-            if field.name() == "database" {
-                self.0 = Some(value.to_string());
-            }
-        }
-        fn record_debug(&mut self, _field: &Field, _value: &dyn std::fmt::Debug) {}
-    }
-
-    fn note<S: Subscriber + for<'a> LookupSpan<'a>>(
-        id: &Id,
-        ctx: &Context<'_, S>,
-        file: Option<String>,
-    ) {
-        if let (Some(file), Some(span)) = (file, ctx.span(id)) {
-            if span.name() == SPAN {
-                span.extensions_mut().replace(WaitsOn(file));
-            }
-        }
-    }
-
-    fn add<S: Subscriber + for<'a> LookupSpan<'a>>(id: &Id, ctx: &Context<'_, S>, n: i64) {
-        if let Some(span) = ctx.span(id) {
-            if let Some(WaitsOn(file)) = span.extensions().get::<WaitsOn>() {
-                let mut waiting = WAITING.lock().unwrap();
-                *waiting
-                    .get_or_insert_with(HashMap::new)
-                    .entry(file.clone())
-                    .or_default() += n;
-            }
-        }
-    }
-
-    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Counter {
-        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-            let mut field = DatabaseField(None);
-            attrs.record(&mut field);
-            note(id, &ctx, field.0);
-        }
-
-        fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-            let mut field = DatabaseField(None);
-            values.record(&mut field);
-            note(id, &ctx, field.0);
-        }
-
-        fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-            add(id, &ctx, 1);
-        }
-
-        fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-            add(id, &ctx, -1);
-        }
     }
 }
 
@@ -344,6 +219,105 @@ fn missing_migrations_are_reported() {
     scenarios::missing_migrations_are_reported::<Lite>();
 }
 
+#[test]
+fn snoozed_after_block_limit() {
+    scenarios::snoozed_after_block_limit::<Lite>();
+}
+
+#[test]
+fn reaper_deletes_old_barriers() {
+    scenarios::reaper_deletes_old_barriers::<Lite>();
+}
+
+#[test]
+fn graceful_shutdown_loses_nothing() {
+    scenarios::graceful_shutdown_loses_nothing::<Lite>();
+}
+
+/// The shared scenario's part (a), and all jobs running once after the commit. Its part (b), a
+/// ready job committed and run while the others wait, cannot happen on SQLite: the waiting
+/// jobs' transaction holds the database's only write lock, so the ready job's transaction
+/// cannot commit (nor could its handler's transaction begin) until that one ends.
+#[test]
+fn many_waiting_jobs_hold_few_connections() {
+    let env = Env::<Lite>::new();
+    let (tx, rx) = unbounded();
+    let pool = env.db.pool(8);
+    let worker = env.start_worker_on(pool.clone(), handlers::<Lite>(&tx), |b| {
+        b.workers(2).max_waiting(250)
+    });
+    let waiting = 200;
+    let ids: Vec<i64> = (0..waiting).map(|_| next_id()).collect();
+    let mut conn = env.db.connect();
+    let held = conn
+        .transaction(|c| {
+            for &id in &ids {
+                insert_order::<Lite>(c, id, "paid");
+                c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+            }
+            worker.wait_for_waiting(waiting);
+            expect_no_run(&rx, "the transaction is still open");
+            let state = pool.state();
+            Ok::<_, Error>(state.connections - state.idle_connections)
+        })
+        .unwrap();
+    assert!(
+        held <= 3,
+        "the worker held {held} connections while {waiting} jobs waited"
+    );
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < waiting {
+        let ran = expect_run(&rx);
+        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
+    }
+    assert!(ids.iter().all(|id| seen.contains(id)));
+    wait_until("all barriers consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+}
+
+/// The shared scenario without its check for "txid" in the failure message: SQLite has no
+/// transaction ids. What the message says about the transaction is checked instead.
+#[test]
+fn barrier_timeout_after_deadline() {
+    let env = Env::<Lite>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker_with(handlers::<Lite>(&tx), |b| {
+        b.workers(1)
+            .block_limit(Duration::from_millis(200))
+            .deadline(Duration::from_millis(800))
+    });
+    let id = next_id();
+    let mut conn = env.db.connect();
+    let mut job = env.job(PAID, id);
+    job.retry = Some(1);
+    let result = conn.transaction(|c| {
+        insert_order::<Lite>(c, id, "paid");
+        c.enqueue_with_barrier(&env.producer, job)?;
+        wait_until("the barrier to time out", EVENTUALLY, || {
+            worker.monitor.timed_out() >= 1
+        });
+        Err::<(), _>(Error::Config("roll back at last".into()))
+    });
+    assert!(result.is_err());
+    expect_no_run(&rx, "timed out");
+    match env.faktory.server() {
+        Some(server) => {
+            let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
+            assert!(failed, "the job failed and waits for its retry");
+            let job = &server.retry_jobs()[0];
+            let message = job["failure"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("still open"), "{message}");
+            assert!(
+                message.contains("transaction: the write lock is held by another connection"),
+                "the message carries the debug info: {message}"
+            );
+            assert!(message.contains("journal_mode wal"), "{message}");
+        }
+        None => eprintln!("real Faktory: skipping the failure-message inspection"),
+    }
+}
+
 // ---- 4. The producer dies mid-transaction ----
 //
 // The shared scenario kills the producer's *session* from another connection and expects its
@@ -413,7 +387,7 @@ fn producer_child() {
 fn producer_dies_mid_transaction(death: Death) {
     let env = Env::<Lite>::new();
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<Lite>(&tx), 1);
+    let worker = env.start_worker(handlers::<Lite>(&tx), 1);
     let id = next_id();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -446,11 +420,7 @@ fn producer_dies_mid_transaction(death: Death) {
     let jid = jid_rx
         .recv_timeout(EVENTUALLY)
         .expect("the producer process enqueued a job");
-    wait_until(
-        "the worker to wait on the producer process's transaction",
-        EVENTUALLY,
-        || env.db.waiting_workers() > 0,
-    );
+    worker.wait_for_waiting(1);
     expect_no_run(&rx, "the producer's transaction is still open");
 
     match death {
@@ -463,7 +433,7 @@ fn producer_dies_mid_transaction(death: Death) {
         Death::Exits => assert_eq!(status.code(), Some(EXIT_CODE), "{status}"),
     }
 
-    assert_aborted(&env, &rx, id, &jid);
+    assert_aborted(&env, &worker, &rx, id, &jid);
     let mut conn = env.db.connect();
     assert_eq!(
         Lite::query_i64(
@@ -488,18 +458,18 @@ impl Drop for KillOnDrop {
 }
 
 /// The checks of the shared scenarios' `assert_aborted`.
-fn assert_aborted(env: &Env<Lite>, rx: &Receiver<Ran>, id: i64, jid: &str) {
+fn assert_aborted(env: &Env<Lite>, worker: &RunningWorker, rx: &Receiver<Ran>, id: i64, jid: &str) {
+    wait_until("the job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
     let others = drain_with_sentinel(env, rx);
     assert!(others.is_empty(), "an aborted job ran: {others:?}");
     assert_eq!(runs_of(&env.db, id), 0);
     assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
     match env.faktory.server() {
         Some(server) => {
+            assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
             let events = server.history(jid);
-            assert!(
-                events.iter().any(|e| e.kind() == JobEventKind::Acked),
-                "job {jid} should have been acknowledged: {events:?}"
-            );
             assert!(
                 !events.iter().any(|e| e.kind() == JobEventKind::Failed),
                 "job {jid} should not have failed: {events:?}"
