@@ -133,6 +133,7 @@ mod error;
 mod handlers;
 mod migrations;
 mod producer;
+mod reconcile;
 mod waiter;
 mod worker;
 
@@ -147,6 +148,7 @@ pub use error::{BoxError, Error, Result, TimeoutInfo};
 pub use handlers::Handlers;
 pub use migrations::{barrier_schema_present, reap_barriers, run_migrations};
 pub use producer::{Producer, ProducerBuilder};
+pub use reconcile::reconcile_barriers;
 pub use worker::{
     AbortPolicy, ConnectionPool, ShutdownHandle, StopReason, Worker, WorkerBuilder, WorkerMonitor,
 };

@@ -58,6 +58,7 @@ struct Config {
     shutdown_timeout: Duration,
     reap_interval: Duration,
     max_barrier_age: Duration,
+    reconcile_grace: Option<Duration>,
 }
 
 impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
@@ -94,6 +95,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 shutdown_timeout: Duration::from_secs(10),
                 reap_interval: Duration::from_secs(60 * 60),
                 max_barrier_age: Duration::from_secs(30 * 24 * 60 * 60),
+                reconcile_grace: Some(Duration::from_secs(15 * 60)),
             },
             hostname: None,
             labels: Vec::new(),
@@ -230,6 +232,17 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// Defaults to 30 days.
     pub fn max_barrier_age(mut self, age: Duration) -> Self {
         self.config.max_barrier_age = age;
+        self
+    }
+
+    /// After how long a committed barrier whose job no worker consumed gets its job pushed
+    /// again (see [`reconcile_barriers`](crate::reconcile_barriers)): the cure for a broker
+    /// that lost jobs. `None` turns the reconciler off. The worker checks every quarter of the
+    /// grace period (at most every minute).
+    ///
+    /// Defaults to 15 minutes.
+    pub fn reconcile_grace(mut self, grace: Option<Duration>) -> Self {
+        self.config.reconcile_grace = grace;
         self
     }
 
@@ -481,28 +494,67 @@ impl<C: BarrierConnection> Worker<C> {
         result
     }
 
+    /// The maintenance thread: the reaper and the reconciler.
     fn start_reaper(&self) -> Option<Reaper> {
-        let interval = self.shared.config.reap_interval;
-        if interval.is_zero() {
+        let cfg = self.shared.config.clone();
+        let reconcile_every = cfg
+            .reconcile_grace
+            .map(|g| (g / 4).clamp(Duration::from_millis(50), Duration::from_secs(60)));
+        if cfg.reap_interval.is_zero() && reconcile_every.is_none() {
             return None;
         }
+        let tick = [
+            Some(cfg.reap_interval).filter(|d| !d.is_zero()),
+            reconcile_every,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(60));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let shared = Arc::clone(&self.shared);
         std::thread::Builder::new()
-            .name("dtb-reaper".into())
-            .spawn(move || loop {
-                match stop_rx.recv_timeout(interval) {
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => match shared.pool.get() {
-                        Ok(mut conn) => {
-                            if let Err(e) =
-                                crate::reap_barriers(&mut *conn, shared.config.max_barrier_age)
-                            {
-                                tracing::warn!(error = %e, "reaping old barriers failed");
-                            }
+            .name("dtb-maintenance".into())
+            .spawn(move || {
+                let mut next_reap = Instant::now() + cfg.reap_interval;
+                let mut next_reconcile = Instant::now() + reconcile_every.unwrap_or_default();
+                loop {
+                    match stop_rx.recv_timeout(tick) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    let now = Instant::now();
+                    let reap = !cfg.reap_interval.is_zero() && now >= next_reap;
+                    let reconcile = reconcile_every.is_some() && now >= next_reconcile;
+                    if !reap && !reconcile {
+                        continue;
+                    }
+                    let mut conn = match shared.pool.get() {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "maintenance: no database connection");
+                            continue;
                         }
-                        Err(e) => tracing::warn!(error = %e, "reaper: no database connection"),
-                    },
-                    _ => return,
+                    };
+                    if reap {
+                        next_reap = now + cfg.reap_interval;
+                        if let Err(e) = crate::reap_barriers(&mut *conn, cfg.max_barrier_age) {
+                            tracing::warn!(error = %e, "reaping old barriers failed");
+                        }
+                    }
+                    if let (true, Some(grace), Some(every)) =
+                        (reconcile, cfg.reconcile_grace, reconcile_every)
+                    {
+                        next_reconcile = now + every;
+                        if let Err(e) = crate::reconcile_barriers(
+                            &mut *conn,
+                            &shared.producer,
+                            grace,
+                            cfg.max_barrier_age,
+                        ) {
+                            tracing::warn!(error = %e, "reconciling unconsumed barriers failed");
+                        }
+                    }
                 }
             })
             .ok()
@@ -777,7 +829,7 @@ async fn run_on_pool<C: BarrierConnection>(
         shared2.stats.running.fetch_add(1, Ordering::SeqCst);
         let _running = Decrement(&shared2.stats.running);
         let mut conn = shared2.pool.get()?;
-        C::worker_transaction(&mut *conn, |c| -> Result<Outcome> {
+        let result = C::worker_transaction(&mut *conn, |c| -> Result<Outcome> {
             if let Some(b) = &b2 {
                 match c.claim_barrier(&b.id)? {
                     Claim::Gone => return Ok(Outcome::Duplicate),
@@ -790,7 +842,14 @@ async fn run_on_pool<C: BarrierConnection>(
                 c.delete_barrier(&b.id)?;
             }
             Ok(Outcome::Ran)
-        })
+        });
+        if let (Err(Error::Handler { .. } | Error::HandlerPanic { .. }), Some(b)) = (&result, &b2) {
+            // The job now lives in Faktory's retries: keep the reconciler off it.
+            if let Err(e) = conn.mark_attempted(&b.id) {
+                tracing::warn!(barrier_id = %b.id, error = %e, "could not mark the barrier attempted");
+            }
+        }
+        result
     })
     .await
     .map_err(|e| Error::HandlerPanic {

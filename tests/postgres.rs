@@ -70,7 +70,10 @@ impl TestDb for Pg {
 
     fn url(&self) -> String {
         let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.schema)
+        format!(
+            "{}{sep}options=-csearch_path%3D{}&application_name={}",
+            self.base, self.schema, self.schema
+        )
     }
 
     fn connect(&self) -> PgConnection {
@@ -110,6 +113,21 @@ impl TestDb for Pg {
             ),
         )
         .unwrap()
+    }
+
+    fn kill_waiter_sessions(&self) -> Option<usize> {
+        let mut c = self.connect();
+        let n = Pg::query_i64(
+            &mut c,
+            &format!(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{}' AND pid <> pg_backend_pid() \
+                   AND (query LIKE 'LISTEN%' OR query LIKE '%unnest($1::text[]%' \
+                        OR query LIKE '%dtb_await_barrier%')",
+                self.schema
+            ),
+        );
+        Some(n.unwrap_or(0) as usize)
     }
 
     fn kill(&self, session: i64) {
@@ -206,4 +224,47 @@ fn reaper_deletes_old_barriers() {
 #[test]
 fn graceful_shutdown_loses_nothing() {
     scenarios::graceful_shutdown_loses_nothing::<Pg>();
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    scenarios::bad_input_fails_cleanly::<Pg>();
+}
+
+#[test]
+fn soak_with_oracle() {
+    common::soak::soak::<Pg>();
+}
+
+#[test]
+fn broker_loss_is_reconciled() {
+    scenarios::broker_loss_is_reconciled::<Pg>();
+}
+
+#[test]
+fn backlog_is_repushed_at_most_once_per_grace() {
+    scenarios::backlog_is_repushed_at_most_once_per_grace::<Pg>();
+}
+
+#[test]
+fn waiter_connections_killed_mid_wait() {
+    scenarios::waiter_connections_killed_mid_wait::<Pg>();
+}
+
+#[test]
+fn faktory_restart_while_worker_runs() {
+    scenarios::faktory_restart_while_worker_runs::<Pg>();
+}
+
+#[test]
+fn worker_killed_mid_wait_and_mid_handler() {
+    common::faults::worker_killed_mid_wait_and_mid_handler::<Pg>("worker_child");
+}
+
+/// The worker process of `worker_killed_mid_wait_and_mid_handler`; does nothing unless
+/// started by it.
+#[test]
+#[ignore = "the child process of worker_killed_mid_wait_and_mid_handler"]
+fn worker_child() {
+    common::faults::worker_child_main::<Pg>();
 }

@@ -53,6 +53,15 @@ pub struct Pending {
     pub probe: bool,
 }
 
+/// A committed barrier whose job was not consumed in time, taken by the reconciler.
+#[allow(unreachable_pub)] // named by the sealed trait
+#[derive(Debug, Clone)]
+pub struct Unconsumed {
+    pub id: String,
+    pub txid: Option<String>,
+    pub payload: Option<String>,
+}
+
 /// A barrier row removed by the reaper.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReapedBarrier {
@@ -157,6 +166,20 @@ pub(crate) mod sealed {
                 .collect()
         }
 
+        /// After a handler failed and its transaction rolled back: records that the job reached
+        /// a worker (it now lives in Faktory's retries), so the reconciler leaves it alone.
+        fn mark_attempted(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<()>;
+
+        /// Inside [`worker_transaction`](Self::worker_transaction): takes up to `limit`
+        /// committed barriers last pushed more than `grace` ago, never attempted, younger than
+        /// `max_age`, not locked by anyone; marks them pushed now and returns them.
+        fn take_unconsumed(
+            &mut self,
+            grace: Duration,
+            max_age: Duration,
+            limit: i64,
+        ) -> diesel::QueryResult<Vec<Unconsumed>>;
+
         /// Deletes barrier rows created more than `older_than` ago, returning what it deleted.
         fn reap(&mut self, older_than: Duration) -> diesel::QueryResult<Vec<ReapedBarrier>>;
 
@@ -173,7 +196,13 @@ pub(crate) mod sealed {
 /// `postgres`), `MysqlConnection` (feature `mysql`), `SqliteConnection` (feature `sqlite`).
 ///
 /// The trait is sealed; its methods are this crate's business.
-pub trait BarrierConnection: sealed::Backend {}
+pub trait BarrierConnection: sealed::Backend {
+    /// The backend's name as written into barrier descriptors: `"postgres"`, `"mysql"` or
+    /// `"sqlite"`.
+    fn backend_name() -> &'static str {
+        <Self as sealed::Backend>::NAME
+    }
+}
 
 impl<C: sealed::Backend> BarrierConnection for C {}
 

@@ -13,7 +13,7 @@
 //!   serialization error instead of answering.
 
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Pending, ReapedBarrier, Verdict};
+use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
 use crate::error::Error;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -34,6 +34,16 @@ struct CheckRow {
     visible: bool,
     #[diesel(sql_type = Text)]
     status: String,
+}
+
+#[derive(QueryableByName)]
+struct UnconsumedRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    txid: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    payload: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -217,6 +227,43 @@ impl Backend for PgConnection {
             })?;
         }
         Ok(verdicts)
+    }
+
+    fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        diesel::sql_query("UPDATE dtb_barriers SET attempted_at = now() WHERE id = $1::uuid")
+            .bind::<Text, _>(id.hyphenated().to_string())
+            .execute(self)?;
+        Ok(())
+    }
+
+    fn take_unconsumed(
+        &mut self,
+        grace: Duration,
+        max_age: Duration,
+        limit: i64,
+    ) -> QueryResult<Vec<Unconsumed>> {
+        // SKIP LOCKED passes over rows a worker is consuming right now.
+        let rows: Vec<UnconsumedRow> = diesel::sql_query(
+            "UPDATE dtb_barriers SET pushed_at = now() WHERE id IN ( \
+                 SELECT id FROM dtb_barriers \
+                 WHERE attempted_at IS NULL \
+                   AND pushed_at < now() - make_interval(secs => $1) \
+                   AND created_at > now() - make_interval(secs => $2) \
+                 ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING id::text AS id, txid, payload",
+        )
+        .bind::<Double, _>(grace.as_secs_f64())
+        .bind::<Double, _>(max_age.as_secs_f64())
+        .bind::<BigInt, _>(limit)
+        .load(self)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Unconsumed {
+                id: r.id,
+                txid: r.txid.map(|t| t.to_string()),
+                payload: r.payload,
+            })
+            .collect())
     }
 
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod faults;
 pub mod scenarios;
+pub mod soak;
 
 /// How long a test waits for something that must happen.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
@@ -53,6 +55,12 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     fn waiters_on(&self, session: i64) -> i64;
     /// Kills `session` from another connection, as an operator or a crash would.
     fn kill(&self, session: i64);
+
+    /// Kills the sessions of every worker's waiter on this database (its listening and
+    /// checking connections). `None` when the backend has no server sessions.
+    fn kill_waiter_sessions(&self) -> Option<usize> {
+        None
+    }
 
     /// A pool for the worker.
     fn pool(&self, size: u32) -> Pool<ConnectionManager<Self::Conn>> {
@@ -189,8 +197,11 @@ impl<D: TestDb> Env<D> {
     }
 
     pub fn with_db(db: D) -> Self {
+        Self::with_db_and_faktory(db, TestFaktory::from_env_or_start().expect("faktory"))
+    }
+
+    pub fn with_db_and_faktory(db: D, faktory: TestFaktory) -> Self {
         init_tracing();
-        let faktory = TestFaktory::from_env_or_start().expect("faktory");
         let queue = faktory.unique_queue("dtb");
         let producer = Producer::connect(&faktory.url()).expect("producer");
         Env {

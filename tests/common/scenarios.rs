@@ -124,7 +124,9 @@ pub fn panic_rolls_back<D: TestDb>() {
                     jid_tx.send(jid.as_str().to_string()).unwrap();
                     worker.wait_for_waiting(1);
                     if id >= 0 {
-                        panic!("the application panics inside its transaction");
+                        std::panic::resume_unwind(Box::new(
+                            "the application panics inside its transaction",
+                        ));
                     }
                     Ok::<_, Error>(())
                 });
@@ -604,4 +606,274 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     wait_until("all barriers consumed", EVENTUALLY, || {
         env.db.barrier_rows() == 0
     });
+}
+
+/// Hostile or broken barrier descriptors fail their job with a clear `MalformedBarrier` (or,
+/// for a well-formed id with no row, count as never committed); a panicking handler fails its
+/// job; the worker keeps serving throughout.
+pub fn bad_input_fails_cleanly<D: TestDb>() {
+    use serde_json::json;
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let panicking = "panicking_kind";
+    let handlers = handlers::<D>(&tx).register_without_barrier(
+        panicking,
+        |_job: &Job, _conn: &mut D::Conn| -> Result<(), std::io::Error> {
+            panic!("the handler blew up")
+        },
+    );
+    let worker = env.start_worker(handlers, 2);
+    let id = uuid::Uuid::new_v4().to_string();
+    let huge = "x".repeat(1 << 20);
+    let malformed = vec![
+        json!("not an object"),
+        json!({"v": 1, "backend": "postgres"}),
+        json!({"v": 1, "id": id}),
+        json!({"v": 1, "backend": 7, "id": id}),
+        json!({"v": 1, "backend": "postgres", "id": "not-a-uuid"}),
+        json!({"v": 1, "backend": "postgres", "id": id, "txid": "1; DROP TABLE orders"}),
+        json!({"v": 1, "backend": "oracle", "id": id}),
+        json!({"v": 1, "backend": huge, "id": id}),
+        json!({"v": 99, "backend": "postgres", "id": id}),
+    ];
+    let mut jids = Vec::new();
+    for (i, d) in malformed.into_iter().enumerate() {
+        let mut job = env.job(PAID, next_id());
+        job.retry = Some(0);
+        job.custom.insert(CUSTOM_KEY.to_string(), d);
+        jids.push((i, job.id().as_str().to_string()));
+        env.producer.push(job).unwrap();
+    }
+    // A well-formed descriptor whose barrier row does not exist: never committed.
+    let mut forged = env.job(PAID, next_id());
+    forged.custom.insert(
+        CUSTOM_KEY.to_string(),
+        json!({"v": 1, "backend": <D::Conn as BarrierConnection>::backend_name(), "id": uuid::Uuid::new_v4().to_string(), "txid": "12345"}),
+    );
+    env.producer.push(forged).unwrap();
+    let mut boom = env.job(panicking, next_id());
+    boom.retry = Some(0);
+    let boom_jid = boom.id().as_str().to_string();
+    env.producer.push(boom).unwrap();
+
+    let bad = jids.len() as u64;
+    wait_until(
+        "the malformed and panicking jobs to fail",
+        EVENTUALLY,
+        || worker.monitor.failed() > bad,
+    );
+    wait_until("the forged barrier to count as aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    // The worker still serves.
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "nothing else ran: {others:?}");
+    if let Some(server) = env.faktory.server() {
+        for (i, jid) in &jids {
+            assert!(server.wait_until_history(jid, JobEventKind::Failed, EVENTUALLY));
+            let message = server
+                .history(jid)
+                .iter()
+                .find_map(|e| match e {
+                    JobEvent::Failed { message, .. } => Some(message.clone()),
+                    _ => None,
+                })
+                .unwrap();
+            assert!(
+                message.contains("malformed barrier"),
+                "descriptor #{i}: {message}"
+            );
+            assert!(
+                message.len() < 600,
+                "the message stays short: {}",
+                message.len()
+            );
+        }
+        assert!(server.wait_until_history(&boom_jid, JobEventKind::Failed, EVENTUALLY));
+        let message = server
+            .history(&boom_jid)
+            .iter()
+            .find_map(|e| match e {
+                JobEvent::Failed { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(message.contains("the handler blew up"), "{message}");
+    } else {
+        eprintln!("real Faktory: skipping the failure-message inspections");
+    }
+}
+
+/// Broker loss: the job is committed but the Faktory that held it loses it (here: the server
+/// it was pushed to goes away, as a Faktory restarted without persistence does). The worker's
+/// reconciler pushes it again; the handler runs exactly once.
+pub fn broker_loss_is_reconciled<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let id = next_id();
+    {
+        let doomed = diesel_transaction_barrier::testing::TestServer::start().unwrap();
+        let producer = Producer::connect(&doomed.url()).unwrap();
+        let mut conn = env.db.connect();
+        conn.transaction(|c| {
+            insert_order::<D>(c, id, "paid");
+            c.enqueue_with_barrier(&producer, env.job(PAID, id))?;
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        assert_eq!(doomed.queue_size(&env.queue), 1);
+        drop(producer);
+        doomed.shutdown(); // and with it the job
+    }
+    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
+        b.reconcile_grace(Some(Duration::from_millis(400)))
+    });
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    wait_until("the barrier to be consumed", EVENTUALLY, || {
+        env.db.barrier_rows() == 0
+    });
+    // Nothing else comes: the reconciler does not push a consumed barrier again.
+    expect_no_run(&rx, "the barrier is consumed");
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(worker.monitor.ran(), 1);
+}
+
+/// A barrier job merely waiting in a long backlog is pushed again at most once per grace
+/// period, and still runs once.
+pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let backlog = format!("{}-backlog", env.queue);
+    let id = next_id();
+    commit_order(&env, id, env.job(PAID, id).on_queue(backlog.clone()));
+    let grace = Duration::from_millis(500);
+    // A worker on another queue runs the reconciler over the whole barrier table.
+    let started = Instant::now();
+    let reconciler = env.start_worker_with(handlers::<D>(&tx), |b| b.reconcile_grace(Some(grace)));
+    std::thread::sleep(Duration::from_millis(1800));
+    drop(reconciler);
+    let elapsed = started.elapsed();
+    let copies = match env.faktory.server() {
+        Some(server) => {
+            let copies = server.queue_size(&backlog);
+            let bound = (elapsed.as_millis() / grace.as_millis()) as usize + 1;
+            assert!(
+                copies >= 2,
+                "the backlog job was pushed again ({copies} copies)"
+            );
+            assert!(
+                copies <= bound,
+                "{copies} copies in {elapsed:?}: more than one per grace period"
+            );
+            Some(copies)
+        }
+        None => {
+            eprintln!("real Faktory: skipping the copy count");
+            None
+        }
+    };
+    // A consumer for the backlog: one copy runs, the others are duplicates.
+    let mut consumer = WorkerBuilder::new(env.db.pool(8))
+        .handlers(handlers::<D>(&tx))
+        .url(env.faktory.url())
+        .reconcile_grace(None)
+        .connect()
+        .unwrap();
+    let handle = consumer.shutdown_handle();
+    let monitor = consumer.monitor();
+    let q = backlog.clone();
+    let thread = std::thread::spawn(move || consumer.run(&[q]).unwrap());
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    if let Some(copies) = copies {
+        wait_until("every copy to be processed", EVENTUALLY, || {
+            monitor.ran() + monitor.duplicates() + monitor.aborted() >= copies as u64
+        });
+    }
+    expect_no_run(&rx, "only one copy runs");
+    assert_eq!(runs_of(&env.db, id), 1);
+    handle.shutdown();
+    let _ = thread.join();
+}
+
+/// The waiter's database connections are killed mid-wait: the worker reconnects and resolves
+/// both barriers correctly (one transaction commits, the other rolls back).
+pub fn waiter_connections_killed_mid_wait<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let (commit_id, abort_id) = (next_id(), next_id());
+    let mut committer = env.db.connect();
+    let mut aborter = env.db.connect();
+    let mut killed = None;
+    committer
+        .transaction(|c1| {
+            insert_order::<D>(c1, commit_id, "paid");
+            c1.enqueue_with_barrier(&env.producer, env.job(PAID, commit_id))?;
+            let r = aborter.transaction(|c2| {
+                insert_order::<D>(c2, abort_id, "paid");
+                c2.enqueue_with_barrier(&env.producer, env.job(PAID, abort_id))?;
+                worker.wait_for_waiting(2);
+                // Let the waiter look at both at least once, then cut it off.
+                std::thread::sleep(Duration::from_millis(300));
+                killed = env.db.kill_waiter_sessions();
+                Err::<(), _>(Error::Config("roll back".into()))
+            });
+            assert!(r.is_err());
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    match killed {
+        Some(n) => assert!(n >= 1, "the waiter's sessions were found and killed"),
+        None => {
+            eprintln!("this backend has no server sessions to kill: only the outcome is checked")
+        }
+    }
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, commit_id);
+    wait_until("the rolled-back job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    let others = drain_with_sentinel(&env, &rx);
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(runs_of(&env.db, abort_id), 0);
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// Faktory goes away while the worker runs and comes back on the same address: the worker
+/// reconnects and resumes. Needs a server it can stop: always the in-process one.
+pub fn faktory_restart_while_worker_runs<D: TestDb>() {
+    use diesel_transaction_barrier::testing::{TestFaktory, TestServer};
+    let server = TestServer::start().unwrap();
+    let addr = server.addr();
+    let env = Env::<D>::with_db_and_faktory(D::create(), TestFaktory::local(server));
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let first = next_id();
+    commit_order(&env, first, env.job(PAID, first));
+    assert_eq!(expect_run(&rx).order_id, first);
+    // Down.
+    let Env {
+        db,
+        faktory,
+        queue,
+        producer,
+    } = env;
+    drop(faktory);
+    std::thread::sleep(Duration::from_millis(500));
+    // Up again, empty, on the same port.
+    let server = TestServer::builder().bind(addr).start().unwrap();
+    let env = Env {
+        db,
+        faktory: TestFaktory::local(server),
+        queue,
+        producer,
+    };
+    let second = next_id();
+    commit_order(&env, second, env.job(PAID, second));
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, second, "the worker reconnected and resumed");
+    drop(worker);
 }

@@ -9,8 +9,13 @@ CREATE TABLE dtb_barriers (
     job_id text NOT NULL DEFAULT '',
     job_kind text NOT NULL DEFAULT '',
     job_queue text NOT NULL DEFAULT '',
-    -- the job as pushed (JSON), so it can be pushed again if the broker loses it
-    payload text
+    -- the job as pushed (JSON, without its barrier descriptor), so it can be pushed again if
+    -- the broker loses it
+    payload text,
+    -- when the job was last pushed (by the producer, or again by a worker's reconciler)
+    pushed_at timestamptz NOT NULL DEFAULT now(),
+    -- when a worker last ran the handler and it failed: the job is then in Faktory's retries
+    attempted_at timestamptz
 );
 
 CREATE INDEX dtb_barriers_created_at_idx ON dtb_barriers (created_at);
