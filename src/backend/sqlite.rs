@@ -55,8 +55,8 @@
 //!
 //! The backend sets the busy timeout it needs on the worker's connections and puts the previous
 //! one back afterwards, so a plain `ConnectionManager<SqliteConnection>` pool works: checks
-//! use zero (they never wait for a producer), and `worker_transaction` and the reaper wait at
-//! least 5 seconds for the write lock (longer if the connection already had a longer busy
+//! use zero (they never wait for a producer), and `worker_transaction`, the reaper and
+//! `mark_attempted` wait at least 5 seconds for the write lock (longer if the connection already had a longer busy
 //! timeout). If an application transaction keeps the lock longer than that, the delivery fails
 //! and Faktory retries the job later; the handler has not run.
 //!
@@ -95,6 +95,9 @@
 //! * Telling a rollback from a running transaction needs the write lock. In a database whose
 //!   writers never pause, the worker may not find it free within `block_limit`, and snoozes the
 //!   job; commits are seen without the lock.
+//! * The reconciler takes unconsumed barriers inside a worker transaction and pushes their jobs
+//!   again before it commits, so while it pushes it holds the write lock. It runs every quarter
+//!   of `reconcile_grace`, and usually finds nothing.
 //! * There is no transaction id: descriptors carry none, and a timeout report says only whether
 //!   the write lock is held, and the journal mode.
 //! * A "killed producer" is a producer whose process dies (or whose connection is dropped, as
@@ -111,7 +114,7 @@
 //! value is bound.
 
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Pending, ReapedBarrier, Verdict};
+use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
 use crate::error::Error;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -152,6 +155,16 @@ struct HintRow {
     seq: i64,
     #[diesel(sql_type = Text)]
     id: String,
+}
+
+#[derive(QueryableByName)]
+struct UnconsumedRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    payload: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -341,10 +354,77 @@ impl Backend for SqliteConnection {
         with_busy_timeout(self, |_| 0, |c| check_ids(c, &ids))
     }
 
+    fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        with_busy_timeout(
+            self,
+            |previous| previous.max(millis(WRITE_LOCK_WAIT)),
+            |c| {
+                diesel::sql_query(
+                    "UPDATE dtb_barriers SET attempted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+                     WHERE id = ?",
+                )
+                .bind::<Text, _>(id.hyphenated().to_string())
+                .execute(c)
+                .map(|_| ())
+            },
+        )
+    }
+
+    fn take_unconsumed(
+        &mut self,
+        grace: Duration,
+        max_age: Duration,
+        limit: i64,
+    ) -> QueryResult<Vec<Unconsumed>> {
+        // Inside `worker_transaction`: this connection holds the write lock, so no worker is
+        // consuming any of these rows, and they stay as read until the commit. The times are
+        // computed once, in one statement.
+        #[derive(QueryableByName)]
+        struct Times {
+            #[diesel(sql_type = Text)]
+            now: String,
+            #[diesel(sql_type = Text)]
+            pushed_before: String,
+            #[diesel(sql_type = Text)]
+            created_after: String,
+        }
+        let times: Times = diesel::sql_query(
+            "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now') AS now, \
+                    strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) AS pushed_before, \
+                    strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) AS created_after",
+        )
+        .bind::<Text, _>(seconds_ago(grace))
+        .bind::<Text, _>(seconds_ago(max_age))
+        .get_result(self)?;
+        let rows: Vec<UnconsumedRow> = diesel::sql_query(
+            "SELECT seq, id, payload FROM dtb_barriers \
+             WHERE attempted_at IS NULL AND pushed_at < ? AND created_at > ? \
+             ORDER BY created_at, seq LIMIT ?",
+        )
+        .bind::<Text, _>(&times.pushed_before)
+        .bind::<Text, _>(&times.created_after)
+        .bind::<BigInt, _>(limit)
+        .load(self)?;
+        for row in &rows {
+            diesel::sql_query("UPDATE dtb_barriers SET pushed_at = ? WHERE seq = ?")
+                .bind::<Text, _>(&times.now)
+                .bind::<BigInt, _>(row.seq)
+                .execute(self)?;
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| Unconsumed {
+                id: r.id,
+                txid: None,
+                payload: r.payload,
+            })
+            .collect())
+    }
+
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
         // The cutoff is computed once, so that the rows listed are exactly the rows deleted.
         // `created_at` is ISO 8601 text in UTC, which orders as it sorts.
-        let modifier = format!("-{:.3} seconds", older_than.as_secs_f64());
+        let modifier = seconds_ago(older_than);
         with_busy_timeout(
             self,
             |previous| previous.max(millis(WRITE_LOCK_WAIT)),
@@ -522,6 +602,11 @@ where
         tracing::warn!(error = %e, "could not restore the SQLite busy timeout");
     }
     result
+}
+
+/// A date modifier for `strftime`: `d` before.
+fn seconds_ago(d: Duration) -> String {
+    format!("-{:.3} seconds", d.as_secs_f64())
 }
 
 fn millis(d: Duration) -> i64 {
@@ -924,6 +1009,39 @@ mod tests {
         assert_eq!(reaped[0].job_id, "jid");
         assert_eq!(w.await_verdict(&young, SHORT).unwrap(), Verdict::Committed);
         assert_eq!(w.await_verdict(&old, SHORT).unwrap(), Verdict::NotCommitted);
+    }
+
+    #[test]
+    fn unconsumed_rows_are_taken_once_per_grace_and_attempted_ones_never() {
+        let db = TempDb::new();
+        let (plain, attempted, young) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let mut c = db.connect();
+        for id in [&plain, &attempted] {
+            insert(&mut c, id);
+        }
+        c.batch_execute(
+            "UPDATE dtb_barriers SET pushed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-60 seconds')",
+        )
+        .unwrap();
+        insert(&mut c, &young);
+        let mut w = db.worker();
+        w.mark_attempted(&attempted).unwrap();
+        let take = |w: &mut SqliteConnection| {
+            w.worker_transaction(|c| {
+                c.take_unconsumed(Duration::from_secs(30), Duration::from_secs(3600), 10)
+            })
+            .unwrap()
+        };
+        let taken = take(&mut w);
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        assert_eq!(taken[0].id, plain.hyphenated().to_string());
+        assert_eq!(taken[0].payload.as_deref(), Some("{}"));
+        assert!(take(&mut w).is_empty(), "pushed again just now");
+        assert_eq!(busy_timeout(&mut w).unwrap(), 0, "busy timeout put back");
     }
 
     #[test]

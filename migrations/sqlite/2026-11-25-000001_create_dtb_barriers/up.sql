@@ -15,8 +15,13 @@ CREATE TABLE dtb_barriers (
     job_id TEXT NOT NULL DEFAULT '',
     job_kind TEXT NOT NULL DEFAULT '',
     job_queue TEXT NOT NULL DEFAULT '',
-    -- the job as pushed (JSON), so it can be pushed again if the broker loses it
-    payload TEXT
+    -- the job as pushed (JSON, without its barrier descriptor), so it can be pushed again if
+    -- the broker loses it
+    payload TEXT,
+    -- when the job was last pushed (by the producer, or again by a worker's reconciler)
+    pushed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    -- when a worker last ran the handler and it failed: the job is then in Faktory's retries
+    attempted_at TEXT
 );
 
 CREATE INDEX dtb_barriers_created_at_idx ON dtb_barriers (created_at);
