@@ -56,13 +56,16 @@
 //! The backend sets the busy timeout it needs on the worker's connections and puts the previous
 //! one back afterwards, so a plain `ConnectionManager<SqliteConnection>` pool works: checks
 //! use zero (they never wait for a producer), and `worker_transaction`, the reaper and
-//! `mark_attempted` wait at least 5 seconds for the write lock (longer if the connection already had a longer busy
-//! timeout). If an application transaction keeps the lock longer than that, the delivery fails
-//! and Faktory retries the job later; the handler has not run.
+//! `mark_attempted` wait at least 30 seconds for the write lock (longer if the connection
+//! already had a longer busy timeout). SQLite's locks are not fair, so under heavy write
+//! contention a waiter can lose the lock many times in a row; if the lock stays out of reach
+//! for that long, the delivery fails and Faktory retries the job later (the handler has not
+//! run).
 //!
 //! The application's connections need a busy timeout too, as they do whenever an SQLite
 //! database has more than one connection: the worker takes the write lock for a moment to
-//! check for a rollback, and for the length of each handler.
+//! check for a rollback, and for the length of each handler. Make it generous (tens of
+//! seconds) if many threads write at once.
 //!
 //! # WAL
 //!
@@ -129,7 +132,7 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
 /// The least time `worker_transaction` (and `run_migrations`, and the reaper) wait for the
 /// write lock.
-const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
+const WRITE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// The longest pause between two checks in `await_verdict`.
 const MAX_POLL_PAUSE: Duration = Duration::from_millis(5);
