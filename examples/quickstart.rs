@@ -56,7 +56,7 @@ fn main() -> Result<(), AnyError> {
     // SQLite: the file named by DATABASE_URL, else a new one that is removed at the end.
     // Application connections to SQLite need a busy timeout: the worker holds the write lock
     // for a moment while it checks a barrier, and while a handler runs.
-    let busy_timeout = |c: &mut SqliteConnection| c.batch_execute("PRAGMA busy_timeout = 5000");
+    let busy_timeout = |c: &mut SqliteConnection| c.batch_execute("PRAGMA busy_timeout = 30000");
     if !url.is_empty() {
         println!("database: SQLite file {url}");
         return demo::<SqliteConnection>(&url, &faktory, busy_timeout);

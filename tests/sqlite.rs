@@ -13,22 +13,24 @@
 //!   `killed_producer_aborts` below, which runs the producer as a child process (this test
 //!   binary, run again with `producer_child` as its only test) and kills it.
 //!
-//! Four shared scenarios have SQLite versions in this file, each saying why.
+//! Five shared scenarios have SQLite versions in this file and one is not run, each saying
+//! why.
 #![cfg(feature = "sqlite")]
 
 mod common;
 
+use common::faults::SLOW;
 use common::scenarios;
 use common::{
-    drain_with_sentinel, expect_no_run, expect_run, handlers, insert_order, next_id, runs_of,
-    wait_until, Env, Ran, RunningWorker, TestDb, EVENTUALLY, PAID,
+    drain_with_sentinel, expect_no_run, expect_run, handlers, insert_order, next_id,
+    recording_handler, runs_of, wait_until, Env, Ran, RunningWorker, TestDb, EVENTUALLY, PAID,
 };
 use crossbeam_channel::{unbounded, Receiver};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::sqlite::SqliteConnection;
-use diesel_transaction_barrier::testing::JobEventKind;
+use diesel_transaction_barrier::testing::{JobEventKind, TestFaktory, TestServer};
 use diesel_transaction_barrier::{EnqueueWithBarrier, Error, Job, Producer};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -100,7 +102,7 @@ impl TestDb for Lite {
     /// what it needs.)
     fn connect(&self) -> SqliteConnection {
         let mut conn = SqliteConnection::establish(&self.url()).expect("connect");
-        conn.batch_execute("PRAGMA busy_timeout = 10000")
+        conn.batch_execute("PRAGMA busy_timeout = 60000")
             .expect("busy timeout");
         conn
     }
@@ -232,6 +234,43 @@ fn reaper_deletes_old_barriers() {
 #[test]
 fn graceful_shutdown_loses_nothing() {
     scenarios::graceful_shutdown_loses_nothing::<Lite>();
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    scenarios::bad_input_fails_cleanly::<Lite>();
+}
+
+#[test]
+fn soak_with_oracle() {
+    common::soak::soak::<Lite>();
+}
+
+#[test]
+fn broker_loss_is_reconciled() {
+    scenarios::broker_loss_is_reconciled::<Lite>();
+}
+
+#[test]
+fn backlog_is_repushed_at_most_once_per_grace() {
+    scenarios::backlog_is_repushed_at_most_once_per_grace::<Lite>();
+}
+
+// Not run on SQLite: `waiter_connections_killed_mid_wait`. It holds two write transactions
+// open at once on one thread (the second waits for the first's write lock until its busy
+// timeout fails it), and what it injects, killing the waiter's server sessions, does not exist
+// without a server: `kill_waiter_sessions` is `None`.
+
+#[test]
+fn faktory_restart_while_worker_runs() {
+    scenarios::faktory_restart_while_worker_runs::<Lite>();
+}
+
+/// The worker process of the worker-killing tests; does nothing unless started by them.
+#[test]
+#[ignore = "the child process of the worker-killing tests"]
+fn worker_child() {
+    common::faults::worker_child_main::<Lite>();
 }
 
 /// The shared scenario's part (a), and all jobs running once after the commit. Its part (b), a
@@ -368,7 +407,7 @@ fn producer_child() {
     let id: i64 = var(CHILD_ORDER).parse().unwrap();
     let producer = Producer::connect(&var(CHILD_FAKTORY)).expect("producer");
     let mut conn = SqliteConnection::establish(&db).expect("connect");
-    conn.batch_execute("PRAGMA busy_timeout = 10000").unwrap();
+    conn.batch_execute("PRAGMA busy_timeout = 60000").unwrap();
     let _ = conn.transaction::<(), Error, _>(|c| {
         insert_order::<Lite>(c, id, "paid");
         let job = Job::new(PAID, vec![id]).on_queue(var(CHILD_QUEUE));
@@ -477,4 +516,175 @@ fn assert_aborted(env: &Env<Lite>, worker: &RunningWorker, rx: &Receiver<Ran>, i
         }
         None => eprintln!("real Faktory: skipping the job-history inspection of {jid}"),
     }
+}
+
+// ---- A worker process killed mid-wait and mid-handler ----
+//
+// The shared fault scenario kills the worker process while three jobs wait on an open
+// transaction *and* a handler runs. On SQLite the two cannot happen at once: the open
+// transaction holds the only write lock, and a handler runs inside a transaction that holds
+// it too. (Run as written, the "running" handler would only be waiting for the lock.) So the
+// two faults are injected one after the other, each into a worker process of its own (the
+// shared `worker_child`), and the handler is known to be inside its transaction because the
+// write lock is taken while no application transaction is open.
+
+/// The variables `common::faults::worker_child_main` reads.
+const WORKER_QUEUE: &str = "DTB_CHILD_QUEUE";
+const WORKER_FAKTORY: &str = "DTB_CHILD_FAKTORY";
+const WORKER_DB_URL: &str = "DTB_CHILD_DB_URL";
+
+/// A worker process that answers `STATE` with its waiting and running counts.
+struct WorkerProcess {
+    child: KillOnDrop,
+    stdin: std::process::ChildStdin,
+    states: Receiver<(usize, usize)>,
+}
+
+impl WorkerProcess {
+    fn start(env: &Env<Lite>) -> WorkerProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "worker_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(WORKER_QUEUE, &env.queue)
+            .env(WORKER_FAKTORY, env.faktory.url())
+            .env(WORKER_DB_URL, env.db.url())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("worker process");
+        let stdin = child.stdin.take().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, states) = unbounded();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("STATE ").nth(1) {
+                    let mut n = rest.split_whitespace().map(|n| n.parse().unwrap_or(0));
+                    let _ = tx.send((n.next().unwrap_or(0), n.next().unwrap_or(0)));
+                }
+            }
+        });
+        WorkerProcess {
+            child: KillOnDrop(child),
+            stdin,
+            states,
+        }
+    }
+
+    /// (waiting, running)
+    fn state(&mut self) -> (usize, usize) {
+        let _ = writeln!(self.stdin, "STATE");
+        self.states.recv_timeout(EVENTUALLY).unwrap_or((0, 0))
+    }
+
+    fn kill(mut self) {
+        self.child.0.kill().expect("SIGKILL the worker process");
+        let _ = self.child.0.wait();
+    }
+}
+
+/// Whether some connection holds the database's write lock now.
+fn write_lock_held(db: &Lite) -> bool {
+    let mut probe = SqliteConnection::establish(&db.url()).unwrap();
+    probe
+        .immediate_transaction(|_| Ok::<_, diesel::result::Error>(()))
+        .is_err()
+}
+
+#[test]
+fn worker_killed_mid_wait_and_mid_handler() {
+    // Redelivery needs the reservation to run out: short on the test server, the real
+    // server's minimum (60 s) otherwise.
+    let (faktory, reserve_for) = match std::env::var("FAKTORY_URL") {
+        Ok(url) if !url.is_empty() => (TestFaktory::from_env_or_start().unwrap(), 61),
+        _ => (
+            TestFaktory::local(
+                TestServer::builder()
+                    .min_reserve_for(Duration::from_secs(1))
+                    .retry_delay(Duration::from_millis(200))
+                    .start()
+                    .unwrap(),
+            ),
+            2,
+        ),
+    };
+    let env = Env::<Lite>::with_db_and_faktory(Lite::create(), faktory);
+    let job = |kind: &str, id: i64| {
+        let mut j = env.job(kind, id);
+        j.reserve_for = Some(Duration::from_secs(reserve_for));
+        j
+    };
+    let (tx, rx) = unbounded();
+    let handlers = || {
+        handlers::<Lite>(&tx).register_without_barrier(SLOW, recording_handler::<Lite>(tx.clone()))
+    };
+    // An expired reservation counts as a failure: the job comes back after Faktory's retry
+    // delay (15 to 45 s for a first retry on a real server).
+    let redelivery = Duration::from_secs(reserve_for + 60);
+    let mut conn = env.db.connect();
+
+    // 1. Killed while three jobs wait on an open transaction.
+    let waiting_ids: Vec<i64> = (0..3).map(|_| next_id()).collect();
+    let mut child = Some(WorkerProcess::start(&env));
+    conn.transaction(|c| {
+        for &id in &waiting_ids {
+            insert_order::<Lite>(c, id, "paid");
+            c.enqueue_with_barrier(&env.producer, job(PAID, id))?;
+        }
+        let process = child.as_mut().unwrap();
+        wait_until("the worker process to wait on 3 jobs", EVENTUALLY, || {
+            process.state().0 >= 3
+        });
+        child.take().unwrap().kill();
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // A new worker: Faktory hands the reserved jobs out again once their reservation runs out.
+    let worker = env.start_worker(handlers(), 2);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < waiting_ids.len() {
+        let ran = rx
+            .recv_timeout(redelivery)
+            .expect("every committed job completes after the restart");
+        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
+    }
+    for id in &waiting_ids {
+        wait_until("the run to commit", EVENTUALLY, || {
+            runs_of(&env.db, *id) == 1
+        });
+    }
+    worker.stop();
+
+    // 2. Killed while a handler runs inside its transaction.
+    let mut child = WorkerProcess::start(&env);
+    let slow_id = next_id();
+    insert_order::<Lite>(&mut conn, slow_id, "paid");
+    env.producer.push(job(SLOW, slow_id)).unwrap();
+    wait_until(
+        "the handler to run in the worker process",
+        EVENTUALLY,
+        || child.state().1 >= 1 && write_lock_held(&env.db),
+    );
+    child.kill();
+    assert!(!write_lock_held(&env.db), "the dead process's lock is gone");
+    assert_eq!(
+        runs_of(&env.db, slow_id),
+        0,
+        "the killed handler's writes rolled back"
+    );
+    let worker = env.start_worker(handlers(), 2);
+    let ran = rx
+        .recv_timeout(redelivery)
+        .expect("the killed handler's job completes after the restart");
+    assert_eq!(ran.order_id, slow_id);
+    wait_until("the run to commit", EVENTUALLY, || {
+        runs_of(&env.db, slow_id) == 1
+    });
+    wait_until("no barrier left", EVENTUALLY, || env.db.barrier_rows() == 0);
+    expect_no_run(&rx, "each job ran once");
+    drop(worker);
 }
