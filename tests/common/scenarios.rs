@@ -24,7 +24,7 @@ fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
 }
 
 /// 1. The handler runs once, after commit, and sees the transaction's writes; while the
-/// transaction is open and the worker already holds the job, it has not run.
+///    transaction is open and the worker already holds the job, it has not run.
 pub fn commit_runs_after_commit<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -200,7 +200,7 @@ pub fn released_savepoint_runs<D: TestDb>() {
 }
 
 /// 6. Outside a transaction nothing is written and the job runs at once, even for a kind that
-/// requires a barrier.
+///    requires a barrier.
 pub fn autocommit_runs_without_barrier<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -218,7 +218,7 @@ pub fn autocommit_runs_without_barrier<D: TestDb>() {
 }
 
 /// 7. A barrier-required kind pushed with a plain push fails with `BarrierRequired`; a kind
-/// registered without barrier runs.
+///    registered without barrier runs.
 pub fn barrier_required_and_opt_out<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -259,7 +259,7 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
 }
 
 /// 8. Inline mode runs the handler before `enqueue_with_barrier` returns, inside the
-/// transaction, with the caller's connection.
+///    transaction, with the caller's connection.
 pub fn inline_runs_at_once<D: TestDb>() {
     let db = D::create();
     let (tx, rx) = unbounded();
@@ -337,7 +337,7 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
 }
 
 /// 11. Faktory unreachable at enqueue: the error reaches the caller and the transaction rolls
-/// back with nothing left.
+///     back with nothing left.
 pub fn faktory_unreachable_rolls_back<D: TestDb>() {
     let db = D::create();
     let unreachable = Producer::builder()
