@@ -21,13 +21,13 @@
 //! * **Pending**: the row is not visible and the lock is taken.
 //!
 //! The worker's waiter thread does this through two pooled connections, however many jobs wait
-//! (see the waiter): every millisecond the *listener* reads the barrier rows committed since
-//! its last look, by their `seq` column (`AUTOINCREMENT`, so never reused, and with one writer
-//! at a time rows become visible in `seq` order); those are commit hints, so a waiting job
-//! starts a millisecond or two after its transaction commits. Every 200 ms, and at once for a
-//! newly fetched job, the *checker* runs [`check_pending`](Backend::check_pending): one read
-//! for the visible rows, then one attempt at the lock for the rest. A rollback is therefore
-//! noticed within about 200 ms.
+//! (see `src/waiter.rs`). Every millisecond while jobs wait, the *listener* reads the barrier
+//! rows committed since its last look, by their `seq` column (`AUTOINCREMENT`, so never
+//! reused; and with one writer at a time, rows become visible in `seq` order). Those are
+//! commit hints: a waiting job starts a millisecond or two after its transaction commits.
+//! Every 200 ms, and at once for a newly fetched job, the *checker* runs
+//! [`check_pending`](Backend::check_pending): one read for the visible rows, then one attempt
+//! at the lock for the rest. A rollback is therefore noticed within about 200 ms.
 //!
 //! # The worker transaction holds the write lock
 //!
@@ -89,6 +89,10 @@
 //!
 //! * One writer at a time: a running handler holds the write lock, and an open application
 //!   write transaction holds up every handler (see above).
+//! * The worker commits too (each consumed barrier is a write). A deferred application
+//!   transaction that reads first and writes later fails with "database is locked"
+//!   (`SQLITE_BUSY_SNAPSHOT`) if anyone committed in between, a worker included; as usual with
+//!   SQLite, begin such transactions with `immediate_transaction`.
 //! * Producer and worker must open the same database file. In-memory databases are private to
 //!   their connection, and shared-cache databases lock differently: neither is supported.
 //! * A producer connection in `PRAGMA locking_mode = EXCLUSIVE` never lets go of the lock: its
@@ -130,8 +134,8 @@ use std::time::{Duration, Instant};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
-/// The least time `worker_transaction` (and `run_migrations`, and the reaper) wait for the
-/// write lock.
+/// The least time `worker_transaction`, `run_migrations`, `mark_attempted` and the reaper
+/// wait for the write lock.
 const WRITE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// The longest pause between two checks in `await_verdict`.
