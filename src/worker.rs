@@ -596,10 +596,27 @@ impl<C: BarrierConnection> Worker<C> {
                 })
                 .shutdown_timeout(Duration::from_secs(5));
 
-            let outcome = match builder.connect_to(&self.url).await {
-                Ok(mut worker) => worker.run(queues).await,
-                Err(e) => Err(e),
-            };
+            // faktory's clients say END when dropped and panic if the connection is already
+            // broken (as after a Faktory restart), which can take `run` down with them: run it
+            // on a task of its own, so that such a panic ends this attempt, not the worker.
+            let url = self.url.clone();
+            let queues_owned = queues.to_vec();
+            let attempt = tokio::spawn(async move {
+                let outcome = match builder.connect_to(&url).await {
+                    Ok(mut worker) => {
+                        let outcome = worker.run(&queues_owned).await;
+                        // A worker whose connection broke panics when dropped: keep that
+                        // inside this task.
+                        drop(worker);
+                        outcome
+                    }
+                    Err(e) => Err(e),
+                };
+                outcome.map_err(|e| e.to_string())
+            });
+            let outcome = attempt
+                .await
+                .unwrap_or_else(|e| Err(format!("the faktory worker failed: {e}")));
             // The fetch tasks faktory aborted are dropped when the runtime next polls them; let
             // that happen now, while their connections can still say END.
             tokio::time::sleep(Duration::from_millis(20)).await;

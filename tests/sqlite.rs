@@ -113,6 +113,10 @@ impl TestDb for Lite {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    fn try_exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), diesel::result::Error> {
+        diesel::sql_query(sql).execute(conn).map(|_| ())
+    }
+
     fn query_i64(conn: &mut SqliteConnection, sql: &str) -> Option<i64> {
         diesel::sql_query(format!("SELECT CAST(({sql}) AS INTEGER) AS v"))
             .get_result::<I64Row>(conn)

@@ -19,6 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod faults;
+pub mod pg;
+pub mod restart;
 pub mod scenarios;
 pub mod soak;
 
@@ -44,6 +46,8 @@ pub trait TestDb: Sized + Send + Sync + 'static {
 
     /// Runs a statement.
     fn exec(conn: &mut Self::Conn, sql: &str);
+    /// Runs a statement, returning its error instead of panicking.
+    fn try_exec(conn: &mut Self::Conn, sql: &str) -> Result<(), diesel::result::Error>;
     /// Runs a query returning one integer (or none).
     fn query_i64(conn: &mut Self::Conn, sql: &str) -> Option<i64>;
     /// Runs a query returning one string (or none).

@@ -23,8 +23,8 @@ fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
     }
 }
 
-/// 1. The handler runs once, after commit, and sees the transaction's writes; while the
-///    transaction is open and the worker already holds the job, it has not run.
+/// Scenario 1: The handler runs once, after commit, and sees the transaction's writes; while the
+/// transaction is open and the worker already holds the job, it has not run.
 pub fn commit_runs_after_commit<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -92,7 +92,7 @@ fn assert_aborted<D: TestDb>(
     expect_acked_without_failure(env, jid);
 }
 
-/// 2. The closure returns `Err`: the handler never runs, the job is acknowledged as aborted.
+/// Scenario 2: The closure returns `Err`: the handler never runs, the job is acknowledged as aborted.
 pub fn error_rolls_back<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -105,7 +105,7 @@ pub fn error_rolls_back<D: TestDb>() {
     assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
-/// 3. The closure panics: the connection is dropped mid-transaction, which rolls it back.
+/// Scenario 3: The closure panics: the connection is dropped mid-transaction, which rolls it back.
 pub fn panic_rolls_back<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -138,7 +138,7 @@ pub fn panic_rolls_back<D: TestDb>() {
     assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
-/// 4. The producer's connection is killed mid-transaction.
+/// Scenario 4: The producer's connection is killed mid-transaction.
 pub fn killed_producer_aborts<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -152,7 +152,7 @@ pub fn killed_producer_aborts<D: TestDb>() {
     assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
-/// 5a. Enqueued inside a savepoint that rolls back while the outer transaction commits.
+/// Scenario 5a: Enqueued inside a savepoint that rolls back while the outer transaction commits.
 pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -173,7 +173,7 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
     assert_aborted(&env, &worker, &rx, id, jid.unwrap().as_str());
 }
 
-/// 5b. Enqueued inside a savepoint that is released, then the outer transaction commits.
+/// Scenario 5b: Enqueued inside a savepoint that is released, then the outer transaction commits.
 pub fn released_savepoint_runs<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -199,8 +199,8 @@ pub fn released_savepoint_runs<D: TestDb>() {
     assert_eq!(env.db.barrier_rows(), 0);
 }
 
-/// 6. Outside a transaction nothing is written and the job runs at once, even for a kind that
-///    requires a barrier.
+/// Scenario 6: Outside a transaction nothing is written and the job runs at once, even for a kind that
+/// requires a barrier.
 pub fn autocommit_runs_without_barrier<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -217,8 +217,8 @@ pub fn autocommit_runs_without_barrier<D: TestDb>() {
     assert_eq!(runs_of(&env.db, id), 1);
 }
 
-/// 7. A barrier-required kind pushed with a plain push fails with `BarrierRequired`; a kind
-///    registered without barrier runs.
+/// Scenario 7: A barrier-required kind pushed with a plain push fails with `BarrierRequired`; a kind
+/// registered without barrier runs.
 pub fn barrier_required_and_opt_out<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -258,8 +258,8 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
     }
 }
 
-/// 8. Inline mode runs the handler before `enqueue_with_barrier` returns, inside the
-///    transaction, with the caller's connection.
+/// Scenario 8: Inline mode runs the handler before `enqueue_with_barrier` returns, inside the
+/// transaction, with the caller's connection.
 pub fn inline_runs_at_once<D: TestDb>() {
     let db = D::create();
     let (tx, rx) = unbounded();
@@ -284,7 +284,7 @@ pub fn inline_runs_at_once<D: TestDb>() {
     assert!(matches!(err, Error::Inline(_)), "{err}");
 }
 
-/// 9. A job fetched long after its transaction committed runs at once.
+/// Scenario 9: A job fetched long after its transaction committed runs at once.
 pub fn fetched_after_commit_runs_at_once<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -304,7 +304,7 @@ pub fn fetched_after_commit_runs_at_once<D: TestDb>() {
     });
 }
 
-/// 10. A barrier job delivered again after it succeeded does not run again.
+/// Scenario 10: A barrier job delivered again after it succeeded does not run again.
 pub fn duplicate_delivery_runs_once<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
@@ -336,8 +336,8 @@ pub fn duplicate_delivery_runs_once<D: TestDb>() {
     assert_eq!(runs_of(&env.db, id), 1);
 }
 
-/// 11. Faktory unreachable at enqueue: the error reaches the caller and the transaction rolls
-///     back with nothing left.
+/// Scenario 11: Faktory unreachable at enqueue: the error reaches the caller and the transaction rolls
+/// back with nothing left.
 pub fn faktory_unreachable_rolls_back<D: TestDb>() {
     let db = D::create();
     let unreachable = Producer::builder()
@@ -392,7 +392,7 @@ pub fn missing_migrations_are_reported<D: TestDb>() {
     );
 }
 
-/// (a) + (b) Many jobs wait on open transactions through a bounded number of database
+/// Scale (a) and (b): Many jobs wait on open transactions through a bounded number of database
 /// connections, and a ready job still runs while they all wait.
 pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
     let env = Env::<D>::new();
@@ -453,7 +453,7 @@ pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
     });
 }
 
-/// (c) A job whose transaction stays open past the block limit is snoozed (not failed), and
+/// Scale (c): A job whose transaction stays open past the block limit is snoozed (not failed), and
 /// runs once when the transaction finally commits.
 pub fn snoozed_after_block_limit<D: TestDb>() {
     let env = Env::<D>::new();
@@ -487,7 +487,7 @@ pub fn snoozed_after_block_limit<D: TestDb>() {
     }
 }
 
-/// (c) Past the deadline the job fails with `BarrierTimeout`, whose message carries the debug
+/// Scale (c): Past the deadline the job fails with `BarrierTimeout`, whose message carries the debug
 /// information; nothing runs.
 pub fn barrier_timeout_after_deadline<D: TestDb>() {
     let env = Env::<D>::new();
@@ -531,7 +531,7 @@ pub fn barrier_timeout_after_deadline<D: TestDb>() {
     }
 }
 
-/// (d) The reaper deletes barrier rows that can no longer be consumed, and only those.
+/// Scale (d): The reaper deletes barrier rows that can no longer be consumed, and only those.
 pub fn reaper_deletes_old_barriers<D: TestDb>() {
     let env = Env::<D>::new();
     let id = next_id();
@@ -570,7 +570,7 @@ pub fn reaper_deletes_old_barriers<D: TestDb>() {
     });
 }
 
-/// (e) A graceful shutdown hands waiting jobs back at once; after a restart every committed
+/// Scale (e): A graceful shutdown hands waiting jobs back at once; after a restart every committed
 /// job runs exactly once.
 pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     let env = Env::<D>::new();

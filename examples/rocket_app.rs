@@ -1,0 +1,302 @@
+//! A Rocket 0.5 shop that enqueues a job inside the transaction that pays an order.
+//!
+//! `POST /orders/<id>/pay` with a JSON body `{"amount": 42}` runs one database transaction:
+//! it marks order `<id>` as paid, enqueues `send_receipt` with a barrier, and only then
+//! validates the amount. A non-positive amount answers `422 Unprocessable Entity` and rolls the
+//! transaction back — the order is not paid, and the receipt job, already in Faktory, finds no
+//! barrier and never runs. `GET /orders/<id>` shows what was committed.
+//!
+//! Diesel is synchronous, so the handler runs the transaction on Tokio's blocking pool
+//! (`spawn_blocking`) with a connection from an r2d2 pool kept in Rocket's managed state; the
+//! [`Producer`] is synchronous too and is meant to be called from such a thread.
+//!
+//! Run it with the worker (`examples/rocket_worker.rs`) beside it:
+//!
+//! ```text
+//! export DATABASE_URL=postgres://postgres@127.0.0.1:5432/test FAKTORY_URL=tcp://127.0.0.1:7419
+//! cargo run --example rocket_worker &
+//! cargo run --example rocket_app
+//! curl -X POST -H 'Content-Type: application/json' -d '{"amount": 42}' localhost:8000/orders/1/pay
+//! curl -X POST -H 'Content-Type: application/json' -d '{"amount": -1}' localhost:8000/orders/2/pay
+//! ```
+//!
+//! `tests/rocket.rs` drives the same application through Rocket's local client.
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool, PoolError};
+use diesel_transaction_barrier::{BoxError, EnqueueWithBarrier, Job, Producer};
+use rocket::http::Status;
+use rocket::response::status::Custom;
+use rocket::serde::json::Json;
+use rocket::serde::{Deserialize, Serialize};
+use rocket::{Build, Rocket, State};
+
+/// The job kind that the worker registers.
+pub const SEND_RECEIPT: &str = "send_receipt";
+
+/// The queue the application pushes to and the worker reads.
+pub const QUEUE: &str = "default";
+
+/// The application's database pool.
+pub type DbPool = Pool<ConnectionManager<PgConnection>>;
+
+diesel::table! {
+    orders (id) {
+        id -> BigInt,
+        status -> Text,
+        amount -> BigInt,
+    }
+}
+
+diesel::table! {
+    receipts (jid) {
+        jid -> Text,
+        order_id -> BigInt,
+        amount -> BigInt,
+    }
+}
+
+/// `DATABASE_URL`, else the local test database.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// Creates the barrier table and the application's tables if they are missing.
+pub fn setup(conn: &mut PgConnection) -> Result<(), BoxError> {
+    diesel_transaction_barrier::run_migrations(conn)?;
+    conn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS orders (
+             id BIGINT PRIMARY KEY,
+             status TEXT NOT NULL,
+             amount BIGINT NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS receipts (
+             jid TEXT PRIMARY KEY,
+             order_id BIGINT NOT NULL,
+             amount BIGINT NOT NULL
+         );",
+    )?;
+    Ok(())
+}
+
+/// The body of `POST /orders/<id>/pay`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(crate = "rocket::serde")]
+pub struct Payment {
+    /// The amount paid, in cents. Must be positive.
+    pub amount: i64,
+}
+
+/// An order as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Queryable)]
+#[serde(crate = "rocket::serde")]
+pub struct Order {
+    /// The order's id.
+    pub id: i64,
+    /// `paid` once paid.
+    pub status: String,
+    /// The amount paid, in cents.
+    pub amount: i64,
+}
+
+/// The answer to a payment that committed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(crate = "rocket::serde")]
+pub struct Paid {
+    /// The order, as committed.
+    pub order: Order,
+    /// The id of the `send_receipt` job.
+    pub receipt_jid: String,
+}
+
+/// The body of an error answer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(crate = "rocket::serde")]
+pub struct Problem {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Why a payment failed. Every variant rolls the transaction back.
+#[derive(Debug, thiserror::Error)]
+pub enum PayError {
+    /// The request was well-formed but its content is refused (422).
+    #[error("{0}")]
+    Invalid(String),
+    /// The job could not be enqueued (503 when Faktory is unreachable, else 500).
+    #[error("cannot enqueue the receipt: {0}")]
+    Enqueue(#[from] diesel_transaction_barrier::Error),
+    /// A query failed (500).
+    #[error("database error: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// No database connection could be had in time (503).
+    #[error("no database connection: {0}")]
+    Pool(#[from] PoolError),
+}
+
+impl PayError {
+    /// The HTTP status that this error answers with.
+    pub fn status(&self) -> Status {
+        match self {
+            PayError::Invalid(_) => Status::UnprocessableEntity,
+            PayError::Enqueue(
+                diesel_transaction_barrier::Error::Faktory(_)
+                | diesel_transaction_barrier::Error::FaktoryTimeout(_),
+            )
+            | PayError::Pool(_) => Status::ServiceUnavailable,
+            _ => Status::InternalServerError,
+        }
+    }
+}
+
+/// The application's state: its database pool, its Faktory producer and the queue it pushes
+/// to. Cheap to clone (each part is shared).
+#[derive(Debug, Clone)]
+pub struct App {
+    pool: DbPool,
+    producer: Producer,
+    queue: String,
+}
+
+impl App {
+    /// Pays order `id` with `amount`: one transaction that writes the order, enqueues its
+    /// receipt, and validates the amount last. Blocks: call it on a blocking thread.
+    pub fn pay(&self, id: i64, amount: i64) -> Result<Paid, PayError> {
+        let mut conn = self.pool.get()?;
+        conn.transaction(|conn| {
+            let order: Order = diesel::insert_into(orders::table)
+                .values((
+                    orders::id.eq(id),
+                    orders::status.eq("paid"),
+                    orders::amount.eq(amount),
+                ))
+                .on_conflict(orders::id)
+                .do_update()
+                .set((orders::status.eq("paid"), orders::amount.eq(amount)))
+                .returning((orders::id, orders::status, orders::amount))
+                .get_result(conn)?;
+            let job = Job::new(SEND_RECEIPT, vec![id]).on_queue(self.queue.as_str());
+            let jid = conn.enqueue_with_barrier(&self.producer, job)?;
+            // Some checks can only run late (a fraud score, a stock count, a constraint checked
+            // at the end). Failing one rolls everything back, the barrier row included: the job
+            // that is already in Faktory then never runs.
+            if amount <= 0 {
+                return Err(PayError::Invalid(format!(
+                    "amount must be positive, got {amount}"
+                )));
+            }
+            Ok(Paid {
+                order,
+                receipt_jid: jid.to_string(),
+            })
+        })
+    }
+
+    /// Reads order `id` as committed.
+    pub fn order(&self, id: i64) -> Result<Option<Order>, PayError> {
+        let mut conn = self.pool.get()?;
+        Ok(orders::table.find(id).first(&mut conn).optional()?)
+    }
+}
+
+type Answer<T> = Result<Json<T>, Custom<Json<Problem>>>;
+
+fn problem(status: Status, error: impl ToString) -> Custom<Json<Problem>> {
+    Custom(
+        status,
+        Json(Problem {
+            error: error.to_string(),
+        }),
+    )
+}
+
+/// Runs `f` with the application state on Tokio's blocking pool.
+async fn blocking<T, F>(app: &State<App>, f: F) -> Answer<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&App) -> Result<T, PayError> + Send + 'static,
+{
+    let app = app.inner().clone();
+    match rocket::tokio::task::spawn_blocking(move || f(&app)).await {
+        Ok(Ok(value)) => Ok(Json(value)),
+        Ok(Err(e)) => Err(problem(e.status(), e)),
+        Err(e) => Err(problem(Status::InternalServerError, e)),
+    }
+}
+
+#[rocket::post("/orders/<id>/pay", format = "json", data = "<payment>")]
+async fn pay(id: i64, payment: Json<Payment>, app: &State<App>) -> Answer<Paid> {
+    let amount = payment.amount;
+    blocking(app, move |app| app.pay(id, amount)).await
+}
+
+#[rocket::get("/orders/<id>")]
+async fn order(id: i64, app: &State<App>) -> Answer<Order> {
+    match blocking(app, move |app| app.order(id)).await? {
+        Json(Some(order)) => Ok(Json(order)),
+        Json(None) => Err(problem(Status::NotFound, format!("no order {id}"))),
+    }
+}
+
+/// The application: routes and state. `queue` is where receipt jobs are pushed.
+pub fn rocket(pool: DbPool, producer: Producer, queue: impl Into<String>) -> Rocket<Build> {
+    rocket::build()
+        .manage(App {
+            pool,
+            producer,
+            queue: queue.into(),
+        })
+        .mount("/", rocket::routes![pay, order])
+}
+
+/// What `send_receipt` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The job's id.
+    pub jid: String,
+    /// The order, as the handler saw it.
+    pub order: Order,
+}
+
+/// The `send_receipt` handler's work: reads the paid order (which it can see, since it runs
+/// after the payment committed) and records the receipt. The insert commits together with the
+/// consumption of the job's barrier, so a receipt is recorded once however often Faktory
+/// delivers the job.
+pub fn send_receipt(job: &Job, conn: &mut PgConnection) -> Result<Receipt, BoxError> {
+    let id = job
+        .args()
+        .first()
+        .and_then(|v| v.as_i64())
+        .ok_or("send_receipt takes the order id as its first argument")?;
+    let order: Order = orders::table.find(id).first(conn)?;
+    if order.status != "paid" {
+        return Err(format!("order {id} is {:?}, not paid", order.status).into());
+    }
+    diesel::insert_into(receipts::table)
+        .values((
+            receipts::jid.eq(job.id().as_str()),
+            receipts::order_id.eq(order.id),
+            receipts::amount.eq(order.amount),
+        ))
+        .execute(conn)?;
+    Ok(Receipt {
+        jid: job.id().to_string(),
+        order,
+    })
+}
+
+fn main() -> Result<(), BoxError> {
+    let pool = Pool::builder()
+        .max_size(8)
+        .build(ConnectionManager::new(database_url()))?;
+    setup(&mut *pool.get()?)?;
+    // FAKTORY_URL, else tcp://localhost:7419.
+    let producer = Producer::from_env()?;
+    rocket::execute(rocket(pool, producer, QUEUE).launch())?;
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! The database server restarted (crash-like) while a worker waits: committed jobs still run,
+//! the transactions the restart killed count as not committed — judged by the barrier row,
+//! never by a transaction id the server may hand out again after recovery.
+//!
+//! It restarts the server the whole machine uses, so it runs only when `DTB_DB_RESTART=1`
+//! (CI sets it) and lives in a test binary of its own (cargo runs test binaries one at a time).
+
+use super::*;
+use crossbeam_channel::unbounded;
+use diesel_transaction_barrier::testing::JobEventKind;
+use diesel_transaction_barrier::Error;
+
+pub fn restart_enabled() -> bool {
+    if std::env::var("DTB_DB_RESTART").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!("DTB_DB_RESTART is not 1: not restarting the database server");
+    false
+}
+
+/// `restart` restarts the server and returns once it accepts connections again.
+pub fn database_restart_mid_wait<D: TestDb>(restart: impl FnOnce()) {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 2);
+    let (open_id, committed_id) = (next_id(), next_id());
+    let (ready_tx, ready_rx) = unbounded::<()>();
+    let (jid_tx, jid_rx) = unbounded::<String>();
+    std::thread::scope(|s| {
+        let env = &env;
+        // A transaction that the restart kills.
+        let holder = s.spawn(move || {
+            let mut conn = env.db.connect();
+            let _ = conn.transaction(|c| {
+                insert_order::<D>(c, open_id, "paid");
+                let jid = c.enqueue_with_barrier(&env.producer, env.job(PAID, open_id))?;
+                jid_tx.send(jid.as_str().to_string()).unwrap();
+                ready_tx.send(()).unwrap();
+                // Keep the transaction open until the server goes away under it.
+                loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if D::try_exec(c, "SELECT 1").is_err() {
+                        return Err(Error::Config("the server went away".into()));
+                    }
+                }
+                #[allow(unreachable_code)]
+                Ok::<_, Error>(())
+            });
+        });
+        ready_rx.recv().unwrap();
+        worker.wait_for_waiting(1);
+        // A transaction that commits just before the restart.
+        commit_order(env, committed_id, env.job(PAID, committed_id));
+        restart();
+        holder.join().unwrap();
+    });
+    let jid = jid_rx.recv().unwrap();
+    // After recovery a new transaction may be handed the killed one's id: keep one open
+    // while the worker judges the killed transaction's barrier.
+    let mut reuse = env.db.connect();
+    reuse
+        .transaction(|c| {
+            insert_order::<D>(c, next_id(), "reuse");
+            let mut ran = Vec::new();
+            wait_until("the committed job to run", Duration::from_secs(60), || {
+                ran.extend(rx.try_iter());
+                ran.iter().any(|r: &Ran| r.order_id == committed_id)
+            });
+            wait_until(
+                "the killed transaction's job to be aborted",
+                Duration::from_secs(60),
+                || worker.monitor.aborted() >= 1,
+            );
+            assert!(
+                ran.iter().all(|r| r.order_id != open_id),
+                "a job of a killed transaction ran"
+            );
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    expect_no_run(&rx, "nothing else");
+    assert_eq!(runs_of(&env.db, committed_id), 1);
+    assert_eq!(runs_of(&env.db, open_id), 0);
+    wait_until("no barrier left", EVENTUALLY, || env.db.barrier_rows() == 0);
+    if let Some(server) = env.faktory.server() {
+        assert!(server.wait_until_history(&jid, JobEventKind::Acked, EVENTUALLY));
+    }
+}

@@ -1,0 +1,50 @@
+//! PostgreSQL restarted, crash-like (`-m immediate`), while a worker waits. Restarts the
+//! machine's server: runs only with `DTB_DB_RESTART=1` (CI sets it).
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use common::pg::Pg;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn restart_postgres() {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("a Debian PostgreSQL cluster")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .max()
+        .expect("a PostgreSQL version");
+    let status = Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &version,
+            "main",
+            "restart",
+            "-m",
+            "immediate",
+        ])
+        .status()
+        .expect("pg_ctlcluster");
+    assert!(status.success(), "restarting PostgreSQL failed");
+    let start = Instant::now();
+    while !Command::new("pg_isready")
+        .args(["-h", "127.0.0.1", "-p", "5432", "-q"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "PostgreSQL did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn database_restart_mid_wait() {
+    if !common::restart::restart_enabled() {
+        return;
+    }
+    common::restart::database_restart_mid_wait::<Pg>(restart_postgres);
+}

@@ -1,0 +1,374 @@
+//! The Rocket example (`examples/rocket_app.rs`) over HTTP, through Rocket's local client,
+//! against PostgreSQL (`PG_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`,
+//! a schema of its own per test) and Faktory (`FAKTORY_URL`, else the in-process test server),
+//! with a real worker running `send_receipt` on a thread.
+#![cfg(all(feature = "postgres", feature = "testing"))]
+
+#[path = "../examples/rocket_app.rs"]
+#[allow(dead_code)]
+mod app;
+
+use crossbeam_channel::{unbounded, Receiver};
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::sql_types::BigInt;
+use diesel_transaction_barrier::testing::TestFaktory;
+use diesel_transaction_barrier::{
+    BoxError, Job, Producer, ShutdownHandle, StopReason, WorkerBuilder, WorkerMonitor,
+};
+use rocket::http::{ContentType, Status};
+use rocket::local::blocking::Client;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something that must happen.
+const EVENTUALLY: Duration = Duration::from_secs(20);
+
+fn base_url() -> String {
+    std::env::var("PG_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A schema of its own, with the barrier table and the shop's tables; dropped at the end.
+struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    fn create() -> Schema {
+        let base = base_url();
+        let name = format!("dtb_rocket_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::establish(&base).expect("PostgreSQL is reachable");
+        diesel::sql_query(format!("CREATE SCHEMA {name}"))
+            .execute(&mut admin)
+            .expect("create schema");
+        let schema = Schema { base, name };
+        app::setup(&mut schema.connect()).expect("migrations and tables");
+        schema
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+    }
+
+    fn connect(&self) -> PgConnection {
+        PgConnection::establish(&self.url()).expect("connect")
+    }
+
+    fn pool(&self, size: u32) -> app::DbPool {
+        Pool::builder()
+            .max_size(size)
+            .connection_timeout(Duration::from_secs(10))
+            .build(ConnectionManager::new(self.url()))
+            .expect("pool")
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(format!("SELECT ({sql})::bigint AS n"))
+            .get_result::<Count>(&mut self.connect())
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .n
+    }
+
+    fn barrier_rows(&self) -> i64 {
+        self.count("SELECT COUNT(*) FROM dtb_barriers")
+    }
+
+    fn receipts_of(&self, order_id: i64) -> i64 {
+        self.count(&format!(
+            "SELECT COUNT(*) FROM receipts WHERE order_id = {order_id}"
+        ))
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&self.base) {
+            let _ =
+                diesel::sql_query(format!("DROP SCHEMA {} CASCADE", self.name)).execute(&mut admin);
+        }
+    }
+}
+
+/// Unique order ids across the tests of this binary.
+fn next_order_id() -> i64 {
+    static NEXT: AtomicI64 = AtomicI64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The shop behind Rocket's local client, and its worker on a thread of its own.
+struct Shop {
+    client: Client,
+    receipts: Receiver<app::Receipt>,
+    worker: RunningWorker,
+    // Dropped last: the worker and the client use them.
+    faktory: TestFaktory,
+    db: Schema,
+}
+
+struct RunningWorker {
+    handle: ShutdownHandle,
+    monitor: WorkerMonitor,
+    thread: Option<JoinHandle<StopReason>>,
+}
+
+impl RunningWorker {
+    fn stop(&mut self) -> StopReason {
+        self.handle.shutdown();
+        let thread = self.thread.take().expect("the worker runs");
+        thread.join().expect("worker thread")
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+impl Shop {
+    fn open() -> Shop {
+        let db = Schema::create();
+        let faktory = TestFaktory::from_env_or_start().expect("faktory");
+        let queue = faktory.unique_queue("shop");
+        let producer = Producer::connect(&faktory.url()).expect("producer");
+
+        let config = rocket::Config {
+            log_level: rocket::config::LogLevel::Off,
+            cli_colors: false,
+            ..rocket::Config::debug_default()
+        };
+        let rocket = app::rocket(db.pool(4), producer, queue.clone()).configure(config);
+        let client = Client::tracked(rocket).expect("the application ignites");
+
+        // The worker's handler is the example's, reporting each receipt to the test.
+        let (tx, receipts) = unbounded();
+        let mut worker = WorkerBuilder::new(db.pool(6))
+            .url(faktory.url())
+            .workers(1)
+            .reconnect_backoff(Duration::from_millis(200))
+            .register(
+                app::SEND_RECEIPT,
+                move |job: &Job, conn: &mut PgConnection| -> Result<(), BoxError> {
+                    let receipt = app::send_receipt(job, conn)?;
+                    let _ = tx.send(receipt);
+                    Ok(())
+                },
+            )
+            .connect()
+            .expect("the worker connects");
+        let handle = worker.shutdown_handle();
+        let monitor = worker.monitor();
+        let thread = std::thread::spawn(move || worker.run(&[queue]).expect("the worker runs"));
+        Shop {
+            client,
+            receipts,
+            worker: RunningWorker {
+                handle,
+                monitor,
+                thread: Some(thread),
+            },
+            faktory,
+            db,
+        }
+    }
+
+    /// `POST /orders/<id>/pay` with `{"amount": <amount>}`: the status and the body.
+    fn pay(&self, id: i64, amount: i64) -> (Status, String) {
+        let response = self
+            .client
+            .post(format!("/orders/{id}/pay"))
+            .header(ContentType::JSON)
+            .body(format!(r#"{{"amount": {amount}}}"#))
+            .dispatch();
+        let status = response.status();
+        (status, response.into_string().unwrap_or_default())
+    }
+
+    /// `GET /orders/<id>`: the status and the body.
+    fn get_order(&self, id: i64) -> (Status, String) {
+        let response = self.client.get(format!("/orders/{id}")).dispatch();
+        let status = response.status();
+        (status, response.into_string().unwrap_or_default())
+    }
+
+    fn next_receipt(&self) -> app::Receipt {
+        self.receipts
+            .recv_timeout(EVENTUALLY)
+            .expect("a receipt should have been sent")
+    }
+
+    /// Pays a sentinel order after the requests under test and waits for its receipt: the
+    /// worker has one handler slot and Faktory hands jobs out in order, so every job pushed
+    /// before it has been fetched by then. Returns the other receipts seen meanwhile.
+    fn drain_with_sentinel(&self) -> Vec<app::Receipt> {
+        let sentinel = next_order_id() + 1_000_000;
+        let (status, body) = self.pay(sentinel, 1);
+        assert_eq!(status, Status::Ok, "{body}");
+        let mut others = Vec::new();
+        loop {
+            let receipt = self.next_receipt();
+            if receipt.order.id == sentinel {
+                return others;
+            }
+            others.push(receipt);
+        }
+    }
+
+    /// With the in-process server: waits until every job pushed has been acknowledged, and
+    /// checks that none failed.
+    fn expect_all_acknowledged(&self) {
+        match self.faktory.server() {
+            Some(server) => {
+                let done = server.wait_for(
+                    |s| {
+                        let stats = s.stats();
+                        stats.processed >= stats.pushed
+                    },
+                    EVENTUALLY,
+                );
+                let stats = server.stats();
+                assert!(done, "every job should be acknowledged: {stats:?}");
+                assert_eq!(stats.failures, 0, "no job failed: {stats:?}");
+            }
+            None => eprintln!("real Faktory: skipping the acknowledgement check"),
+        }
+    }
+
+    fn pushed(&self) -> Option<u64> {
+        self.faktory.server().map(|s| s.stats().pushed)
+    }
+}
+
+/// Waits until `cond` holds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < EVENTUALLY, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn committed_payment_sends_its_receipt_after_commit() {
+    let mut shop = Shop::open();
+    let id = next_order_id();
+
+    let (status, body) = shop.pay(id, 42);
+    assert_eq!(status, Status::Ok, "{body}");
+    let paid: app::Paid = serde_json::from_str(&body).expect("a Paid body");
+    let expected = app::Order {
+        id,
+        status: "paid".into(),
+        amount: 42,
+    };
+    assert_eq!(paid.order, expected);
+
+    // The order row was written in the request's transaction: the handler can only see it
+    // once that transaction has committed.
+    let receipt = shop.next_receipt();
+    assert_eq!(receipt.jid, paid.receipt_jid);
+    assert_eq!(receipt.order, expected);
+
+    let others = shop.drain_with_sentinel();
+    assert!(others.is_empty(), "unexpected receipts: {others:?}");
+    let (status, body) = shop.get_order(id);
+    assert_eq!(status, Status::Ok, "{body}");
+    let order: app::Order = serde_json::from_str(&body).expect("an Order body");
+    assert_eq!(order, expected);
+
+    shop.expect_all_acknowledged();
+    assert_eq!(shop.worker.stop(), StopReason::Shutdown);
+    assert_eq!(shop.worker.monitor.ran(), 2, "the payment and the sentinel");
+    assert_eq!(shop.worker.monitor.aborted(), 0);
+    assert_eq!(shop.db.receipts_of(id), 1, "one receipt, recorded once");
+    assert_eq!(shop.db.barrier_rows(), 0, "no barrier row is left");
+}
+
+#[test]
+fn payment_refused_after_enqueue_rolls_back_and_its_job_never_runs() {
+    let mut shop = Shop::open();
+    let id = next_order_id();
+
+    let pushed_before = shop.pushed();
+    let (status, body) = shop.pay(id, -5);
+    assert_eq!(status, Status::UnprocessableEntity, "{body}");
+    let problem: app::Problem = serde_json::from_str(&body).expect("a Problem body");
+    assert!(
+        problem.error.contains("amount must be positive"),
+        "{problem:?}"
+    );
+    if let (Some(before), Some(after)) = (pushed_before, shop.pushed()) {
+        assert_eq!(
+            after,
+            before + 1,
+            "the receipt job was pushed before the check"
+        );
+    }
+
+    // Nothing of the transaction is visible.
+    let (status, body) = shop.get_order(id);
+    assert_eq!(status, Status::NotFound, "{body}");
+
+    // The job reached the worker, which found its transaction rolled back.
+    let others = shop.drain_with_sentinel();
+    assert!(
+        others.is_empty(),
+        "a refused payment sent a receipt: {others:?}"
+    );
+    wait_until("the refused payment's job to be aborted", || {
+        shop.worker.monitor.aborted() >= 1
+    });
+
+    // Paying the same order again, correctly, works.
+    let (status, body) = shop.pay(id, 7);
+    assert_eq!(status, Status::Ok, "{body}");
+    let receipt = shop.next_receipt();
+    assert_eq!(receipt.order.id, id);
+    assert_eq!(receipt.order.amount, 7);
+
+    shop.expect_all_acknowledged();
+    shop.worker.stop();
+    assert_eq!(shop.worker.monitor.aborted(), 1);
+    assert_eq!(
+        shop.worker.monitor.ran(),
+        2,
+        "the sentinel and the second payment"
+    );
+    assert_eq!(
+        shop.db.receipts_of(id),
+        1,
+        "only the second payment's receipt"
+    );
+    assert_eq!(shop.db.barrier_rows(), 0, "no barrier row is left");
+}
+
+#[test]
+fn malformed_body_is_refused_before_any_transaction() {
+    let shop = Shop::open();
+    let id = next_order_id();
+    let pushed_before = shop.pushed();
+
+    let response = shop
+        .client
+        .post(format!("/orders/{id}/pay"))
+        .header(ContentType::JSON)
+        .body(r#"{"amount": "lots"}"#)
+        .dispatch();
+    assert_eq!(response.status(), Status::UnprocessableEntity);
+
+    assert_eq!(shop.get_order(id).0, Status::NotFound);
+    assert_eq!(shop.pushed(), pushed_before, "no job was pushed");
+    assert_eq!(shop.db.barrier_rows(), 0);
+}
