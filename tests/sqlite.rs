@@ -351,8 +351,10 @@ fn barrier_timeout_after_deadline() {
             let job = &server.retry_jobs()[0];
             let message = job["failure"]["message"].as_str().unwrap_or_default();
             assert!(message.contains("still open"), "{message}");
+            // Held, or already free: the worker counts the timeout before it looks, and the
+            // transaction rolls back as soon as the count shows.
             assert!(
-                message.contains("transaction: the write lock is held by another connection"),
+                message.contains("transaction: the write lock is"),
                 "the message carries the debug info: {message}"
             );
             assert!(message.contains("journal_mode wal"), "{message}");
