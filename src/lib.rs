@@ -26,7 +26,8 @@
 //! For a job enqueued with [`EnqueueWithBarrier::enqueue_with_barrier`] inside a transaction:
 //!
 //! * **Never early.** The handler starts only after the transaction has committed (and, on
-//!   PostgreSQL and MySQL, after that commit is durable), and it sees every write of it.
+//!   PostgreSQL and MySQL, and on SQLite with its default `synchronous = FULL`, after that
+//!   commit is durable), and it sees every write of it.
 //! * **Never after an abort.** If the transaction rolls back — an `Err`, a panic, a killed
 //!   connection, or a rolled-back savepoint around the enqueue — the handler never runs; the
 //!   job is acknowledged as aborted ([`AbortPolicy`] can make that a failure instead).
@@ -56,7 +57,10 @@
 //!
 //! * `postgres` (default): `PgConnection` (PostgreSQL 13 or later).
 //! * `mysql`: `MysqlConnection` (MariaDB 10.11; MySQL 8 through the same statements).
-//! * `sqlite`: `SqliteConnection`.
+//! * `sqlite`: `SqliteConnection`, in WAL mode (which [`run_migrations`] sets). SQLite has one
+//!   writer at a time: a handler runs holding the write lock, and no handler starts while an
+//!   application transaction writes. `cargo quickstart` runs the demo in
+//!   `examples/quickstart.rs` on SQLite.
 //! * `testing`: [`testing::TestServer`], an in-process Faktory server for tests.
 //!
 //! # Getting started
