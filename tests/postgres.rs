@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::scenarios;
 use common::pg::Pg;
+use common::scenarios;
 
 #[test]
 fn commit_runs_after_commit() {

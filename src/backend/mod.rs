@@ -217,10 +217,9 @@ impl<C: sealed::Backend> BarrierConnection for C {}
 /// Is `conn` inside a transaction (or a savepoint)? Diesel tracks this for us.
 pub(crate) fn transaction_depth<C: Connection>(conn: &mut C) -> diesel::QueryResult<u32> {
     use diesel::connection::TransactionManager;
-    let depth = <C::TransactionManager as TransactionManager<C>>::transaction_manager_status_mut(
-        conn,
-    )
-    .transaction_depth()?;
+    let depth =
+        <C::TransactionManager as TransactionManager<C>>::transaction_manager_status_mut(conn)
+            .transaction_depth()?;
     Ok(depth.map_or(0, |d| d.get()))
 }
 
