@@ -845,6 +845,7 @@ async fn run_on_pool<C: BarrierConnection>(
     let shared2 = Arc::clone(shared);
     let job2 = job.clone();
     let b2 = barrier.clone();
+    let slot_taken = Instant::now();
     let outcome = tokio::task::spawn_blocking(move || {
         shared2.stats.running.fetch_add(1, Ordering::SeqCst);
         let _running = Decrement(&shared2.stats.running);
@@ -884,11 +885,11 @@ async fn run_on_pool<C: BarrierConnection>(
     .fetch_add(1, Ordering::SeqCst);
     match (outcome, &barrier) {
         (Outcome::Ran, Some(b)) => {
-            tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, "handler ran; barrier consumed");
+            tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), "handler ran; barrier consumed");
             Ok(())
         }
         (Outcome::Ran, None) => {
-            tracing::debug!(jid = job.id().as_str(), kind = %job.kind, "handler ran (no barrier)");
+            tracing::debug!(jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), "handler ran (no barrier)");
             Ok(())
         }
         (Outcome::Duplicate, b) => {
