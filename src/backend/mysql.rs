@@ -48,7 +48,7 @@
 //! waits. While nothing changes a check is two short reads (a count each): about 0.4 ms for one
 //! waiting job and 2 ms for two hundred on a small machine (MariaDB 10.11, loopback,
 //! unoptimised build). The interval bounds the time from a producer's commit to its
-//! handler's start; on that machine `examples/latency_mysql.rs` (optimised build, 3 runs of
+//! handler's start; on that machine `examples/latency.rs` (optimised build, 3 runs of
 //! 300 jobs, commits at random points of the polling cycle) measured a median of about 2 ms
 //! and a 99th percentile of 3–10 ms, depending on what else the machine was doing.
 //!
@@ -90,6 +90,7 @@
 //! and the error numbers are the parts most likely to differ. MariaDB before 10.6 lacks
 //! `SKIP LOCKED` and is not supported.
 
+use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
 use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
 use crate::error::Error;
@@ -149,26 +150,6 @@ use schema::dtb_barriers;
 struct CountRow {
     #[diesel(sql_type = BigInt)]
     value: i64,
-}
-
-#[derive(QueryableByName)]
-struct UnconsumedRow {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    txid: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
-    payload: Option<String>,
-}
-
-#[derive(QueryableByName)]
-struct ReapedRow {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = Text)]
-    job_id: String,
-    #[diesel(sql_type = Text)]
-    job_kind: String,
 }
 
 #[derive(QueryableByName)]
@@ -586,14 +567,7 @@ impl Backend for MysqlConnection {
                 .set(dtb_barriers::pushed_at.eq(sql::<Timestamp>("NOW(6)")))
                 .execute(self)?;
         }
-        Ok(rows
-            .into_iter()
-            .map(|r| Unconsumed {
-                id: r.id,
-                txid: r.txid.map(|t| t.to_string()),
-                payload: r.payload,
-            })
-            .collect())
+        Ok(rows.into_iter().map(Into::into).collect())
     }
 
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
@@ -620,11 +594,7 @@ impl Backend for MysqlConnection {
                 Ok::<_, diesel::result::Error>(rows)
             })?;
             let done = batch.len() < IN_LIST_MAX;
-            reaped.extend(batch.into_iter().map(|r| ReapedBarrier {
-                id: r.id,
-                job_id: r.job_id,
-                job_kind: r.job_kind,
-            }));
+            reaped.extend(batch.into_iter().map(Into::into));
             if done {
                 return Ok(reaped);
             }

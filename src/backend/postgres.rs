@@ -12,6 +12,7 @@
 //!   database's default isolation: under REPEATABLE READ a conflicting insert fails with a
 //!   serialization error instead of answering.
 
+use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
 use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
 use crate::error::Error;
@@ -34,26 +35,6 @@ struct CheckRow {
     visible: bool,
     #[diesel(sql_type = Text)]
     status: String,
-}
-
-#[derive(QueryableByName)]
-struct UnconsumedRow {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    txid: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
-    payload: Option<String>,
-}
-
-#[derive(QueryableByName)]
-struct ReapedRow {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = Text)]
-    job_id: String,
-    #[diesel(sql_type = Text)]
-    job_kind: String,
 }
 
 fn parse_verdict(value: &str) -> QueryResult<Verdict> {
@@ -256,14 +237,7 @@ impl Backend for PgConnection {
         .bind::<Double, _>(max_age.as_secs_f64())
         .bind::<BigInt, _>(limit)
         .load(self)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Unconsumed {
-                id: r.id,
-                txid: r.txid.map(|t| t.to_string()),
-                payload: r.payload,
-            })
-            .collect())
+        Ok(rows.into_iter().map(Into::into).collect())
     }
 
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
@@ -273,14 +247,7 @@ impl Backend for PgConnection {
         )
         .bind::<Double, _>(older_than.as_secs_f64())
         .load(self)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ReapedBarrier {
-                id: r.id,
-                job_id: r.job_id,
-                job_kind: r.job_kind,
-            })
-            .collect())
+        Ok(rows.into_iter().map(Into::into).collect())
     }
 
     fn worker_transaction<R, E, F>(&mut self, f: F) -> Result<R, E>

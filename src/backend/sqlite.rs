@@ -120,6 +120,7 @@
 //! numbers this module computes, and the only other formatted text is a list of `?`. Every
 //! value is bound.
 
+use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
 use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
 use crate::error::Error;
@@ -162,26 +163,6 @@ struct HintRow {
     seq: i64,
     #[diesel(sql_type = Text)]
     id: String,
-}
-
-#[derive(QueryableByName)]
-struct UnconsumedRow {
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
-    payload: Option<String>,
-}
-
-#[derive(QueryableByName)]
-struct ReapedRow {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = Text)]
-    job_id: String,
-    #[diesel(sql_type = Text)]
-    job_kind: String,
 }
 
 #[derive(QueryableByName)]
@@ -404,7 +385,7 @@ impl Backend for SqliteConnection {
         .bind::<Text, _>(seconds_ago(max_age))
         .get_result(self)?;
         let rows: Vec<UnconsumedRow> = diesel::sql_query(
-            "SELECT seq, id, payload FROM dtb_barriers \
+            "SELECT id, NULL AS txid, payload FROM dtb_barriers \
              WHERE attempted_at IS NULL AND pushed_at < ? AND created_at > ? \
              ORDER BY created_at, seq LIMIT ?",
         )
@@ -413,19 +394,12 @@ impl Backend for SqliteConnection {
         .bind::<BigInt, _>(limit)
         .load(self)?;
         for row in &rows {
-            diesel::sql_query("UPDATE dtb_barriers SET pushed_at = ? WHERE seq = ?")
+            diesel::sql_query("UPDATE dtb_barriers SET pushed_at = ? WHERE id = ?")
                 .bind::<Text, _>(&times.now)
-                .bind::<BigInt, _>(row.seq)
+                .bind::<Text, _>(&row.id)
                 .execute(self)?;
         }
-        Ok(rows
-            .into_iter()
-            .map(|r| Unconsumed {
-                id: r.id,
-                txid: None,
-                payload: r.payload,
-            })
-            .collect())
+        Ok(rows.into_iter().map(Into::into).collect())
     }
 
     fn reap(&mut self, older_than: Duration) -> QueryResult<Vec<ReapedBarrier>> {
@@ -450,14 +424,7 @@ impl Backend for SqliteConnection {
                     diesel::sql_query("DELETE FROM dtb_barriers WHERE created_at < ?")
                         .bind::<Text, _>(&cutoff.value)
                         .execute(c)?;
-                    Ok(rows
-                        .into_iter()
-                        .map(|r| ReapedBarrier {
-                            id: r.id,
-                            job_id: r.job_id,
-                            job_kind: r.job_kind,
-                        })
-                        .collect())
+                    Ok(rows.into_iter().map(Into::into).collect())
                 })
             },
         )
