@@ -100,7 +100,7 @@ fn snoozed_after_block_limit() {
 
 #[test]
 fn barrier_timeout_after_deadline() {
-    scenarios::barrier_timeout_after_deadline::<Root>();
+    scenarios::barrier_timeout_after_deadline::<Root>(&["txid", "transaction:"]);
 }
 
 #[test]

@@ -84,7 +84,7 @@ fn snoozed_after_block_limit() {
 
 #[test]
 fn barrier_timeout_after_deadline() {
-    scenarios::barrier_timeout_after_deadline::<Pg>();
+    scenarios::barrier_timeout_after_deadline::<Pg>(&["txid", "transaction:"]);
 }
 
 #[test]
