@@ -31,7 +31,9 @@
 //! * **Never after an abort.** If the transaction rolls back — an `Err`, a panic, a killed
 //!   connection, or a rolled-back savepoint around the enqueue — the handler never runs; the
 //!   job is acknowledged as aborted ([`AbortPolicy`] can make that a failure instead).
-//! * **Never lost after commit.** The job was already in Faktory before the commit.
+//! * **Never lost after commit.** The job was already in Faktory before the commit; and if
+//!   Faktory loses it, a worker's reconciler pushes it again from the barrier row
+//!   ([`WorkerBuilder::reconcile_grace`]).
 //! * **Once.** The handler runs in the worker transaction that deletes the barrier row; a second
 //!   delivery of the same job finds the row gone and does not run the handler. Writes the handler
 //!   makes through the connection it is given commit together with that deletion, so they happen
