@@ -207,7 +207,21 @@ pub(crate) struct FaktoryPool {
     timeout: Duration,
     // `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
-    idle: Arc<Mutex<Vec<faktory::Client>>>,
+    idle: Arc<Mutex<Vec<Pooled>>>,
+}
+
+/// An idle client. Dropping a `faktory::Client` writes END through the Tokio runtime it
+/// belongs to and panics anywhere else, so the pool drops its clients explicitly on its own
+/// runtime; one that ends up dropped anywhere else is forgotten (leaking its socket) rather
+/// than allowed to panic.
+struct Pooled(Option<faktory::Client>);
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            std::mem::forget(client);
+        }
+    }
 }
 
 enum Op {
@@ -244,7 +258,7 @@ impl FaktoryPool {
         runtime.spawn(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             let pooled = if reuse {
-                idle.lock().unwrap().pop()
+                idle.lock().unwrap().pop().and_then(|mut p| p.0.take())
             } else {
                 None
             };
@@ -270,16 +284,19 @@ impl FaktoryPool {
             };
             match r {
                 Ok(Ok(())) => {
-                    let _ = tx.send(Ok(()));
-                    let mut idle = idle.lock().unwrap();
-                    if idle.len() < max_idle {
-                        idle.push(client);
+                    // Back into the pool before answering: once the caller has its answer the
+                    // producer may be dropped, and the pool with it.
+                    let mut guard = idle.lock().unwrap();
+                    if guard.len() < max_idle {
+                        guard.push(Pooled(Some(client)));
+                        drop(guard);
                     } else {
-                        drop(idle);
+                        drop(guard);
                         // Dropping a client says END to the server; it must happen on a
                         // runtime thread, as here.
                         drop(client);
                     }
+                    let _ = tx.send(Ok(()));
                 }
                 failed => {
                     let _ = tx.send(match failed {
@@ -310,7 +327,9 @@ impl Drop for FaktoryPool {
                 // one), then stop the runtime without blocking the caller.
                 let (tx, rx) = crossbeam_channel::bounded::<()>(1);
                 runtime.spawn(async move {
-                    drop(clients);
+                    for mut pooled in clients {
+                        drop(pooled.0.take());
+                    }
                     drop(tx);
                 });
                 let _ = rx.recv_timeout(Duration::from_secs(1));
