@@ -8,6 +8,9 @@
 #[allow(dead_code)]
 mod app;
 
+#[path = "common/pg_schema.rs"]
+mod pg_schema;
+
 use crossbeam_channel::{unbounded, Receiver};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -17,6 +20,7 @@ use diesel_transaction_barrier::testing::TestFaktory;
 use diesel_transaction_barrier::{
     BoxError, Job, Producer, ShutdownHandle, StopReason, WorkerBuilder, WorkerMonitor,
 };
+use pg_schema::PgSchema;
 use rocket::http::{ContentType, Status};
 use rocket::local::blocking::Client;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -26,37 +30,26 @@ use std::time::{Duration, Instant};
 /// How long a test waits for something that must happen.
 const EVENTUALLY: Duration = Duration::from_secs(20);
 
-fn base_url() -> String {
-    std::env::var("PG_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
 /// A schema of its own, with the barrier table and the shop's tables; dropped at the end.
 struct Schema {
-    base: String,
-    name: String,
+    inner: PgSchema,
 }
 
 impl Schema {
     fn create() -> Schema {
-        let base = base_url();
-        let name = format!("dtb_rocket_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::establish(&base).expect("PostgreSQL is reachable");
-        diesel::sql_query(format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .expect("create schema");
-        let schema = Schema { base, name };
+        let schema = Schema {
+            inner: PgSchema::create("dtb_rocket"),
+        };
         app::setup(&mut schema.connect()).expect("migrations and tables");
         schema
     }
 
     fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+        self.inner.url()
     }
 
     fn connect(&self) -> PgConnection {
-        PgConnection::establish(&self.url()).expect("connect")
+        self.inner.connect()
     }
 
     fn pool(&self, size: u32) -> app::DbPool {
@@ -87,15 +80,6 @@ impl Schema {
         self.count(&format!(
             "SELECT COUNT(*) FROM receipts WHERE order_id = {order_id}"
         ))
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = PgConnection::establish(&self.base) {
-            let _ =
-                diesel::sql_query(format!("DROP SCHEMA {} CASCADE", self.name)).execute(&mut admin);
-        }
     }
 }
 

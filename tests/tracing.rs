@@ -6,10 +6,14 @@
 //! on several); it can be set once per process, so the whole run is one test.
 #![cfg(all(feature = "postgres", feature = "testing"))]
 
+#[path = "common/pg_schema.rs"]
+mod pg_schema;
+
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel_transaction_barrier::testing::TestFaktory;
 use diesel_transaction_barrier::{EnqueueWithBarrier, Error, Job, Producer, WorkerBuilder};
+use pg_schema::PgSchema;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex};
@@ -105,46 +109,26 @@ impl Capture {
     }
 }
 
-fn base_url() -> String {
-    std::env::var("PG_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
 /// A schema of its own with the barrier table; dropped at the end.
 struct Schema {
-    base: String,
-    name: String,
+    inner: PgSchema,
 }
 
 impl Schema {
     fn create() -> Schema {
-        let base = base_url();
-        let name = format!("dtb_tracing_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::establish(&base).expect("PostgreSQL is reachable");
-        diesel::sql_query(format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .expect("create schema");
-        let schema = Schema { base, name };
+        let schema = Schema {
+            inner: PgSchema::create("dtb_tracing"),
+        };
         diesel_transaction_barrier::run_migrations(&mut schema.connect()).expect("migrations");
         schema
     }
 
     fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+        self.inner.url()
     }
 
     fn connect(&self) -> PgConnection {
-        PgConnection::establish(&self.url()).expect("connect")
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = PgConnection::establish(&self.base) {
-            let _ =
-                diesel::sql_query(format!("DROP SCHEMA {} CASCADE", self.name)).execute(&mut admin);
-        }
+        self.inner.connect()
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub mod faults;
 pub mod mysql;
 pub mod pg;
+pub mod pg_schema;
 pub mod restart;
 pub mod scenarios;
 pub mod soak;

@@ -2,19 +2,14 @@
 //! `postgres://postgres@127.0.0.1:5432/test`).
 #![cfg(feature = "postgres")]
 
+use super::pg_schema::PgSchema;
 use super::TestDb;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 
 pub struct Pg {
-    base: String,
-    schema: String,
-}
-
-fn base_url() -> String {
-    std::env::var("PG_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+    schema: PgSchema,
 }
 
 #[derive(QueryableByName)]
@@ -31,26 +26,15 @@ struct TextRow {
 
 impl Pg {
     fn with_schema(migrate: bool) -> Pg {
-        let schema = format!("dtb_test_{}", uuid::Uuid::new_v4().simple());
-        let base = base_url();
-        let mut admin = PgConnection::establish(&base).expect("PostgreSQL is reachable");
-        Pg::exec(&mut admin, &format!("CREATE SCHEMA {schema}"));
-        let db = Pg { base, schema };
+        let db = Pg {
+            schema: PgSchema::create("dtb_test"),
+        };
         let mut conn = db.connect();
         if migrate {
             diesel_transaction_barrier::run_migrations(&mut conn).expect("migrations");
         }
         super::create_app_tables::<Pg>(&mut conn);
         db
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = PgConnection::establish(&self.base) {
-            let _ = diesel::sql_query(format!("DROP SCHEMA {} CASCADE", self.schema))
-                .execute(&mut admin);
-        }
     }
 }
 
@@ -66,15 +50,11 @@ impl TestDb for Pg {
     }
 
     fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!(
-            "{}{sep}options=-csearch_path%3D{}&application_name={}",
-            self.base, self.schema, self.schema
-        )
+        self.schema.url()
     }
 
     fn connect(&self) -> PgConnection {
-        PgConnection::establish(&self.url()).expect("connect")
+        self.schema.connect()
     }
 
     fn exec(conn: &mut PgConnection, sql: &str) {
@@ -125,7 +105,7 @@ impl TestDb for Pg {
                  WHERE application_name = '{}' AND pid <> pg_backend_pid() \
                    AND (query LIKE 'LISTEN%' OR query LIKE '%unnest($1::text[]%' \
                         OR query LIKE '%dtb_await_barrier%')",
-                self.schema
+                self.schema.name()
             ),
         );
         Some(n.unwrap_or(0) as usize)
