@@ -170,29 +170,9 @@ fn released_savepoint_runs() {
     scenarios::released_savepoint_runs::<Lite>();
 }
 
-/// The shared scenario with one change: it waits for the handler's transaction to commit before
-/// counting the handler's rows. The handler reports on its channel from inside that transaction,
-/// so the shared body's immediate `runs_of(..) == 1` races the worker's COMMIT on every backend;
-/// SQLite, whose connections open in microseconds, loses the race.
 #[test]
 fn autocommit_runs_without_barrier() {
-    let env = Env::<Lite>::new();
-    let (tx, rx) = unbounded();
-    let id = next_id();
-    let mut conn = env.db.connect();
-    insert_order::<Lite>(&mut conn, id, "paid");
-    conn.enqueue_with_barrier(&env.producer, env.job(PAID, id))
-        .unwrap();
-    assert_eq!(env.db.barrier_rows(), 0, "autocommit writes no barrier row");
-    let _worker = env.start_worker(handlers::<Lite>(&tx), 1);
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, id);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    wait_until("the handler's transaction to commit", EVENTUALLY, || {
-        runs_of(&env.db, id) >= 1
-    });
-    expect_no_run(&rx, "the job runs once");
-    assert_eq!(runs_of(&env.db, id), 1);
+    scenarios::autocommit_runs_without_barrier::<Lite>();
 }
 
 #[test]
