@@ -273,7 +273,7 @@ pub(crate) fn transaction_depth<C: Connection>(conn: &mut C) -> diesel::QueryRes
 }
 
 /// `limit` in whole milliseconds, at least 1.
-#[allow(dead_code)]
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn millis(limit: Duration) -> i32 {
     limit.as_millis().clamp(1, i32::MAX as u128) as i32
 }

@@ -183,7 +183,7 @@ impl Backend for SqliteConnection {
     fn run_migrations(&mut self) -> Result<(), Error> {
         with_busy_timeout(
             self,
-            |previous| previous.max(millis(WRITE_LOCK_WAIT)),
+            |previous| previous.max(i64::from(super::millis(WRITE_LOCK_WAIT))),
             |c| {
                 MigrationHarness::run_pending_migrations(c, MIGRATIONS)
                     .map(|_| ())
@@ -259,7 +259,7 @@ impl Backend for SqliteConnection {
         // write lock" above for why not a deferred BEGIN.
         with_busy_timeout(
             self,
-            |previous| previous.max(millis(WRITE_LOCK_WAIT)),
+            |previous| previous.max(i64::from(super::millis(WRITE_LOCK_WAIT))),
             |c| c.immediate_transaction(f),
         )
     }
@@ -345,7 +345,7 @@ impl Backend for SqliteConnection {
     fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
         with_busy_timeout(
             self,
-            |previous| previous.max(millis(WRITE_LOCK_WAIT)),
+            |previous| previous.max(i64::from(super::millis(WRITE_LOCK_WAIT))),
             |c| {
                 diesel::sql_query(
                     "UPDATE dtb_barriers SET attempted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
@@ -408,7 +408,7 @@ impl Backend for SqliteConnection {
         let modifier = seconds_ago(older_than);
         with_busy_timeout(
             self,
-            |previous| previous.max(millis(WRITE_LOCK_WAIT)),
+            |previous| previous.max(i64::from(super::millis(WRITE_LOCK_WAIT))),
             |c| {
                 c.immediate_transaction(|c| {
                     let cutoff: TextRow = diesel::sql_query(
@@ -581,10 +581,6 @@ where
 /// A date modifier for `strftime`: `d` before.
 fn seconds_ago(d: Duration) -> String {
     format!("-{:.3} seconds", d.as_secs_f64())
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
