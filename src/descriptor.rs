@@ -9,8 +9,10 @@ use serde_json::{Map, Value};
 ///
 /// Its value is a JSON object:
 ///
-/// * inside a transaction: `{"v": 1, "backend": "postgres", "id": "<uuid>", "txid": "<id>"}`
-///   (`txid` is present when the backend recorded the producer's transaction id);
+/// * inside a transaction: `{"v": 1, "backend": "postgres", "id": "<uuid>", "txid": "<id>",
+///   "db": "<database>.<schema>"}` (`txid` is present when the backend recorded the producer's
+///   transaction id, `db` when it can name where the barrier table is: the database and schema
+///   on PostgreSQL, the database on MySQL, the file's path on SQLite);
 /// * outside a transaction: `{"v": 1, "wait": false}` — nothing to wait for, the job runs at once.
 ///
 /// The job's `args` are never touched.
@@ -18,6 +20,8 @@ pub const CUSTOM_KEY: &str = "transaction_barrier";
 
 /// Longest string accepted in a descriptor field; anything longer is rejected as malformed.
 const MAX_FIELD_LEN: usize = 64;
+/// Longest `db` accepted: a file path on SQLite (`PATH_MAX` on Linux), much shorter elsewhere.
+const MAX_DB_LEN: usize = 4096;
 
 /// A parsed barrier descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +38,8 @@ pub(crate) struct BarrierRef {
     pub(crate) backend: String,
     pub(crate) id: uuid::Uuid,
     pub(crate) txid: Option<String>,
+    /// Which barrier table the producer wrote to, as its backend names it.
+    pub(crate) db: Option<String>,
 }
 
 impl Descriptor {
@@ -49,6 +55,9 @@ impl Descriptor {
                 m.insert("id".into(), Value::from(b.id.hyphenated().to_string()));
                 if let Some(txid) = &b.txid {
                     m.insert("txid".into(), Value::from(txid.clone()));
+                }
+                if let Some(db) = &b.db {
+                    m.insert("db".into(), Value::from(db.clone()));
                 }
             }
         }
@@ -88,28 +97,44 @@ impl Descriptor {
             };
         }
         for key in obj.keys() {
-            if !matches!(key.as_str(), "v" | "backend" | "id" | "txid") {
+            if !matches!(key.as_str(), "v" | "backend" | "id" | "txid" | "db") {
                 return Err(format!("unknown field `{}`", truncate(key)));
             }
         }
-        let backend = string_field(obj, "backend")?.ok_or("missing field `backend`")?;
-        let id = string_field(obj, "id")?.ok_or("missing field `id`")?;
+        let backend =
+            string_field(obj, "backend", MAX_FIELD_LEN)?.ok_or("missing field `backend`")?;
+        let id = string_field(obj, "id", MAX_FIELD_LEN)?.ok_or("missing field `id`")?;
         let id = uuid::Uuid::try_parse(&id)
             .map_err(|_| format!("`id` is not a UUID: {}", truncate(&id)))?;
-        let txid = string_field(obj, "txid")?;
+        let txid = string_field(obj, "txid", MAX_FIELD_LEN)?;
         if let Some(t) = &txid {
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(format!("`txid` is not a transaction id: {}", truncate(t)));
             }
         }
-        Ok(Descriptor::Barrier(BarrierRef { backend, id, txid }))
+        let db = string_field(obj, "db", MAX_DB_LEN)?;
+        if let Some(db) = &db {
+            if db.is_empty() {
+                return Err(format!("`db` is not a database name: {}", truncate(db)));
+            }
+        }
+        Ok(Descriptor::Barrier(BarrierRef {
+            backend,
+            id,
+            txid,
+            db,
+        }))
     }
 }
 
-fn string_field(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+fn string_field(
+    obj: &Map<String, Value>,
+    key: &str,
+    max_len: usize,
+) -> Result<Option<String>, String> {
     match obj.get(key) {
         None => Ok(None),
-        Some(Value::String(s)) if s.len() <= MAX_FIELD_LEN => Ok(Some(s.clone())),
+        Some(Value::String(s)) if s.len() <= max_len => Ok(Some(s.clone())),
         Some(Value::String(s)) => Err(format!("field `{key}` is too long ({} bytes)", s.len())),
         Some(other) => Err(format!(
             "field `{key}` must be a string, found {}",
@@ -155,6 +180,7 @@ mod tests {
             backend: "postgres".into(),
             id: uuid::Uuid::new_v4(),
             txid: Some("1234".into()),
+            db: Some("app.\"My Schema\"".into()),
         });
         assert_eq!(Descriptor::parse(&d.to_value()).unwrap(), d);
         assert_eq!(
@@ -182,6 +208,9 @@ mod tests {
             json!({"v": 1, "backend": "postgres", "id": id, "txid": 12}),
             json!({"v": 1, "backend": "postgres", "id": id, "txid": "12; DROP TABLE x"}),
             json!({"v": 1, "backend": "postgres", "id": id, "extra": true}),
+            json!({"v": 1, "backend": "postgres", "id": id, "db": ""}),
+            json!({"v": 1, "backend": "postgres", "id": id, "db": 3}),
+            json!({"v": 1, "backend": "postgres", "id": id, "db": huge}),
             json!({"v": 1, "backend": huge, "id": id}),
             json!({"v": 1, "wait": true}),
             json!({"v": 1, "wait": false, "id": id}),

@@ -1,6 +1,8 @@
 //! `enqueue_with_barrier`: the producer side.
 
-use crate::backend::{transaction_depth, BarrierConnection, NewBarrier};
+use crate::backend::{
+    diesel_transaction, BarrierConnection, DieselTransaction, NewBarrier, ServerTransaction,
+};
 use crate::descriptor::{BarrierRef, Descriptor, CUSTOM_KEY};
 use crate::error::{Error, Result};
 use crate::handlers::Handlers;
@@ -17,14 +19,25 @@ pub trait EnqueueWithBarrier {
     ///   this connection, attaches a descriptor to the job's `custom` data under
     ///   [`CUSTOM_KEY`](crate::CUSTOM_KEY) (its `args` are left exactly as given) and pushes
     ///   it. A worker runs the handler only once this transaction has committed — and never if
-    ///   it rolls back, or if the savepoint around this call does.
-    /// * **Outside a transaction** (autocommit): writes nothing and pushes the job marked as
-    ///   needing no wait; it runs as soon as a worker fetches it.
+    ///   it rolls back, or if the savepoint around this call does. A transaction Diesel did not
+    ///   open counts too (a `BEGIN` sent as SQL, MySQL's `autocommit = 0`, a pooled connection
+    ///   left inside one): when Diesel counts none, the database is asked.
+    /// * **Outside a transaction** (autocommit, as the database confirms): writes nothing and
+    ///   pushes the job marked as needing no wait; it runs as soon as a worker fetches it. Where
+    ///   the database cannot tell (MySQL, unlike MariaDB, with autocommit on), a barrier row is
+    ///   written anyway: it commits at once if there is no transaction, and the job runs then.
     /// * **Inline producer** ([`Producer::inline`]): runs the handler now, on this thread, with
     ///   this connection, even inside a transaction, and returns its error if it fails.
     ///
     /// If the push fails the error is returned: propagate it with `?` and the transaction rolls
     /// back, taking the barrier row with it. Returns the job id.
+    ///
+    /// # Errors
+    ///
+    /// Besides database and Faktory errors: [`Error::BrokenTransaction`] when the transaction
+    /// can only be rolled back (a statement in it failed), and [`Error::TransactionEnded`] when
+    /// the database ended the transaction that Diesel still counts as open (a deadlock victim,
+    /// an implicit commit). In both cases nothing was enqueued.
     fn enqueue_with_barrier(&mut self, producer: &Producer, job: Job) -> Result<JobId>;
 }
 
@@ -44,14 +57,31 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
             return run_inline(handlers, self, job).map(|()| jid);
         }
 
-        let depth = transaction_depth(self).map_err(|_| Error::BrokenTransaction)?;
-        if depth == 0 {
-            job.custom
-                .insert(CUSTOM_KEY.to_string(), Descriptor::NoWait.to_value());
-            let kind = job.kind.clone();
-            producer.push(job)?;
-            tracing::debug!(jid = jid.as_str(), kind = %kind, "enqueued outside a transaction: no barrier");
-            return Ok(jid);
+        let depth = match diesel_transaction(self) {
+            DieselTransaction::Broken => return Err(Error::BrokenTransaction),
+            DieselTransaction::Open {
+                must_roll_back: true,
+                ..
+            } => return Err(Error::BrokenTransaction),
+            DieselTransaction::Open { depth, .. } => depth,
+            DieselTransaction::None => 0,
+        };
+        // Diesel's count is not the whole truth: ask the database.
+        match (depth, self.server_transaction(depth)?) {
+            (0, ServerTransaction::Closed) => {
+                job.custom
+                    .insert(CUSTOM_KEY.to_string(), Descriptor::NoWait.to_value());
+                let kind = job.kind.clone();
+                producer.push(job)?;
+                tracing::debug!(jid = jid.as_str(), kind = %kind, "enqueued outside a transaction: no barrier");
+                return Ok(jid);
+            }
+            (_, ServerTransaction::Closed) => {
+                return Err(Error::TransactionEnded {
+                    context: "before the barrier was written",
+                })
+            }
+            (_, ServerTransaction::Open | ServerTransaction::Unknown) => {}
         }
 
         let id = uuid::Uuid::new_v4();
@@ -59,7 +89,7 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
         // descriptor (which needs the transaction id that the insert itself returns).
         let payload = serde_json::to_string(&job)
             .map_err(|e| Error::Config(format!("the job cannot be serialised to JSON: {e}")))?;
-        let txid = self
+        let inserted = self
             .insert_barrier(&NewBarrier {
                 id: &id,
                 job_id: jid.as_ref(),
@@ -71,7 +101,8 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
         let descriptor = Descriptor::Barrier(BarrierRef {
             backend: C::NAME.to_string(),
             id,
-            txid,
+            txid: inserted.txid,
+            db: inserted.location,
         });
         job.custom
             .insert(CUSTOM_KEY.to_string(), descriptor.to_value());

@@ -86,9 +86,38 @@ pub enum Error {
     FaktoryTimeout(Duration),
 
     /// `enqueue_with_barrier` was called on a connection whose transaction is broken (a
-    /// previous statement failed); roll it back first.
+    /// previous statement failed, or the transaction was chosen as a deadlock victim); roll it
+    /// back first. Nothing was enqueued.
     #[error("the connection's transaction is broken; roll it back before enqueueing")]
     BrokenTransaction,
+
+    /// The database ended a transaction that Diesel still counts as open: a deadlock or a lock
+    /// wait timeout rolled it back, or a statement committed it implicitly (DDL, `LOCK TABLES`,
+    /// `SET autocommit = 1` on MySQL; an explicit `COMMIT` or `ROLLBACK` sent as SQL).
+    ///
+    /// From `enqueue_with_barrier`: nothing was enqueued (a barrier written now would commit on
+    /// its own); roll back and run the transaction again. From a worker: the handler's
+    /// transaction was lost, so the delivery fails and Faktory retries it; a retry that finds
+    /// the barrier consumed does not run the handler again.
+    #[error("the database ended the transaction that Diesel still counts as open ({context})")]
+    TransactionEnded {
+        /// Where it was noticed.
+        context: &'static str,
+    },
+
+    /// The job's barrier was written to a barrier table that this worker does not read (another
+    /// database, or, on PostgreSQL, another schema reached through a different `search_path`).
+    /// The worker cannot see the row, and would otherwise take it for a rollback: the job fails
+    /// instead, and is retried. Point the producer and the worker at the same barrier table.
+    #[error("job {jid}'s barrier was written to {barrier_table} but this worker reads {worker_table}; give the producer and the worker the same database and search_path")]
+    BarrierElsewhere {
+        /// The Faktory job id.
+        jid: String,
+        /// Where the producer wrote the barrier.
+        barrier_table: String,
+        /// Where this worker reads barriers.
+        worker_table: String,
+    },
 
     /// An inline producer was used with a connection type its handlers were not built for,
     /// or with a job kind it has no handler for.

@@ -30,14 +30,20 @@ pub fn reconcile_barriers<C: BarrierConnection>(
     grace: Duration,
     max_age: Duration,
 ) -> Result<usize> {
+    // The copies name the table they were read from, as the producer's originals do.
+    let location = conn.barrier_location()?;
     let mut pushed = 0;
     loop {
         let (taken, n) = C::worker_transaction(conn, |c| -> Result<(usize, usize)> {
             let rows = c.take_unconsumed(grace, max_age, BATCH)?;
             let mut n = 0;
             for row in &rows {
-                let Some(job) = rebuild::<C>(&row.id, row.txid.clone(), row.payload.as_deref())
-                else {
+                let Some(job) = rebuild::<C>(
+                    &row.id,
+                    row.txid.clone(),
+                    location.clone(),
+                    row.payload.as_deref(),
+                ) else {
                     tracing::warn!(barrier_id = %row.id, "cannot push again: the barrier has no usable payload");
                     continue;
                 };
@@ -61,6 +67,7 @@ pub fn reconcile_barriers<C: BarrierConnection>(
 fn rebuild<C: BarrierConnection>(
     id: &str,
     txid: Option<String>,
+    db: Option<String>,
     payload: Option<&str>,
 ) -> Option<Job> {
     let id = uuid::Uuid::try_parse(id).ok()?;
@@ -80,6 +87,7 @@ fn rebuild<C: BarrierConnection>(
         backend: C::backend_name().to_string(),
         id,
         txid,
+        db,
     });
     custom.insert(CUSTOM_KEY.into(), descriptor.to_value());
     let repushes = custom

@@ -4,21 +4,23 @@
 //! Job tasks register the barrier they wait for and get a one-shot channel; the waiter owns the
 //! pending set and answers each registration once its verdict is known:
 //!
-//! * **Commit hints** (PostgreSQL): the producer's insert issues a `NOTIFY` that the server
-//!   delivers only once the transaction has committed; the waiter's listening connection reads
-//!   them from its socket buffer without a query, every [`Backend::HINT_POLL`].
-//! * **Checks**: every [`Backend::CHECK_INTERVAL`] (and at once for new registrations) one
-//!   batched query per backend decides what it can — a visible row is committed; a transaction
-//!   that has ended without a visible row is confirmed by the backend's authoritative probe
-//!   before it is called not committed.
+//! * **Commit hints** (PostgreSQL's `NOTIFY`, SQLite's newly visible rows): the waiter's
+//!   listening connection reads them every [`Backend::HINT_POLL`] (on PostgreSQL from its socket
+//!   buffer, without a query). A hint is never a verdict — any PostgreSQL session may `NOTIFY`
+//!   any channel with any payload — it only makes the waiter check the hinted barriers at once.
+//! * **Checks**: every [`Backend::CHECK_INTERVAL`] (and at once for new registrations and for
+//!   hinted barriers) one batched query per backend decides what it can — a visible row is
+//!   committed; a transaction that has ended without a visible row is confirmed by the
+//!   backend's authoritative probe before it is called not committed. Every verdict comes from
+//!   the database.
 //!
 //! A job whose verdict does not come within its block limit gives up its registration (its
 //! receiver is dropped) and is snoozed; the waiter forgets registrations nobody listens to.
 
-use crate::backend::{BarrierConnection, Pending, Verdict};
+use crate::backend::{BarrierConnection, Checked, Pending, Verdict};
 use crate::worker::ConnectionPool;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,6 +105,41 @@ pub(crate) fn start<C: BarrierConnection>(
     handle
 }
 
+type Pooled<C> = r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>;
+
+/// The waiter's listening connection. However it is let go of — a stop, an error, a panic — it
+/// stops listening before it goes back to the pool, or, when it cannot, is marked broken so
+/// that the pool discards it: a pooled connection still listening would never read what it
+/// receives, and PostgreSQL keeps every notification until all its listeners have read it,
+/// until its queue is full and every producer's `COMMIT` fails.
+pub(crate) struct Listener<C: BarrierConnection>(Pooled<C>);
+
+impl<C: BarrierConnection> Listener<C> {
+    /// Makes `conn` listen for commit hints.
+    pub(crate) fn start(mut conn: Pooled<C>) -> diesel::QueryResult<Self> {
+        match conn.listen_for_commits() {
+            Ok(()) => Ok(Listener(conn)),
+            Err(e) => {
+                crate::backend::poison(&mut *conn);
+                Err(e)
+            }
+        }
+    }
+
+    fn take_commit_hints(&mut self) -> diesel::QueryResult<Vec<uuid::Uuid>> {
+        self.0.take_commit_hints()
+    }
+}
+
+impl<C: BarrierConnection> Drop for Listener<C> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.stop_listening() {
+            tracing::debug!(error = %e, "a listening connection could not stop listening; it is discarded");
+            crate::backend::poison(&mut *self.0);
+        }
+    }
+}
+
 struct Entry {
     txid: Option<String>,
     since: Instant,
@@ -115,23 +152,14 @@ struct Waiter<C: BarrierConnection> {
     rx: Receiver<Registration>,
     stopping: Arc<AtomicBool>,
     pending: HashMap<uuid::Uuid, Entry>,
-    listener: Option<r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>>,
+    listener: Option<Listener<C>>,
     checker: Option<r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>>,
     next_check: Instant,
     retry_connect_at: Instant,
-    /// Commit hints for barriers nobody waited for yet: a job fetched just after its commit
-    /// is answered from here, without a query.
-    recent: HashMap<uuid::Uuid, Instant>,
-    recent_order: VecDeque<(uuid::Uuid, Instant)>,
 }
 
 /// At most this many barriers of live-looking transactions are probed per check.
 const MAX_PROBES_PER_CHECK: usize = 8;
-
-/// How long a commit hint is remembered for a job not fetched yet.
-const RECENT_HINTS_KEEP: Duration = Duration::from_secs(60);
-/// At most this many remembered hints (16 bytes each, plus bookkeeping).
-const RECENT_HINTS_MAX: usize = 100_000;
 
 impl<C: BarrierConnection> Waiter<C> {
     fn new(pool: ConnectionPool<C>, rx: Receiver<Registration>, stopping: Arc<AtomicBool>) -> Self {
@@ -145,8 +173,6 @@ impl<C: BarrierConnection> Waiter<C> {
             checker: None,
             next_check: now,
             retry_connect_at: now,
-            recent: HashMap::new(),
-            recent_order: VecDeque::new(),
         }
     }
 
@@ -200,11 +226,6 @@ impl<C: BarrierConnection> Waiter<C> {
 
     fn add(&mut self, r: Registration) {
         let now = Instant::now();
-        if self.recent.contains_key(&r.id) {
-            // Its commit hint came before the job did.
-            let _ = r.reply.send(Answer::Verdict(Verdict::Committed));
-            return;
-        }
         let entry = self.pending.entry(r.id).or_insert_with(|| Entry {
             txid: r.txid.clone(),
             since: now,
@@ -245,9 +266,7 @@ impl<C: BarrierConnection> Waiter<C> {
                 self.checker = Some(self.pool.get()?);
             }
             if C::HAS_HINTS && self.listener.is_none() {
-                let mut conn = self.pool.get()?;
-                conn.listen_for_commits()?;
-                self.listener = Some(conn);
+                self.listener = Some(Listener::start(self.pool.get()?)?);
             }
             Ok(())
         })();
@@ -258,9 +277,8 @@ impl<C: BarrierConnection> Waiter<C> {
     }
 
     fn close_listener(&mut self) {
-        if let Some(mut conn) = self.listener.take() {
-            let _ = conn.stop_listening();
-        }
+        // Dropping it stops its listening (see `Listener`).
+        self.listener = None;
     }
 
     fn take_hints(&mut self) {
@@ -269,39 +287,32 @@ impl<C: BarrierConnection> Waiter<C> {
         };
         match conn.take_commit_hints() {
             Ok(ids) => {
-                let now = Instant::now();
-                for id in ids {
-                    if self.pending.contains_key(&id) {
-                        // The NOTIFY is delivered only after the producer's commit is durable,
-                        // and the claim that follows re-reads the row: a hint is enough.
-                        self.answer(&id, Answer::Verdict(Verdict::Committed));
-                    } else if self.recent.insert(id, now).is_none() {
-                        self.recent_order.push_back((id, now));
-                    }
-                }
-                while let Some(&(id, at)) = self.recent_order.front() {
-                    if self.recent_order.len() <= RECENT_HINTS_MAX
-                        && now.duration_since(at) < RECENT_HINTS_KEEP
-                    {
-                        break;
-                    }
-                    self.recent_order.pop_front();
-                    self.recent.remove(&id);
+                // A hint only says where to look now; the check decides. Hints for barriers
+                // nobody waits for are dropped: a job fetched later is checked when it
+                // registers.
+                let hinted: Vec<Pending> = ids
+                    .into_iter()
+                    .filter_map(|id| {
+                        self.pending.get(&id).map(|e| Pending {
+                            id,
+                            txid: e.txid.clone(),
+                            probe: false,
+                        })
+                    })
+                    .collect();
+                if !hinted.is_empty() {
+                    self.check_batch(hinted);
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the waiter's listening connection failed; reconnecting");
-                // A broken connection is discarded by the pool when it comes back.
-                self.listener = None;
+                self.close_listener();
                 self.next_check = Instant::now();
             }
         }
     }
 
     fn check(&mut self) {
-        let Some(conn) = self.checker.as_mut() else {
-            return;
-        };
         let now = Instant::now();
         // Probing a live transaction costs a short lock wait: only a few per round.
         let mut probes = MAX_PROBES_PER_CHECK;
@@ -318,11 +329,19 @@ impl<C: BarrierConnection> Waiter<C> {
                 }
             })
             .collect();
+        self.check_batch(batch);
+    }
+
+    /// Checks `batch` and answers every barrier it decides.
+    fn check_batch(&mut self, batch: Vec<Pending>) {
+        let Some(conn) = self.checker.as_mut() else {
+            return;
+        };
         let started = Instant::now();
         let result = conn.check_pending(&batch);
-        tracing::trace!(batch = batch.len(), took = ?started.elapsed(), "checked pending barriers");
         match result {
-            Ok(verdicts) => {
+            Ok(Checked { verdicts, probed }) => {
+                tracing::trace!(batch = batch.len(), probed, took = ?started.elapsed(), "checked pending barriers");
                 for (p, verdict) in batch.iter().zip(verdicts) {
                     match verdict {
                         Verdict::Pending => {
@@ -330,7 +349,7 @@ impl<C: BarrierConnection> Waiter<C> {
                                 if p.probe {
                                     // Probe old waiters less and less often.
                                     let age = e.since.elapsed().max(C::PROBE_INTERVAL);
-                                    e.next_probe = now + age.min(Duration::from_secs(30));
+                                    e.next_probe = started + age.min(Duration::from_secs(30));
                                 }
                             }
                         }
@@ -343,5 +362,83 @@ impl<C: BarrierConnection> Waiter<C> {
                 self.checker = None;
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod tests {
+    use super::*;
+    use crate::backend::postgres_tests::Schema;
+    use diesel::connection::SimpleConnection;
+    use diesel::pg::PgConnection;
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Integer};
+
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
+    #[derive(QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = Integer)]
+        pid: i32,
+    }
+
+    fn listening(conn: &mut PgConnection) -> i64 {
+        diesel::sql_query("SELECT COUNT(*) AS n FROM pg_listening_channels()")
+            .get_result::<Count>(conn)
+            .unwrap()
+            .n
+    }
+
+    fn pid(conn: &mut PgConnection) -> i32 {
+        diesel::sql_query("SELECT pg_backend_pid() AS pid")
+            .get_result::<Pid>(conn)
+            .unwrap()
+            .pid
+    }
+
+    fn one_connection_pool(schema: &Schema) -> ConnectionPool<PgConnection> {
+        r2d2::Pool::builder()
+            .max_size(1)
+            .min_idle(Some(0))
+            .build(diesel::r2d2::ConnectionManager::new(schema.url()))
+            .unwrap()
+    }
+
+    /// A listening connection goes back to the pool without listening.
+    #[test]
+    fn a_listener_stops_listening_before_it_goes_back() {
+        let schema = Schema::new();
+        let pool = one_connection_pool(&schema);
+        let mut listener = Listener::start(pool.get().unwrap()).unwrap();
+        assert_eq!(listening(&mut listener.0), 1);
+        let before = pid(&mut listener.0);
+        drop(listener);
+        let mut conn = pool.get().unwrap();
+        assert_eq!(
+            pid(&mut conn),
+            before,
+            "the same connection, back in the pool"
+        );
+        assert_eq!(listening(&mut conn), 0, "no longer listening");
+    }
+
+    /// A listening connection that cannot stop listening (here: stuck in a failed transaction)
+    /// is discarded by the pool, never handed out again still listening.
+    #[test]
+    fn a_listener_that_cannot_stop_is_discarded() {
+        let schema = Schema::new();
+        let pool = one_connection_pool(&schema);
+        let mut listener = Listener::start(pool.get().unwrap()).unwrap();
+        let before = pid(&mut listener.0);
+        listener.0.batch_execute("BEGIN").unwrap();
+        assert!(listener.0.batch_execute("SELECT 1 / 0").is_err());
+        drop(listener);
+        let mut conn = pool.get().unwrap();
+        assert_ne!(pid(&mut conn), before, "a new connection");
+        assert_eq!(listening(&mut conn), 0);
     }
 }

@@ -6,7 +6,9 @@
 //! barrier through at most two connections. Only a job whose barrier committed (or that needs
 //! none) takes one of the `workers` handler slots, a blocking thread and a pooled connection.
 
-use crate::backend::{BarrierConnection, Claim, Verdict};
+use crate::backend::{
+    diesel_transaction, poison, BarrierConnection, Claim, DieselTransaction, Verdict,
+};
 use crate::descriptor::{BarrierRef, Descriptor};
 use crate::error::{Error, Result, TimeoutInfo};
 use crate::handlers::{BarrierMode, Handlers, Registration};
@@ -264,7 +266,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
 
     /// Checks the database (the barrier table must exist) and Faktory, and returns the worker.
     pub fn connect(self) -> Result<Worker<C>> {
-        {
+        let location = {
             let mut conn = self.pool.get()?;
             if !conn.barrier_schema_present()? {
                 return Err(Error::MigrationsMissing {
@@ -274,7 +276,8 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
             for warning in conn.startup_warnings() {
                 tracing::warn!(backend = C::NAME, "{warning}");
             }
-        }
+            conn.barrier_location()?
+        };
         let url = self.url.clone().unwrap_or_else(env_url);
         let producer = Producer::builder().url(url.clone()).connect()?;
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -290,6 +293,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 stats: Arc::new(Stats::default()),
                 waiter: std::sync::OnceLock::new(),
                 draining: tokio::sync::watch::channel(false).0,
+                location,
             }),
             url,
             workers: self.workers,
@@ -314,6 +318,9 @@ struct Shared<C: BarrierConnection> {
     waiter: std::sync::OnceLock<WaiterHandle>,
     /// Set when a shutdown begins: jobs still arriving or waiting are handed back.
     draining: tokio::sync::watch::Sender<bool>,
+    /// The barrier table this worker reads, as the backend names it (see
+    /// `Backend::barrier_location`).
+    location: Option<String>,
 }
 
 impl<C: BarrierConnection> Shared<C> {
@@ -725,6 +732,18 @@ async fn process_inner<C: BarrierConnection>(shared: &Arc<Shared<C>>, job: Job) 
                     ),
                 });
             }
+            if let (Some(theirs), Some(ours)) = (&b.db, &shared.location) {
+                if theirs != ours {
+                    // The row is in a table this worker cannot see: waiting would end in "not
+                    // committed" for a transaction that may well have committed.
+                    tracing::error!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, barrier_table = %theirs, worker_table = %ours, "the barrier is in another barrier table");
+                    return Err(Error::BarrierElsewhere {
+                        jid: job.id().to_string(),
+                        barrier_table: theirs.clone(),
+                        worker_table: ours.clone(),
+                    });
+                }
+            }
             run_barrier(shared, reg, job, b).await
         }
     }
@@ -850,6 +869,7 @@ async fn run_on_pool<C: BarrierConnection>(
         shared2.stats.running.fetch_add(1, Ordering::SeqCst);
         let _running = Decrement(&shared2.stats.running);
         let mut conn = shared2.pool.get()?;
+        let mut lost = false;
         let result = C::worker_transaction(&mut *conn, |c| -> Result<Outcome> {
             if let Some(b) = &b2 {
                 match c.claim_barrier(&b.id)? {
@@ -860,10 +880,36 @@ async fn run_on_pool<C: BarrierConnection>(
             }
             call_handler(&reg, &job2, c)?;
             if let Some(b) = &b2 {
-                c.delete_barrier(&b.id)?;
+                // The barrier's deletion must commit with the handler's writes: the handler
+                // must not have lost the transaction (a deadlock, an implicit commit, a
+                // `COMMIT` sent as SQL), or "ran" would be a lie.
+                let intact = matches!(
+                    diesel_transaction(c),
+                    DieselTransaction::Open {
+                        depth: 1,
+                        must_roll_back: false
+                    }
+                );
+                if !intact || !c.claim_holds(&b.id)? {
+                    lost = true;
+                    return Err(Error::TransactionEnded {
+                        context: "while the handler ran",
+                    });
+                }
             }
             Ok(Outcome::Ran)
         });
+        let result = if lost {
+            // Whatever the rollback attempt answered, this is what happened; and the
+            // connection's state no longer matches Diesel's: let the pool discard it.
+            poison(&mut *conn);
+            tracing::error!(jid = job2.id().as_str(), kind = %job2.kind, "the handler's transaction was ended by the database; the delivery fails and will be retried");
+            Err(Error::TransactionEnded {
+                context: "while the handler ran",
+            })
+        } else {
+            result
+        };
         if let (Err(Error::Handler { .. } | Error::HandlerPanic { .. }), Some(b)) = (&result, &b2) {
             // The job now lives in Faktory's retries: keep the reconciler off it.
             if let Err(e) = conn.mark_attempted(&b.id) {

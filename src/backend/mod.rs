@@ -9,6 +9,8 @@ use std::time::Duration;
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(all(test, feature = "postgres"))]
+pub(crate) use postgres::tests as postgres_tests;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -40,6 +42,47 @@ pub enum Claim {
     Gone,
     /// Another worker holds the row (a concurrent duplicate is running the handler).
     Busy,
+}
+
+/// What the server says about a producer connection's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub enum ServerTransaction {
+    /// A transaction is open: a barrier row inserted now commits or rolls back with it.
+    Open,
+    /// No transaction is open: a row inserted now would commit at once.
+    Closed,
+    /// The server cannot say (MySQL, which lacks MariaDB's `@@in_transaction`).
+    Unknown,
+}
+
+/// What [`sealed::Backend::insert_barrier`] reports about the row it wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub struct Inserted {
+    /// The producer's transaction (PostgreSQL) or session (MySQL) id, for diagnostics.
+    pub txid: Option<String>,
+    /// Which barrier table the row went to (see [`sealed::Backend::barrier_location`]).
+    pub location: Option<String>,
+}
+
+/// The verdicts of one [`sealed::Backend::check_pending`] call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub struct Checked {
+    /// One verdict per pending barrier, in order.
+    pub verdicts: Vec<Verdict>,
+    /// How many barriers needed an authoritative probe (a short lock wait each).
+    pub probed: usize,
+}
+
+impl From<Vec<Verdict>> for Checked {
+    fn from(verdicts: Vec<Verdict>) -> Self {
+        Checked {
+            verdicts,
+            probed: 0,
+        }
+    }
 }
 
 /// A barrier the waiter is waiting for, as handed to [`sealed::Backend::check_pending`].
@@ -150,9 +193,25 @@ pub(crate) mod sealed {
         /// Whether the barrier table (and whatever else the backend needs) exists.
         fn barrier_schema_present(&mut self) -> diesel::QueryResult<bool>;
 
-        /// Inserts the barrier row in the connection's current transaction. Returns the
-        /// producer's transaction id when the backend records one.
-        fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> diesel::QueryResult<Option<String>>;
+        /// Asks the server whether the connection is inside a transaction, which Diesel's own
+        /// count (`diesel_depth`) cannot tell alone: a `BEGIN` Diesel did not send, MySQL's
+        /// `autocommit = 0`, or a transaction the server ended behind Diesel's back (a
+        /// deadlock victim, an implicit commit). A backend whose driver keeps Diesel's count in
+        /// step with the server may skip the question when `diesel_depth > 0`.
+        fn server_transaction(
+            &mut self,
+            diesel_depth: u32,
+        ) -> diesel::QueryResult<ServerTransaction>;
+
+        /// Inserts the barrier row in the connection's current transaction.
+        fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> diesel::QueryResult<Inserted>;
+
+        /// Names the barrier table this connection reads and writes (database and schema), so
+        /// that a worker can refuse a barrier written to another one: a row it cannot see
+        /// would otherwise look rolled back. `None` when the backend cannot name it reliably.
+        fn barrier_location(&mut self) -> diesel::QueryResult<Option<String>> {
+            Ok(None)
+        }
 
         /// Waits at most `limit` for the transaction that wrote barrier `id` to end. Must not
         /// answer `Committed` before that transaction's commit is durable.
@@ -169,12 +228,23 @@ pub(crate) mod sealed {
             F: FnOnce(&mut Self) -> Result<R, E>,
             E: From<diesel::result::Error>;
 
-        /// Inside [`worker_transaction`](Self::worker_transaction): locks barrier `id` without
-        /// waiting for another worker that holds it.
+        /// Inside [`worker_transaction`](Self::worker_transaction): takes barrier `id` for this
+        /// transaction — locks and deletes it, so that committing consumes it and rolling back
+        /// restores it — without waiting for another worker that holds it. `Gone` must be
+        /// authoritative: never the answer for a row whose producer is still running.
         fn claim_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<Claim>;
 
-        /// Inside [`worker_transaction`](Self::worker_transaction): deletes a claimed barrier.
-        fn delete_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<()>;
+        /// Inside [`worker_transaction`](Self::worker_transaction), after the handler returned:
+        /// whether the claim still stands, that is, the transaction that deleted barrier `id`
+        /// is still open on the server (a handler can lose it to a deadlock, an implicit commit
+        /// or a lock wait timeout that the server answered with a rollback). When it does not,
+        /// the worker fails the delivery instead of reporting the handler as run.
+        ///
+        /// The generic part (Diesel's own view of the transaction) is checked by the caller;
+        /// a backend whose driver keeps Diesel in step with the server needs nothing more.
+        fn claim_holds(&mut self, _id: &uuid::Uuid) -> diesel::QueryResult<bool> {
+            Ok(true)
+        }
 
         /// Whether the backend delivers commit hints ([`take_commit_hints`](Self::take_commit_hints)).
         const HAS_HINTS: bool = false;
@@ -199,8 +269,9 @@ pub(crate) mod sealed {
             Ok(())
         }
 
-        /// The barrier ids whose transactions committed since the last call (may include ids
-        /// nobody waits for), without blocking.
+        /// The barrier ids whose transactions may have ended since the last call (may include
+        /// ids nobody waits for), without blocking. A hint is never a verdict: anyone able to
+        /// send one could forge it, so the waiter only checks the hinted barriers at once.
         fn take_commit_hints(&mut self) -> diesel::QueryResult<Vec<uuid::Uuid>> {
             Ok(Vec::new())
         }
@@ -208,11 +279,15 @@ pub(crate) mod sealed {
         /// Verdicts for a batch of pending barriers, one per entry, in order, without waiting
         /// on any producer. `Committed` must be durable and `NotCommitted` authoritative, as
         /// for [`await_verdict`](Self::await_verdict).
-        fn check_pending(&mut self, pending: &[Pending]) -> diesel::QueryResult<Vec<Verdict>> {
-            pending
+        fn check_pending(&mut self, pending: &[Pending]) -> diesel::QueryResult<Checked> {
+            let verdicts = pending
                 .iter()
                 .map(|p| self.await_verdict(&p.id, Duration::from_millis(1)))
-                .collect()
+                .collect::<diesel::QueryResult<Vec<_>>>()?;
+            Ok(Checked {
+                probed: verdicts.len(),
+                verdicts,
+            })
         }
 
         /// After a handler failed and its transaction rolled back: records that the job reached
@@ -263,13 +338,40 @@ pub trait BarrierConnection: sealed::Backend {
 
 impl<C: sealed::Backend> BarrierConnection for C {}
 
-/// Is `conn` inside a transaction (or a savepoint)? Diesel tracks this for us.
-pub(crate) fn transaction_depth<C: Connection>(conn: &mut C) -> diesel::QueryResult<u32> {
+/// What Diesel itself knows about a connection's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DieselTransaction {
+    /// Diesel's transaction manager is broken (a failed `BEGIN`, `COMMIT` or `ROLLBACK`).
+    Broken,
+    /// Inside a transaction Diesel opened, `depth` deep (savepoints count), and whether a
+    /// failed statement (a deadlock, a serialization failure, an aborted PostgreSQL
+    /// transaction) means it can only be rolled back.
+    Open { depth: u32, must_roll_back: bool },
+    /// No transaction that Diesel opened (the server may still hold one: see
+    /// [`sealed::Backend::server_transaction`]).
+    None,
+}
+
+/// Diesel's own view of `conn`'s transaction.
+pub(crate) fn diesel_transaction<C: Connection>(conn: &mut C) -> DieselTransaction {
+    use diesel::connection::{TransactionManager, TransactionManagerStatus};
+    match <C::TransactionManager as TransactionManager<C>>::transaction_manager_status_mut(conn) {
+        TransactionManagerStatus::InError => DieselTransaction::Broken,
+        TransactionManagerStatus::Valid(valid) => match &valid.in_transaction {
+            Some(t) => DieselTransaction::Open {
+                depth: t.transaction_depth.get(),
+                must_roll_back: t.requires_rollback_maybe_up_to_top_level,
+            },
+            None => DieselTransaction::None,
+        },
+    }
+}
+
+/// Marks `conn` broken, so that a pool discards it instead of handing it out again.
+pub(crate) fn poison<C: Connection>(conn: &mut C) {
     use diesel::connection::TransactionManager;
-    let depth =
-        <C::TransactionManager as TransactionManager<C>>::transaction_manager_status_mut(conn)
-            .transaction_depth()?;
-    Ok(depth.map_or(0, |d| d.get()))
+    <C::TransactionManager as TransactionManager<C>>::transaction_manager_status_mut(conn)
+        .set_in_error();
 }
 
 /// `limit` in whole milliseconds, at least 1.

@@ -30,7 +30,19 @@
 //!   Before answering "committed" the worker therefore commits a write of its own to the same
 //!   row (`attempts = attempts + 1`); see [`fence`] for why that is a proof.
 //! * **Running.** The handler runs in another READ COMMITTED transaction that claims the row
-//!   with `FOR UPDATE SKIP LOCKED` (never waiting for a concurrent duplicate) and deletes it.
+//!   with `FOR UPDATE SKIP LOCKED` (never waiting for a concurrent duplicate) and deletes it at
+//!   once. After the handler, the worker checks that the server still holds that transaction:
+//!   the row must be invisible to the worker's session (its own delete) and MariaDB's
+//!   `@@in_transaction` must be 1. A deadlock or a lock wait timeout with
+//!   `innodb_rollback_on_timeout` rolls the whole transaction back (the row is visible again),
+//!   and DDL or `LOCK TABLES` in a handler commit it (no transaction is open any more): either
+//!   way the delivery fails instead of being reported as run.
+//! * **Transactions Diesel does not count.** Before the barrier insert the producer asks
+//!   `@@in_transaction` and `@@autocommit`: a transaction opened by `SET autocommit = 0` (or a
+//!   `BEGIN` sent as SQL) is a transaction; one the server ended behind Diesel's back (a
+//!   deadlock victim, an implicit commit) is refused with `Error::TransactionEnded`. MySQL 8
+//!   lacks `@@in_transaction`; there the producer writes the barrier whenever it cannot rule a
+//!   transaction out, and the ended-transaction checks rest on the row alone.
 //! * **Blocking form.** The backend can also wait for one barrier with a locking read that
 //!   InnoDB blocks until the producer's transaction ends, bounded by `innodb_lock_wait_timeout`
 //!   (whole seconds, so a bound is rounded up, to at least one second); the timeout, error
@@ -92,7 +104,10 @@
 
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
+use super::{
+    Checked, Claim, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction, Unconsumed,
+    Verdict,
+};
 use crate::error::Error;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::dsl::sql;
@@ -101,6 +116,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamp, Unsigned};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/mysql");
@@ -110,6 +126,19 @@ const ER_LOCK_WAIT_TIMEOUT: i32 = 1205;
 /// MySQL's error number for "Access denied; you need (at least one of) the PROCESS
 /// privilege(s) for this operation".
 const ER_SPECIFIC_ACCESS_DENIED: i32 = 1227;
+/// MySQL's error number for "Unknown system variable".
+const ER_UNKNOWN_SYSTEM_VARIABLE: i32 = 1193;
+/// MySQL 8's error number for a locking read with `NOWAIT` that met a lock (MariaDB answers
+/// [`ER_LOCK_WAIT_TIMEOUT`]).
+const ER_LOCK_NOWAIT: i32 = 3572;
+
+/// Whether the server has MariaDB's `@@in_transaction` (MySQL lacks it): not asked yet, yes,
+/// no. Learnt from the first answer; a process that talks to both kinds of server only loses
+/// the check on MariaDB, never gains a wrong one (a failed read teaches "no" again).
+static IN_TRANSACTION_VARIABLE: AtomicU8 = AtomicU8::new(VARIABLE_UNKNOWN);
+const VARIABLE_UNKNOWN: u8 = 0;
+const VARIABLE_PRESENT: u8 = 1;
+const VARIABLE_ABSENT: u8 = 2;
 
 /// How often, in milliseconds, the waiter checks pending barriers.
 const CHECK_INTERVAL_MS: u64 = 2;
@@ -150,6 +179,66 @@ use schema::dtb_barriers;
 struct CountRow {
     #[diesel(sql_type = BigInt)]
     value: i64,
+}
+
+#[derive(QueryableByName)]
+struct TransactionRow {
+    /// `@@in_transaction`, or `None` where the server has no such variable.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    in_transaction: Option<i64>,
+    #[diesel(sql_type = BigInt)]
+    autocommit: i64,
+}
+
+#[derive(QueryableByName)]
+struct ClaimCheckRow {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    in_transaction: Option<i64>,
+    #[diesel(sql_type = BigInt)]
+    remaining: i64,
+}
+
+#[derive(QueryableByName)]
+struct SessionRow {
+    #[diesel(sql_type = Unsigned<BigInt>)]
+    connection_id: u64,
+    #[diesel(sql_type = Nullable<Text>)]
+    database: Option<String>,
+}
+
+/// Runs `query`, which reads `@@in_transaction` as the column `in_transaction`, or, on a
+/// server without the variable, the same query with NULL in its place.
+fn with_in_transaction<T: QueryableByName<diesel::mysql::Mysql> + 'static>(
+    conn: &mut MysqlConnection,
+    query: &str,
+    bind: Option<&str>,
+) -> QueryResult<T> {
+    const VARIABLE: &str = "CAST(@@in_transaction AS SIGNED)";
+    let run = |conn: &mut MysqlConnection, sql: &str| {
+        let q = diesel::sql_query(sql).into_boxed();
+        match bind {
+            Some(b) => q.bind::<Text, _>(b.to_string()).get_result::<T>(conn),
+            None => q.get_result::<T>(conn),
+        }
+    };
+    if IN_TRANSACTION_VARIABLE.load(Ordering::Relaxed) != VARIABLE_ABSENT {
+        match run(conn, &query.replace("$in_transaction", VARIABLE)) {
+            Ok(row) => {
+                IN_TRANSACTION_VARIABLE.store(VARIABLE_PRESENT, Ordering::Relaxed);
+                return Ok(row);
+            }
+            Err(e) => {
+                if last_errno(conn)? != Some(ER_UNKNOWN_SYSTEM_VARIABLE) {
+                    return Err(e);
+                }
+                IN_TRANSACTION_VARIABLE.store(VARIABLE_ABSENT, Ordering::Relaxed);
+            }
+        }
+    }
+    run(
+        conn,
+        &query.replace("$in_transaction", "CAST(NULL AS SIGNED)"),
+    )
 }
 
 #[derive(QueryableByName)]
@@ -387,7 +476,29 @@ impl Backend for MysqlConnection {
         Ok(row.value > 0)
     }
 
-    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Option<String>> {
+    fn server_transaction(&mut self, diesel_depth: u32) -> QueryResult<ServerTransaction> {
+        // Diesel counts only what it opened, and nothing the server does behind its back: a
+        // deadlock victim (1213) or a lock wait timeout with `innodb_rollback_on_timeout` rolls
+        // the whole transaction back, and DDL, `LOCK TABLES` or `SET autocommit = 1` commit it;
+        // `SET autocommit = 0` opens one Diesel does not see. MariaDB says which is true.
+        let row: TransactionRow = with_in_transaction(
+            self,
+            "SELECT $in_transaction AS in_transaction, \
+                    CAST(@@autocommit AS SIGNED) AS autocommit",
+            None,
+        )?;
+        Ok(match (row.in_transaction, diesel_depth) {
+            (Some(1), _) => ServerTransaction::Open,
+            // With autocommit off, the barrier insert itself opens the transaction, which lasts
+            // until the application commits or rolls back.
+            (_, 0) if row.autocommit == 0 => ServerTransaction::Open,
+            (Some(_), _) => ServerTransaction::Closed,
+            // MySQL: no way to ask.
+            (None, _) => ServerTransaction::Unknown,
+        })
+    }
+
+    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Inserted> {
         diesel::insert_into(dtb_barriers::table)
             .values((
                 dtb_barriers::id.eq(row.id.hyphenated().to_string()),
@@ -398,9 +509,17 @@ impl Backend for MysqlConnection {
                 dtb_barriers::payload.eq(row.payload),
             ))
             .execute(self)?;
-        let connection_id: u64 =
-            diesel::select(sql::<Unsigned<BigInt>>("CONNECTION_ID()")).get_result(self)?;
-        Ok(Some(connection_id.to_string()))
+        let session: SessionRow =
+            diesel::sql_query("SELECT CONNECTION_ID() AS connection_id, DATABASE() AS `database`")
+                .get_result(self)?;
+        Ok(Inserted {
+            txid: Some(session.connection_id.to_string()),
+            location: session.database,
+        })
+    }
+
+    fn barrier_location(&mut self) -> QueryResult<Option<String>> {
+        diesel::select(sql::<Nullable<Text>>("DATABASE()")).get_result(self)
     }
 
     fn await_verdict(&mut self, id: &uuid::Uuid, limit: Duration) -> QueryResult<Verdict> {
@@ -456,9 +575,9 @@ impl Backend for MysqlConnection {
     // the time from a producer's commit (or rollback) to the waiter's verdict.
     const CHECK_INTERVAL: Duration = Duration::from_millis(CHECK_INTERVAL_MS);
 
-    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Vec<Verdict>> {
+    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Checked> {
         if pending.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Checked::default());
         }
         let keys: Vec<String> = pending
             .iter()
@@ -528,7 +647,8 @@ impl Backend for MysqlConnection {
                     Verdict::NotCommitted
                 }
             })
-            .collect())
+            .collect::<Vec<_>>()
+            .into())
     }
 
     fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
@@ -611,9 +731,8 @@ impl Backend for MysqlConnection {
 
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
         let key = id.hyphenated().to_string();
-        // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate simply
-        // does not come back, and a second, non-locking read (a fresh READ COMMITTED snapshot)
-        // tells "held" from "gone".
+        // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate (or,
+        // were the waiter ever wrong, by its running producer) simply does not come back.
         let locked = dtb_barriers::table
             .find(&key)
             .select(dtb_barriers::id)
@@ -621,16 +740,48 @@ impl Backend for MysqlConnection {
             .skip_locked()
             .get_result::<String>(self)
             .optional()?;
-        if locked.is_some() {
-            return Ok(Claim::Locked);
+        if locked.is_none() {
+            // Held, or gone? A second locking read that refuses to wait tells them apart: one
+            // that meets a lock fails at once, and only an absent row comes back empty. A row
+            // let go of in between is simply taken.
+            let again = dtb_barriers::table
+                .find(&key)
+                .select(dtb_barriers::id)
+                .for_update()
+                .no_wait()
+                .get_result::<String>(self)
+                .optional();
+            match again {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(Claim::Gone),
+                Err(e) => {
+                    return match last_errno(self)? {
+                        Some(ER_LOCK_WAIT_TIMEOUT | ER_LOCK_NOWAIT) => Ok(Claim::Busy),
+                        _ => Err(e),
+                    }
+                }
+            }
         }
-        let exists: i64 = dtb_barriers::table.find(&key).count().get_result(self)?;
-        Ok(if exists > 0 { Claim::Busy } else { Claim::Gone })
+        // Deleted now, inside the worker transaction: its commit consumes the barrier together
+        // with the handler's writes, its rollback restores it. `claim_holds` checks afterwards
+        // that the server did not end the transaction meanwhile.
+        diesel::delete(dtb_barriers::table.find(&key)).execute(self)?;
+        Ok(Claim::Locked)
     }
 
-    fn delete_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::delete(dtb_barriers::table.find(id.hyphenated().to_string())).execute(self)?;
-        Ok(())
+    fn claim_holds(&mut self, id: &uuid::Uuid) -> QueryResult<bool> {
+        // The claim stands while the transaction that deleted the row is open: the row is then
+        // invisible to this session (its own delete) and the server says a transaction is
+        // open. After a deadlock or a lock wait timeout rolled it back, the row is visible
+        // again; after an implicit commit (DDL in the handler, say), MariaDB says no
+        // transaction is open — the retry then finds the row consumed and skips the handler.
+        let row: ClaimCheckRow = with_in_transaction(
+            self,
+            "SELECT $in_transaction AS in_transaction, \
+                    (SELECT COUNT(*) FROM dtb_barriers WHERE id = ?) AS remaining",
+            Some(&id.hyphenated().to_string()),
+        )?;
+        Ok(row.remaining == 0 && row.in_transaction.is_none_or(|t| t == 1))
     }
 
     fn transaction_info(
@@ -877,7 +1028,7 @@ mod tests {
             let handle = std::thread::spawn(move || {
                 let _ = conn.transaction(|c| {
                     let txid = c.insert_barrier(&new_barrier(&id))?;
-                    txid_tx.send(txid.unwrap()).unwrap();
+                    txid_tx.send(txid.txid.unwrap()).unwrap();
                     if end_rx.recv().unwrap() {
                         Ok(())
                     } else {
@@ -898,6 +1049,7 @@ mod tests {
             let txid = conn
                 .transaction(|c| c.insert_barrier(&new_barrier(&id)))
                 .unwrap()
+                .txid
                 .unwrap();
             assert_eq!(txid, own.to_string());
             assert!(txid.bytes().all(|b| b.is_ascii_digit()));
@@ -1035,7 +1187,8 @@ mod tests {
                     let busy = second.worker_transaction(|b| b.claim_barrier(&id))?;
                     assert_eq!(busy, Claim::Busy);
                     assert!(started.elapsed() < Duration::from_millis(500));
-                    a.delete_barrier(&id)
+                    assert!(a.claim_holds(&id)?, "the claim stands");
+                    Ok::<_, diesel::result::Error>(())
                 })
                 .unwrap();
             let gone = second.worker_transaction(|b| b.claim_barrier(&id)).unwrap();
@@ -1101,7 +1254,8 @@ mod tests {
             let started = Instant::now();
             let verdicts = worker
                 .check_pending(&pending_of(&[running, committed, rolled_back, unknown]))
-                .unwrap();
+                .unwrap()
+                .verdicts;
             assert!(started.elapsed() < Duration::from_millis(500), "no wait");
             assert_eq!(
                 verdicts,
@@ -1119,7 +1273,8 @@ mod tests {
             assert_eq!(
                 worker
                     .check_pending(&pending_of(&[rolled_back, committed]))
-                    .unwrap(),
+                    .unwrap()
+                    .verdicts,
                 [Verdict::NotCommitted, Verdict::Committed]
             );
             assert_eq!(i64_of(&mut other, &fenced), 2, "fenced again");
@@ -1127,10 +1282,13 @@ mod tests {
             end_running.send(true).unwrap();
             running_producer.join().unwrap();
             assert_eq!(
-                worker.check_pending(&pending_of(&[running])).unwrap(),
+                worker
+                    .check_pending(&pending_of(&[running]))
+                    .unwrap()
+                    .verdicts,
                 [Verdict::Committed]
             );
-            assert!(worker.check_pending(&[]).unwrap().is_empty());
+            assert!(worker.check_pending(&[]).unwrap().verdicts.is_empty());
         }
 
         #[test]
@@ -1144,15 +1302,11 @@ mod tests {
             let mut waiter = db.connect();
             handler
                 .worker_transaction(|h| {
+                    // Claimed, so deleted but not yet committed: still pending, not "not
+                    // committed".
                     assert_eq!(h.claim_barrier(&id)?, Claim::Locked);
                     assert_eq!(
-                        waiter.check_pending(&pending_of(&[id]))?,
-                        [Verdict::Pending]
-                    );
-                    // Deleted but not yet committed: still pending, not "not committed".
-                    h.delete_barrier(&id)?;
-                    assert_eq!(
-                        waiter.check_pending(&pending_of(&[id]))?,
+                        waiter.check_pending(&pending_of(&[id]))?.verdicts,
                         [Verdict::Pending]
                     );
                     Err::<(), _>(diesel::result::Error::RollbackTransaction)
@@ -1160,17 +1314,17 @@ mod tests {
                 .unwrap_err();
             // The handler failed: the row is back, committed and free.
             assert_eq!(
-                waiter.check_pending(&pending_of(&[id])).unwrap(),
+                waiter.check_pending(&pending_of(&[id])).unwrap().verdicts,
                 [Verdict::Committed]
             );
             handler
                 .worker_transaction(|h| {
                     assert_eq!(h.claim_barrier(&id)?, Claim::Locked);
-                    h.delete_barrier(&id)
+                    Ok::<_, diesel::result::Error>(())
                 })
                 .unwrap();
             assert_eq!(
-                waiter.check_pending(&pending_of(&[id])).unwrap(),
+                waiter.check_pending(&pending_of(&[id])).unwrap().verdicts,
                 [Verdict::NotCommitted]
             );
         }
@@ -1201,7 +1355,7 @@ mod tests {
                 let rounds = 50;
                 let started = Instant::now();
                 for _ in 0..rounds {
-                    let v = worker.check_pending(&batch).unwrap();
+                    let v = worker.check_pending(&batch).unwrap().verdicts;
                     assert!(v.iter().all(|v| *v == Verdict::Pending));
                 }
                 eprintln!(

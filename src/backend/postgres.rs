@@ -14,7 +14,10 @@
 
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
+use super::{
+    Checked, Claim, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction, Unconsumed,
+    Verdict,
+};
 use crate::error::Error;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -67,10 +70,17 @@ struct BoolRow {
 }
 
 #[derive(QueryableByName)]
-struct TxidRow {
+struct InsertedRow {
     #[diesel(sql_type = Nullable<BigInt>)]
     txid: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    location: Option<String>,
 }
+
+/// The database and schema of the barrier table whose oid is `$oid`, as `database.schema`
+/// (each quoted as an identifier where it needs to be).
+const LOCATION_OF: &str = "SELECT format('%I.%I', current_database(), n.nspname) \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $oid";
 
 impl Backend for PgConnection {
     const NAME: &'static str = "postgres";
@@ -90,23 +100,78 @@ impl Backend for PgConnection {
         Ok(row.value)
     }
 
-    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Option<String>> {
-        // The NOTIFY is part of the transaction: delivered to the workers' listeners only when
-        // it commits, never on rollback (nor from a rolled-back savepoint).
-        let inserted: TxidRow = diesel::sql_query(
-            "WITH ins AS ( \
-                 INSERT INTO dtb_barriers (id, txid, job_id, job_kind, job_queue, payload) \
-                 VALUES ($1::uuid, pg_current_xact_id()::text::bigint, $2, $3, $4, $5) \
-                 RETURNING id, txid) \
-             SELECT ins.txid FROM ins, LATERAL (SELECT pg_notify('dtb_barriers', ins.id::text)) AS n",
+    fn server_transaction(&mut self, diesel_depth: u32) -> QueryResult<ServerTransaction> {
+        if diesel_depth > 0 {
+            // Diesel reads libpq's transaction status after every statement and drops its own
+            // count to zero when the server has none: a count above zero is the server's too.
+            return Ok(ServerTransaction::Open);
+        }
+        // A `BEGIN` Diesel did not send leaves its count at zero. Ask the server: a setting
+        // made local to the current transaction survives into the next statement only if a
+        // transaction block holds both. (No single statement can tell: each runs inside a
+        // transaction of its own in autocommit too.) A random value rules out a leftover.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        diesel::sql_query("SELECT set_config('dtb.transaction_probe', $1, true) AS value")
+            .bind::<Text, _>(&token)
+            .get_result::<TextRow>(self)?;
+        let row: BoolRow = diesel::sql_query(
+            "SELECT coalesce(current_setting('dtb.transaction_probe', true) = $1, false) AS value",
         )
+        .bind::<Text, _>(&token)
+        .get_result(self)?;
+        Ok(if row.value {
+            ServerTransaction::Open
+        } else {
+            ServerTransaction::Closed
+        })
+    }
+
+    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Inserted> {
+        // One statement:
+        // * the row, stamped with the clock (`now()` would be the transaction's start, which
+        //   ages the rows of long transactions before they commit);
+        // * a NOTIFY, part of the transaction: delivered to the workers' listeners only when
+        //   it commits, never on rollback (nor from a rolled-back savepoint) — a hint to look,
+        //   never a verdict;
+        // * a transaction that turned `synchronous_commit` off would release its locks (and so
+        //   the waiting worker) before its commit reached the disk: this one is made to flush
+        //   locally, so that a handler never runs for a commit that a crash can undo;
+        // * which table the row went to, so that a worker reading another one refuses the job
+        //   instead of taking the missing row for a rollback.
+        let inserted: InsertedRow = diesel::sql_query(format!(
+            "WITH ins AS ( \
+                 INSERT INTO dtb_barriers \
+                     (id, created_at, pushed_at, txid, job_id, job_kind, job_queue, payload) \
+                 SELECT $1::uuid, t.now, t.now, pg_current_xact_id()::text::bigint, $2, $3, $4, $5 \
+                 FROM (SELECT clock_timestamp() AS now) AS t \
+                 RETURNING id, txid, tableoid) \
+             SELECT ins.txid, ({location}) AS location \
+             FROM ins, \
+                  LATERAL (SELECT pg_notify('dtb_barriers', ins.id::text)) AS notified, \
+                  LATERAL (SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
+                                  THEN set_config('synchronous_commit', 'local', true) END) AS durable",
+            location = LOCATION_OF.replace("$oid", "ins.tableoid"),
+        ))
         .bind::<Text, _>(row.id.hyphenated().to_string())
         .bind::<Text, _>(row.job_id)
         .bind::<Text, _>(row.job_kind)
         .bind::<Text, _>(row.job_queue)
         .bind::<Text, _>(row.payload)
         .get_result(self)?;
-        Ok(inserted.txid.map(|t| t.to_string()))
+        Ok(Inserted {
+            txid: inserted.txid.map(|t| t.to_string()),
+            location: inserted.location,
+        })
+    }
+
+    fn barrier_location(&mut self) -> QueryResult<Option<String>> {
+        let row: Option<OptTextRow> = diesel::sql_query(format!(
+            "SELECT ({}) AS value",
+            LOCATION_OF.replace("$oid", "to_regclass('dtb_barriers')")
+        ))
+        .get_result(self)
+        .optional()?;
+        Ok(row.and_then(|r| r.value))
     }
 
     fn await_verdict(&mut self, id: &uuid::Uuid, limit: Duration) -> QueryResult<Verdict> {
@@ -148,7 +213,7 @@ impl Backend for PgConnection {
         Ok(ids)
     }
 
-    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Vec<Verdict>> {
+    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Checked> {
         let ids: Vec<String> = pending
             .iter()
             .map(|p| p.id.hyphenated().to_string())
@@ -162,12 +227,15 @@ impl Backend for PgConnection {
         // level, so it needs no transaction of its own. The transaction id comes from the job
         // and is only a hint for when to probe: an id the server has not assigned yet (a forged
         // one, or one from before a crash) must not reach pg_xact_status, which would fail the
-        // whole batch.
+        // whole batch. The snapshot's xmax is the latest completed id + 1, not the next id to
+        // be handed out: a running producer's id may equal it (or exceed it, once later ids
+        // are assigned but none completed), so ids from xmax on count as running, and only
+        // the probe schedule looks closer at them.
         let rows: Vec<CheckRow> = diesel::sql_query(
             "SELECT p.id, (b.id IS NOT NULL) AS visible, \
-                CASE WHEN p.txid IS NULL OR p.txid < 3 \
-                       OR p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
-                     THEN 'unknown' \
+                CASE WHEN p.txid IS NULL OR p.txid < 3 THEN 'unknown' \
+                     WHEN p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
+                     THEN 'in progress' \
                      ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status \
              FROM unnest($1::text[], $2::bigint[]) AS p(id, txid) \
              LEFT JOIN dtb_barriers b ON b.id = p.id::uuid",
@@ -192,6 +260,7 @@ impl Backend for PgConnection {
                 }
             }
         }
+        let probed = to_probe.len();
         if !to_probe.is_empty() {
             // The transaction has ended (or it is time to look closer): only the
             // conflicting-insert probe may say "not committed". It waits at most 1 ms, in READ
@@ -207,7 +276,7 @@ impl Backend for PgConnection {
                 Ok::<_, diesel::result::Error>(())
             })?;
         }
-        Ok(verdicts)
+        Ok(Checked { verdicts, probed })
     }
 
     fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
@@ -279,16 +348,20 @@ impl Backend for PgConnection {
         )
         .bind::<Text, _>(&id)
         .get_result(self)?;
-        Ok(if exists.value {
-            Claim::Busy
-        } else {
-            Claim::Gone
+        if exists.value {
+            return Ok(Claim::Busy);
+        }
+        // Not visible: consumed by an earlier delivery — or not committed yet, which the waiter
+        // never answers "committed" for, but a verdict this final is confirmed by the row's
+        // lock itself: a running producer's uncommitted row makes the probe wait (1 ms).
+        let probe: TextRow = diesel::sql_query("SELECT dtb_await_barrier($1::uuid, 1) AS value")
+            .bind::<Text, _>(&id)
+            .get_result(self)?;
+        Ok(match parse_verdict(&probe.value)? {
+            Verdict::NotCommitted => Claim::Gone,
+            // Still running, or committed just now: look again later.
+            Verdict::Pending | Verdict::Committed => Claim::Busy,
         })
-    }
-
-    fn delete_barrier(&mut self, _id: &uuid::Uuid) -> QueryResult<()> {
-        // `claim_barrier` already deleted it inside this transaction.
-        Ok(())
     }
 
     fn transaction_info(
@@ -307,5 +380,150 @@ impl Backend for PgConnection {
             Ok(r) => r.value.unwrap_or_else(|| "unknown".into()),
             Err(e) => format!("unavailable ({e})"),
         }))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use diesel::connection::SimpleConnection;
+
+    /// A schema of its own in the test database (`PG_DATABASE_URL`, default
+    /// `postgres://postgres@127.0.0.1:5432/test`), migrated; dropped at the end.
+    pub(crate) struct Schema {
+        base: String,
+        name: String,
+    }
+
+    impl Schema {
+        pub(crate) fn new() -> Schema {
+            let base = std::env::var("PG_DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+            let name = format!("dtb_unit_{}", uuid::Uuid::new_v4().simple());
+            PgConnection::establish(&base)
+                .expect("PostgreSQL is reachable")
+                .batch_execute(&format!("CREATE SCHEMA {name}"))
+                .expect("create schema");
+            let schema = Schema { base, name };
+            Backend::run_migrations(&mut schema.connect()).expect("migrations");
+            schema
+        }
+
+        pub(crate) fn url(&self) -> String {
+            format!(
+                "{}?options=-csearch_path%3D{}",
+                self.base.split('?').next().unwrap_or_default(),
+                self.name
+            )
+        }
+
+        pub(crate) fn connect(&self) -> PgConnection {
+            PgConnection::establish(&self.url()).expect("connect")
+        }
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            if let Ok(mut c) = PgConnection::establish(&self.base) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+            }
+        }
+    }
+
+    fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
+        NewBarrier {
+            id,
+            job_id: "jid",
+            job_kind: "kind",
+            job_queue: "default",
+            payload: "{}",
+        }
+    }
+
+    /// A running producer is not probed (a lock wait each) until its probe is due, whatever
+    /// its transaction id looks like to the checker's snapshot: ids from the snapshot's xmax
+    /// on belong to running transactions too.
+    #[test]
+    fn a_running_producer_is_probed_only_when_due() {
+        let schema = Schema::new();
+        let mut producer = schema.connect();
+        let mut checker = schema.connect();
+        let id = uuid::Uuid::new_v4();
+        let mut txid = None;
+        let result = producer.transaction(|p| {
+            txid = p.insert_barrier(&new_barrier(&id))?.txid;
+            let own: i64 = txid.as_deref().expect("a txid").parse().expect("a number");
+            // The producer's own id (at or past the checker's xmax while nothing later has
+            // completed), and an id well past it (as after many more transactions began).
+            for t in [own, own + 1_000_000] {
+                let checked = checker.check_pending(&[Pending {
+                    id,
+                    txid: Some(t.to_string()),
+                    probe: false,
+                }])?;
+                assert_eq!(checked.verdicts, [Verdict::Pending], "txid {t}");
+                assert_eq!(checked.probed, 0, "txid {t}: no probe before it is due");
+            }
+            let due = checker.check_pending(&[Pending {
+                id,
+                txid: txid.clone(),
+                probe: true,
+            }])?;
+            assert_eq!((due.verdicts, due.probed), (vec![Verdict::Pending], 1));
+            Err::<(), _>(diesel::result::Error::RollbackTransaction)
+        });
+        assert!(result.is_err());
+        // Ended without the row: probed at once, and found not committed.
+        let ended = checker
+            .check_pending(&[Pending {
+                id,
+                txid,
+                probe: false,
+            }])
+            .unwrap();
+        assert_eq!(
+            (ended.verdicts, ended.probed),
+            (vec![Verdict::NotCommitted], 1)
+        );
+    }
+
+    /// The claim's "gone" is confirmed against the row's lock: a row whose producer still
+    /// runs is never taken for a consumed one, even if someone asks before the commit.
+    #[test]
+    fn claim_of_an_uncommitted_barrier_is_busy_not_gone() {
+        let schema = Schema::new();
+        let mut producer = schema.connect();
+        let mut worker = schema.connect();
+        let id = uuid::Uuid::new_v4();
+        producer
+            .transaction(|p| {
+                p.insert_barrier(&new_barrier(&id))?;
+                let claim = worker.worker_transaction(|w| w.claim_barrier(&id))?;
+                assert_eq!(claim, Claim::Busy);
+                Ok::<_, diesel::result::Error>(())
+            })
+            .unwrap();
+        let claim = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
+        assert_eq!(claim, Claim::Locked);
+        let claim = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
+        assert_eq!(claim, Claim::Gone);
+    }
+
+    /// Diesel counts only the transactions it opened; the server is asked about the rest.
+    #[test]
+    fn server_transaction_sees_a_begin_diesel_did_not_send() {
+        let schema = Schema::new();
+        let mut c = schema.connect();
+        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Closed);
+        diesel::sql_query("BEGIN").execute(&mut c).unwrap();
+        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Open);
+        diesel::sql_query("ROLLBACK").execute(&mut c).unwrap();
+        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Closed);
+        // A failed manual transaction is an error, never "no transaction".
+        c.batch_execute("BEGIN").unwrap();
+        assert!(c.batch_execute("SELECT 1 / 0").is_err());
+        assert!(c.server_transaction(0).is_err());
+        c.batch_execute("ROLLBACK").unwrap();
+        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Closed);
     }
 }

@@ -122,7 +122,10 @@
 
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
-use super::{Claim, NewBarrier, Pending, ReapedBarrier, Unconsumed, Verdict};
+use super::{
+    Checked, Claim, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction, Unconsumed,
+    Verdict,
+};
 use crate::error::Error;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -212,7 +215,26 @@ impl Backend for SqliteConnection {
         Ok(row.value > 0)
     }
 
-    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Option<String>> {
+    fn server_transaction(&mut self, _diesel_depth: u32) -> QueryResult<ServerTransaction> {
+        // Diesel's count misses a `BEGIN` it did not send, and a transaction that SQLite rolled
+        // back by itself (some I/O and out-of-memory errors do). SQLite refuses a `BEGIN` inside
+        // a transaction; outside one, a deferred `BEGIN` takes no lock and is rolled back at
+        // once. (SQLite answers this in-process: no round trip.)
+        match self.batch_execute("BEGIN DEFERRED") {
+            Ok(()) => {
+                self.batch_execute("ROLLBACK")?;
+                Ok(ServerTransaction::Closed)
+            }
+            Err(DieselError::DatabaseError(_, info))
+                if info.message().contains("within a transaction") =>
+            {
+                Ok(ServerTransaction::Open)
+            }
+            Err(_) => Ok(ServerTransaction::Unknown),
+        }
+    }
+
+    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Inserted> {
         // This insert takes the write lock (if an earlier write of the transaction has not), and
         // the transaction keeps it until it ends: `check_pending` relies on that.
         diesel::sql_query(
@@ -225,7 +247,20 @@ impl Backend for SqliteConnection {
         .bind::<Text, _>(row.job_queue)
         .bind::<Text, _>(row.payload)
         .execute(self)?;
-        Ok(None)
+        Ok(Inserted {
+            txid: None,
+            location: self.barrier_location()?,
+        })
+    }
+
+    fn barrier_location(&mut self) -> QueryResult<Option<String>> {
+        // The path of the database file, as SQLite resolved it when the connection opened it
+        // (empty for an in-memory or temporary database).
+        let row: Option<TextRow> =
+            diesel::sql_query("SELECT file AS value FROM pragma_database_list WHERE name = 'main'")
+                .get_result(self)
+                .optional()?;
+        Ok(row.map(|r| r.value).filter(|file| !file.is_empty()))
     }
 
     fn await_verdict(&mut self, id: &uuid::Uuid, limit: Duration) -> QueryResult<Verdict> {
@@ -239,7 +274,7 @@ impl Backend for SqliteConnection {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let verdict = self.check_pending(&batch)?[0];
+            let verdict = self.check_pending(&batch)?.verdicts[0];
             let elapsed = started.elapsed();
             if verdict != Verdict::Pending || elapsed >= limit {
                 return Ok(verdict);
@@ -280,9 +315,14 @@ impl Backend for SqliteConnection {
         })
     }
 
-    fn delete_barrier(&mut self, _id: &uuid::Uuid) -> QueryResult<()> {
-        // `claim_barrier` already deleted it inside this transaction.
-        Ok(())
+    fn claim_holds(&mut self, id: &uuid::Uuid) -> QueryResult<bool> {
+        // The deletion stands while this session no longer sees the row and its transaction is
+        // still open (SQLite rolls a transaction back by itself after some errors).
+        let row: IntRow =
+            diesel::sql_query("SELECT COUNT(*) AS value FROM dtb_barriers WHERE id = ?")
+                .bind::<Text, _>(id.hyphenated().to_string())
+                .get_result(self)?;
+        Ok(row.value == 0 && self.server_transaction(1)? == ServerTransaction::Open)
     }
 
     const HAS_HINTS: bool = true;
@@ -333,13 +373,13 @@ impl Backend for SqliteConnection {
             .collect())
     }
 
-    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Vec<Verdict>> {
+    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Checked> {
         let ids: Vec<String> = pending
             .iter()
             .map(|p| p.id.hyphenated().to_string())
             .collect();
         // Busy timeout zero: nothing here waits for a producer.
-        with_busy_timeout(self, |_| 0, |c| check_ids(c, &ids))
+        with_busy_timeout(self, |_| 0, |c| check_ids(c, &ids)).map(Checked::from)
     }
 
     fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
@@ -770,7 +810,7 @@ mod tests {
         let claim = w
             .worker_transaction(|c| {
                 let claim = c.claim_barrier(&id)?;
-                c.delete_barrier(&id)?;
+                assert!(c.claim_holds(&id)?, "the claim stands");
                 Ok::<_, DieselError>(claim)
             })
             .unwrap();
@@ -789,7 +829,6 @@ mod tests {
         let mut w = db.worker();
         let result = w.worker_transaction(|c| {
             assert_eq!(c.claim_barrier(&id)?, Claim::Locked);
-            c.delete_barrier(&id)?;
             Err::<(), _>(DieselError::RollbackTransaction)
         });
         assert!(result.is_err());
@@ -850,7 +889,7 @@ mod tests {
         let mut w = db.worker();
         let batch = [pending(committed), pending(rolled_back)];
         assert_eq!(
-            w.check_pending(&batch).unwrap(),
+            w.check_pending(&batch).unwrap().verdicts,
             [Verdict::Committed, Verdict::NotCommitted]
         );
 
@@ -860,7 +899,7 @@ mod tests {
         let batch = [pending(committed), pending(rolled_back), pending(open)];
         let started = Instant::now();
         assert_eq!(
-            w.check_pending(&batch).unwrap(),
+            w.check_pending(&batch).unwrap().verdicts,
             [Verdict::Committed, Verdict::Pending, Verdict::Pending]
         );
         assert!(
@@ -870,7 +909,7 @@ mod tests {
         end.send(()).unwrap();
         producer.join().unwrap();
         assert_eq!(
-            w.check_pending(&batch).unwrap(),
+            w.check_pending(&batch).unwrap().verdicts,
             [
                 Verdict::Committed,
                 Verdict::NotCommitted,
@@ -902,7 +941,7 @@ mod tests {
                 probe: false,
             })
             .collect();
-        let verdicts = db.worker().check_pending(&batch).unwrap();
+        let verdicts = db.worker().check_pending(&batch).unwrap().verdicts;
         for (i, v) in verdicts.iter().enumerate() {
             let expected = if i % 2 == 0 {
                 Verdict::Committed
