@@ -59,6 +59,36 @@ fn autocommit_runs_without_barrier() {
 }
 
 #[test]
+fn manual_transaction_rolled_back_never_runs() {
+    scenarios::manual_transaction_rolled_back_never_runs::<Root>();
+}
+
+#[test]
+fn manual_transaction_committed_runs_after_commit() {
+    scenarios::manual_transaction_committed_runs_after_commit::<Root>();
+}
+
+#[test]
+fn pooled_connection_left_in_a_transaction() {
+    scenarios::pooled_connection_left_in_a_transaction::<Root>();
+}
+
+#[test]
+fn barrier_in_another_table_is_refused() {
+    scenarios::barrier_in_another_table_is_refused::<Root>();
+}
+
+#[test]
+fn enqueue_after_a_failed_savepoint() {
+    scenarios::enqueue_after_a_failed_savepoint::<Root>();
+}
+
+#[test]
+fn handler_recovering_from_a_failed_savepoint_runs() {
+    scenarios::handler_recovering_from_a_failed_savepoint_runs::<Root>();
+}
+
+#[test]
 fn barrier_required_and_opt_out() {
     scenarios::barrier_required_and_opt_out::<Root>();
 }
@@ -533,5 +563,248 @@ fn stale_innodb_trx_cache_changes_nothing() {
     eprintln!(
         "{} jobs in {elapsed:?}, innodb_trx read {polls} times meanwhile",
         2 * PER_OUTCOME
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactions the server opens or ends behind Diesel's back.
+
+/// `SET autocommit = 0` opens a transaction that Diesel does not count: a job enqueued in it
+/// waits for it, never runs after its rollback, and runs after its commit.
+#[test]
+fn autocommit_off_is_a_transaction() {
+    let env = Env::<Root>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<Root>(&tx), 1);
+    let (rolled_back, committed) = (next_id(), next_id());
+    let mut conn = env.db.connect();
+    Root::exec(&mut conn, "SET autocommit = 0");
+    insert_order::<Root>(&mut conn, rolled_back, "paid");
+    conn.enqueue_with_barrier(&env.producer, env.job(PAID, rolled_back))
+        .expect("enqueued");
+    worker.wait_for_waiting(1);
+    expect_no_run(&rx, "autocommit is off: the transaction is open");
+    Root::exec(&mut conn, "ROLLBACK");
+    wait_until("the job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    insert_order::<Root>(&mut conn, committed, "new");
+    conn.enqueue_with_barrier(&env.producer, env.job(PAID, committed))
+        .expect("enqueued");
+    set_status::<Root>(&mut conn, committed, "paid");
+    worker.wait_for_waiting(1);
+    expect_no_run(&rx, "autocommit is off: the transaction is open");
+    Root::exec(&mut conn, "COMMIT");
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, committed);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    assert_eq!(runs_of(&env.db, rolled_back), 0);
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// Creates `locks` (rows 1 and 2) and `ballast` in the test's database.
+fn create_lock_tables(db: &Root) {
+    let mut c = db.connect();
+    Root::exec(
+        &mut c,
+        "CREATE TABLE locks (id INT PRIMARY KEY, v INT NOT NULL) ENGINE = InnoDB; \
+         INSERT INTO locks VALUES (1, 0), (2, 0); \
+         CREATE TABLE ballast (id INT PRIMARY KEY) ENGINE = InnoDB",
+    );
+}
+
+/// On a connection of its own, a transaction much heavier than the one it deadlocks with (so
+/// that InnoDB picks the other as its victim): it takes row 2 of `locks`, says so on `ready`,
+/// waits for `go`, then asks for row 1 and commits.
+fn heavy_deadlocker(
+    url: String,
+    ready: crossbeam_channel::Sender<()>,
+    go: crossbeam_channel::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = MysqlConnection::establish(&url).expect("connect");
+        c.transaction(|c| {
+            let rows: Vec<String> = (1..=300).map(|i| format!("({i})")).collect();
+            Root::exec(
+                c,
+                &format!("INSERT INTO ballast (id) VALUES {}", rows.join(", ")),
+            );
+            Root::exec(c, "UPDATE locks SET v = v + 1 WHERE id = 2");
+            ready.send(()).unwrap();
+            go.recv().unwrap();
+            Root::exec(c, "UPDATE locks SET v = v + 1 WHERE id = 1");
+            Ok::<_, diesel::result::Error>(())
+        })
+        .expect("the heavy transaction survives the deadlock");
+    })
+}
+
+/// The producer's transaction is chosen as a deadlock victim (error 1213 rolls the whole
+/// transaction back) and the application swallows the error: enqueueing must fail, or the
+/// barrier insert would commit on its own and the job run for a transaction that rolled back.
+#[test]
+fn deadlock_victim_cannot_enqueue() {
+    let env = Env::<Root>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<Root>(&tx), 1);
+    create_lock_tables(&env.db);
+    let id = next_id();
+    let (ready_tx, ready_rx) = unbounded();
+    let (go_tx, go_rx) = unbounded();
+    let heavy = heavy_deadlocker(env.db.url(), ready_tx, go_rx);
+    let mut conn = env.db.connect();
+    let result = conn.transaction(|c| {
+        insert_order::<Root>(c, id, "paid");
+        diesel::sql_query("UPDATE locks SET v = v + 1 WHERE id = 1").execute(c)?;
+        ready_rx.recv().unwrap();
+        go_tx.send(()).unwrap();
+        let deadlock = diesel::sql_query("UPDATE locks SET v = v + 1 WHERE id = 2").execute(c);
+        assert!(deadlock.is_err(), "the producer is the deadlock victim");
+        // The application ignores the error and goes on.
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+        Ok::<_, Error>(())
+    });
+    heavy.join().unwrap();
+    let err = result.expect_err("enqueueing after the deadlock fails");
+    assert!(
+        matches!(
+            err,
+            Error::BrokenTransaction | Error::TransactionEnded { .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(env.db.barrier_rows(), 0, "no barrier was written");
+    assert!(drain_with_sentinel(&env, &rx).is_empty(), "nothing ran");
+    assert_eq!(runs_of(&env.db, id), 0);
+}
+
+/// Statements that commit implicitly end the transaction that Diesel still counts as open:
+/// enqueueing after one must fail, or the barrier would commit on its own while the
+/// application goes on to roll back.
+#[test]
+fn implicit_commit_cannot_enqueue() {
+    let env = Env::<Root>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<Root>(&tx), 1);
+    let mut conn = env.db.connect();
+    for (before, statement, after) in [
+        ("", "CREATE TABLE scratch (a INT)", ""),
+        ("", "LOCK TABLES orders WRITE", "UNLOCK TABLES"),
+        ("SET autocommit = 0", "SET autocommit = 1", ""),
+    ] {
+        if !before.is_empty() {
+            Root::exec(&mut conn, before);
+        }
+        let id = next_id();
+        let result = conn.transaction(|c| {
+            insert_order::<Root>(c, id, "paid");
+            Root::exec(c, statement);
+            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+            Ok::<_, Error>(())
+        });
+        if !after.is_empty() {
+            Root::exec(&mut conn, after);
+        }
+        let err = result.expect_err(statement);
+        assert!(
+            matches!(err, Error::TransactionEnded { .. }),
+            "{statement}: {err}"
+        );
+        assert_eq!(
+            env.db.barrier_rows(),
+            0,
+            "{statement}: no barrier was written"
+        );
+    }
+    assert!(drain_with_sentinel(&env, &rx).is_empty(), "nothing ran");
+}
+
+/// A handler whose transaction is rolled back under it (a deadlock victim whose error it
+/// swallows) must not be reported as run: its writes are gone, so the barrier must stay, and
+/// the delivery fails (Faktory retries it).
+#[test]
+fn handler_deadlock_victim_is_not_reported_as_run() {
+    let env = Env::<Root>::new();
+    create_lock_tables(&env.db);
+    let (ready_tx, ready_rx) = unbounded::<()>();
+    let (go_tx, go_rx) = unbounded::<()>();
+    let (victim_tx, victim_rx) = unbounded::<bool>();
+    let handlers = Handlers::new().register(PAID, move |job: &Job, c: &mut MysqlConnection| {
+        let order_id = job.args()[0].as_i64().expect("order id");
+        Root::exec(
+            c,
+            &format!(
+                "INSERT INTO handler_runs (jid, order_id) VALUES ('{}', {order_id})",
+                job.id().as_str()
+            ),
+        );
+        Root::exec(c, "UPDATE locks SET v = v + 1 WHERE id = 1");
+        ready_rx.recv().unwrap();
+        go_tx.send(()).unwrap();
+        let deadlock = diesel::sql_query("UPDATE locks SET v = v + 1 WHERE id = 2").execute(c);
+        victim_tx.send(deadlock.is_err()).unwrap();
+        // Swallowed.
+        Ok::<(), std::io::Error>(())
+    });
+    let worker = env.start_worker(handlers, 1);
+    let heavy = heavy_deadlocker(env.db.url(), ready_tx, go_rx);
+    let id = next_id();
+    let mut job = env.job(PAID, id);
+    job.retry = Some(0);
+    commit_order(&env, id, job);
+    assert!(
+        victim_rx.recv_timeout(EVENTUALLY).unwrap(),
+        "the handler is the victim"
+    );
+    heavy.join().unwrap();
+    wait_until("the delivery to fail", EVENTUALLY, || {
+        worker.monitor.failed() >= 1
+    });
+    assert_eq!(worker.monitor.ran(), 0, "not reported as run");
+    assert_eq!(runs_of(&env.db, id), 0, "its writes were rolled back");
+    assert_eq!(
+        env.db.barrier_rows(),
+        1,
+        "so the barrier stays for the retry"
+    );
+}
+
+/// A handler whose transaction is committed under it (DDL commits implicitly) is not reported
+/// as run either: the delivery fails. The barrier's deletion committed together with the
+/// handler's writes before the DDL, so a retry finds it consumed and does not run them again.
+#[test]
+fn handler_implicit_commit_is_not_reported_as_run() {
+    let env = Env::<Root>::new();
+    let handlers = Handlers::new().register(PAID, |job: &Job, c: &mut MysqlConnection| {
+        let order_id = job.args()[0].as_i64().expect("order id");
+        Root::exec(
+            c,
+            &format!(
+                "INSERT INTO handler_runs (jid, order_id) VALUES ('{}', {order_id})",
+                job.id().as_str()
+            ),
+        );
+        Root::exec(c, "CREATE TABLE IF NOT EXISTS handler_scratch (a INT)");
+        Ok::<(), std::io::Error>(())
+    });
+    let worker = env.start_worker(handlers, 1);
+    let id = next_id();
+    let mut job = env.job(PAID, id);
+    job.retry = Some(0);
+    commit_order(&env, id, job);
+    wait_until("the delivery to fail", EVENTUALLY, || {
+        worker.monitor.failed() >= 1
+    });
+    assert_eq!(worker.monitor.ran(), 0, "not reported as run");
+    assert_eq!(
+        runs_of(&env.db, id),
+        1,
+        "the writes before the DDL committed"
+    );
+    assert_eq!(
+        env.db.barrier_rows(),
+        0,
+        "together with the barrier's deletion"
     );
 }

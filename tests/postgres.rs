@@ -6,6 +6,10 @@ mod common;
 
 use common::pg::Pg;
 use common::scenarios;
+use common::*;
+use crossbeam_channel::unbounded;
+use diesel::prelude::*;
+use diesel_transaction_barrier::{EnqueueWithBarrier, Error};
 
 #[test]
 fn commit_runs_after_commit() {
@@ -40,6 +44,36 @@ fn released_savepoint_runs() {
 #[test]
 fn autocommit_runs_without_barrier() {
     scenarios::autocommit_runs_without_barrier::<Pg>();
+}
+
+#[test]
+fn manual_transaction_rolled_back_never_runs() {
+    scenarios::manual_transaction_rolled_back_never_runs::<Pg>();
+}
+
+#[test]
+fn manual_transaction_committed_runs_after_commit() {
+    scenarios::manual_transaction_committed_runs_after_commit::<Pg>();
+}
+
+#[test]
+fn pooled_connection_left_in_a_transaction() {
+    scenarios::pooled_connection_left_in_a_transaction::<Pg>();
+}
+
+#[test]
+fn barrier_in_another_table_is_refused() {
+    scenarios::barrier_in_another_table_is_refused::<Pg>();
+}
+
+#[test]
+fn enqueue_after_a_failed_savepoint() {
+    scenarios::enqueue_after_a_failed_savepoint::<Pg>();
+}
+
+#[test]
+fn handler_recovering_from_a_failed_savepoint_runs() {
+    scenarios::handler_recovering_from_a_failed_savepoint_runs::<Pg>();
 }
 
 #[test]
@@ -138,4 +172,103 @@ fn worker_killed_mid_wait_and_mid_handler() {
 #[ignore = "the child process of worker_killed_mid_wait_and_mid_handler"]
 fn worker_child() {
     common::faults::worker_child_main::<Pg>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// What another session, or the producer's own settings, could do to a waiting job.
+
+/// Any session may `NOTIFY` the barrier channel with a waiting job's barrier id (it is in the
+/// job's payload, and no privilege is needed). The forged hint makes the worker look, and it
+/// finds the transaction still running: the job keeps waiting, and runs once it commits.
+#[test]
+fn forged_notify_is_not_a_commit() {
+    let env = Env::<Pg>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<Pg>(&tx), 1);
+    let id = next_id();
+    let mut conn = env.db.connect();
+    let mut forger = env.db.connect();
+    conn.transaction(|c| {
+        insert_order::<Pg>(c, id, "new");
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+        let barrier = Pg::query_string(c, "SELECT id FROM dtb_barriers").expect("the row");
+        worker.wait_for_waiting(1);
+        Pg::exec(&mut forger, &format!("NOTIFY dtb_barriers, '{barrier}'"));
+        Pg::exec(
+            &mut forger,
+            &format!("SELECT pg_notify('dtb_barriers', '{barrier}')"),
+        );
+        expect_no_run(&rx, "the transaction is still open");
+        assert_eq!(
+            worker.monitor.duplicates(),
+            0,
+            "not taken for a consumed barrier"
+        );
+        assert_eq!(worker.monitor.aborted(), 0, "not taken for a rollback");
+        assert_eq!(worker.monitor.waiting(), 1, "still waiting");
+        set_status::<Pg>(c, id, "paid");
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// A barrier written late in a long transaction is stamped with the time it was written, not
+/// with the transaction's start (`now()`): the reconciler's grace period and the reaper's age
+/// count from the push.
+#[test]
+fn barrier_rows_are_stamped_when_written() {
+    let env = Env::<Pg>::new();
+    let mut conn = env.db.connect();
+    let result = conn.transaction(|c| {
+        Pg::exec(c, "SELECT pg_sleep(0.2)");
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, next_id()))?;
+        for column in ["created_at", "pushed_at"] {
+            let after_start = Pg::query_i64(
+                c,
+                &format!(
+                    "SELECT (EXTRACT(EPOCH FROM {column} - now()) * 1000)::bigint \
+                     FROM dtb_barriers"
+                ),
+            )
+            .expect("the row");
+            assert!(
+                after_start >= 150,
+                "{column} is {after_start} ms after the transaction's start"
+            );
+        }
+        Err::<(), _>(Error::Config("roll back".into()))
+    });
+    assert!(result.is_err());
+}
+
+/// A transaction that turned `synchronous_commit` off would let its waiting job start before
+/// its commit reached the disk: enqueueing makes it flush locally; stronger settings stay.
+#[test]
+fn enqueueing_makes_the_commit_durable() {
+    let env = Env::<Pg>::new();
+    let mut conn = env.db.connect();
+    for (asked, kept) in [
+        ("off", "local"),
+        ("local", "local"),
+        ("on", "on"),
+        ("remote_apply", "remote_apply"),
+    ] {
+        let result = conn.transaction(|c| {
+            Pg::exec(c, &format!("SET LOCAL synchronous_commit = {asked}"));
+            c.enqueue_with_barrier(&env.producer, env.job(PAID, next_id()))?;
+            let now = Pg::query_string(c, "current_setting('synchronous_commit')");
+            assert_eq!(now.as_deref(), Some(kept), "asked for {asked}");
+            Err::<(), _>(Error::Config("roll back".into()))
+        });
+        assert!(result.is_err());
+    }
+    // Outside the transaction, the session's own setting is untouched.
+    let now = Pg::query_string(&mut conn, "current_setting('synchronous_commit')");
+    assert_eq!(now.as_deref(), Some("on"));
 }

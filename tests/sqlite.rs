@@ -176,6 +176,36 @@ fn autocommit_runs_without_barrier() {
 }
 
 #[test]
+fn manual_transaction_rolled_back_never_runs() {
+    scenarios::manual_transaction_rolled_back_never_runs::<Lite>();
+}
+
+#[test]
+fn manual_transaction_committed_runs_after_commit() {
+    scenarios::manual_transaction_committed_runs_after_commit::<Lite>();
+}
+
+#[test]
+fn pooled_connection_left_in_a_transaction() {
+    scenarios::pooled_connection_left_in_a_transaction::<Lite>();
+}
+
+#[test]
+fn barrier_in_another_table_is_refused() {
+    scenarios::barrier_in_another_table_is_refused::<Lite>();
+}
+
+#[test]
+fn enqueue_after_a_failed_savepoint() {
+    scenarios::enqueue_after_a_failed_savepoint::<Lite>();
+}
+
+#[test]
+fn handler_recovering_from_a_failed_savepoint_runs() {
+    scenarios::handler_recovering_from_a_failed_savepoint_runs::<Lite>();
+}
+
+#[test]
 fn barrier_required_and_opt_out() {
     scenarios::barrier_required_and_opt_out::<Lite>();
 }

@@ -72,7 +72,7 @@ fn enqueue_then<D: TestDb>(
     (result, jid.expect("enqueued").as_str().to_string())
 }
 
-fn assert_aborted<D: TestDb>(
+pub fn assert_aborted<D: TestDb>(
     env: &Env<D>,
     worker: &RunningWorker,
     rx: &Receiver<Ran>,
@@ -882,4 +882,153 @@ pub fn faktory_restart_while_worker_runs<D: TestDb>() {
     let ran = expect_run(&rx);
     assert_eq!(ran.order_id, second, "the worker reconnected and resumed");
     drop(worker);
+}
+
+/// A transaction Diesel did not open (a `BEGIN` sent as SQL) is a transaction all the same:
+/// the job waits for it, and never runs once it rolls back.
+pub fn manual_transaction_rolled_back_never_runs<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let mut conn = env.db.connect();
+    D::exec(&mut conn, "BEGIN");
+    insert_order::<D>(&mut conn, id, "paid");
+    let jid = conn
+        .enqueue_with_barrier(&env.producer, env.job(PAID, id))
+        .expect("enqueued");
+    worker.wait_for_waiting(1);
+    expect_no_run(&rx, "the manual transaction is still open");
+    D::exec(&mut conn, "ROLLBACK");
+    assert_aborted(&env, &worker, &rx, id, jid.as_str());
+}
+
+/// The job of a transaction Diesel did not open runs once it commits, and sees its writes.
+pub fn manual_transaction_committed_runs_after_commit<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let mut conn = env.db.connect();
+    D::exec(&mut conn, "BEGIN");
+    insert_order::<D>(&mut conn, id, "new");
+    conn.enqueue_with_barrier(&env.producer, env.job(PAID, id))
+        .expect("enqueued");
+    set_status::<D>(&mut conn, id, "paid");
+    worker.wait_for_waiting(1);
+    expect_no_run(&rx, "the manual transaction is still open");
+    D::exec(&mut conn, "COMMIT");
+    let ran = expect_run(&rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// A pooled connection given back inside a transaction Diesel did not open passes the pool's
+/// health check (which asks Diesel); enqueueing on it later still waits for that transaction.
+pub fn pooled_connection_left_in_a_transaction<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker(handlers::<D>(&tx), 1);
+    let pool = env.db.pool(1);
+    let id = next_id();
+    {
+        let mut conn = pool.get().expect("a connection");
+        D::exec(&mut conn, "BEGIN");
+        insert_order::<D>(&mut conn, id, "paid");
+    }
+    let mut conn = pool.get().expect("the pool hands the connection out again");
+    let jid = conn
+        .enqueue_with_barrier(&env.producer, env.job(PAID, id))
+        .expect("enqueued");
+    worker.wait_for_waiting(1);
+    expect_no_run(&rx, "the leftover transaction is still open");
+    D::exec(&mut conn, "ROLLBACK");
+    assert_aborted(&env, &worker, &rx, id, jid.as_str());
+}
+
+/// A worker that reads another barrier table than the producer wrote to (another database, or
+/// another PostgreSQL schema through a different `search_path`) cannot see the row: it fails
+/// the job, which stays in Faktory's hands, instead of taking the invisible row for a rollback.
+pub fn barrier_in_another_table_is_refused<D: TestDb>() {
+    let env = Env::<D>::new();
+    let elsewhere = D::create();
+    let (tx, rx) = unbounded();
+    let id = next_id();
+    let mut job = env.job(PAID, id);
+    job.retry = Some(0);
+    let jid = job.id().as_str().to_string();
+    commit_order(&env, id, job);
+    let wrong = env.start_worker_on(elsewhere.pool(4), handlers::<D>(&tx), |b| b.workers(1));
+    wait_until("the job to fail", EVENTUALLY, || {
+        wrong.monitor.failed() >= 1
+    });
+    assert_eq!(wrong.monitor.aborted(), 0, "never taken for a rollback");
+    expect_no_run(&rx, "the worker cannot see the barrier");
+    drop(wrong);
+    assert_eq!(
+        env.db.barrier_rows(),
+        1,
+        "the committed barrier is still there"
+    );
+    if let Some(server) = env.faktory.server() {
+        assert!(server.wait_until_history(&jid, JobEventKind::Failed, EVENTUALLY));
+        let message = server
+            .history(&jid)
+            .iter()
+            .find_map(|e| match e {
+                JobEvent::Failed { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .expect("a failure");
+        assert!(message.contains("search_path"), "{message}");
+    }
+}
+
+/// A statement that failed inside a savepoint, rolled back with the savepoint, leaves the
+/// outer transaction usable: enqueueing in it afterwards works, and the job runs after commit.
+pub fn enqueue_after_a_failed_savepoint<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker(handlers::<D>(&tx), 1);
+    let id = next_id();
+    let mut conn = env.db.connect();
+    conn.transaction(|c| {
+        insert_order::<D>(c, id, "paid");
+        let failed = c.transaction(|c| D::try_exec(c, "INSERT INTO no_such_table VALUES (1)"));
+        assert!(failed.is_err());
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+        Ok::<_, Error>(())
+    })
+    .expect("the transaction commits");
+    assert_eq!(expect_run(&rx).order_id, id);
+    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    assert_eq!(env.db.barrier_rows(), 0);
+}
+
+/// A handler that recovers from a failed statement by rolling back a savepoint of its own
+/// still holds its transaction: it is reported as run, and its writes commit.
+pub fn handler_recovering_from_a_failed_savepoint_runs<D: TestDb>() {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let record = recording_handler::<D>(tx);
+    let handlers = Handlers::new().register(PAID, move |job: &Job, c: &mut D::Conn| {
+        let failed = c.transaction(|c| D::try_exec(c, "INSERT INTO no_such_table VALUES (1)"));
+        assert!(failed.is_err());
+        record(job, c)
+    });
+    let worker = env.start_worker(handlers, 1);
+    let id = next_id();
+    commit_order(&env, id, env.job(PAID, id));
+    assert_eq!(expect_run(&rx).order_id, id);
+    wait_until("the run to commit", EVENTUALLY, || {
+        runs_of(&env.db, id) == 1
+    });
+    wait_until("the run to be counted", EVENTUALLY, || {
+        worker.monitor.ran() == 1
+    });
+    assert_eq!(worker.monitor.failed(), 0);
+    assert_eq!(env.db.barrier_rows(), 0);
 }
