@@ -48,11 +48,8 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
             let handlers = handlers
                 .as_any()
                 .downcast_ref::<Handlers<C>>()
-                .ok_or_else(|| {
-                    Error::Inline(format!(
-                        "this producer's handlers are not for {}",
-                        std::any::type_name::<C>()
-                    ))
+                .ok_or(Error::InlineWrongConnection {
+                    expected: handlers.connection_type(),
                 })?;
             return run_inline(handlers, self, job).map(|()| jid);
         }
@@ -87,8 +84,10 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
         let id = uuid::Uuid::new_v4();
         // The payload stored with the barrier is the job as it will be pushed, minus the
         // descriptor (which needs the transaction id that the insert itself returns).
-        let payload = serde_json::to_string(&job)
-            .map_err(|e| Error::Config(format!("the job cannot be serialised to JSON: {e}")))?;
+        let payload = serde_json::to_string(&job).map_err(|source| Error::JobEncoding {
+            jid: jid.to_string(),
+            source,
+        })?;
         let inserted = self
             .insert_barrier(&NewBarrier {
                 id: &id,
@@ -97,7 +96,15 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
                 job_queue: &job.queue,
                 payload: &payload,
             })
-            .map_err(missing_table_or)?;
+            .map_err(|e| {
+                if self.missing_table(&e) {
+                    Error::MigrationsMissing {
+                        table: crate::BARRIER_TABLE,
+                    }
+                } else {
+                    Error::Database(e)
+                }
+            })?;
         let descriptor = Descriptor::Barrier(BarrierRef {
             backend: C::NAME.to_string(),
             id,
@@ -113,27 +120,10 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
     }
 }
 
-/// Turns an insert error into [`Error::MigrationsMissing`] when the table is not there.
-fn missing_table_or(e: diesel::result::Error) -> Error {
-    // In PostgreSQL the failed insert has aborted the transaction, so the schema cannot be
-    // inspected now; a message check is the only clue left, and only used to pick the error.
-    let msg = e.to_string();
-    if msg.contains(crate::BARRIER_TABLE)
-        && (msg.contains("does not exist")
-            || msg.contains("doesn't exist")
-            || msg.contains("no such table"))
-    {
-        return Error::MigrationsMissing {
-            table: crate::BARRIER_TABLE,
-        };
-    }
-    Error::Database(e)
-}
-
 /// Inline mode: run the handler now with the caller's connection.
 fn run_inline<C: BarrierConnection>(handlers: &Handlers<C>, conn: &mut C, job: Job) -> Result<()> {
-    let reg = handlers.get(&job.kind).ok_or_else(|| {
-        Error::Inline(format!("no handler registered for job kind {:?}", job.kind))
+    let reg = handlers.get(&job.kind).ok_or_else(|| Error::InlineNoHandler {
+        kind: job.kind.clone(),
     })?;
     tracing::debug!(jid = job.id().as_str(), kind = %job.kind, "running handler inline");
     (reg.handler)(&job, conn).map_err(|source| Error::Handler {

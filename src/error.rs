@@ -65,7 +65,7 @@ pub enum Error {
     #[error("running the barrier migrations failed: {0}")]
     Migration(BoxError),
 
-    /// A database error.
+    /// A database error (its cause is the error's [`source`](std::error::Error::source)).
     #[error("database error")]
     Database(#[from] diesel::result::Error),
 
@@ -119,13 +119,31 @@ pub enum Error {
         worker_table: String,
     },
 
-    /// An inline producer was used with a connection type its handlers were not built for,
-    /// or with a job kind it has no handler for.
-    #[error("inline mode: {0}")]
-    Inline(String),
+    /// An inline producer ([`Producer::inline`](crate::Producer::inline)) was given a
+    /// connection of another type than its handlers take.
+    #[error("this inline producer's handlers take {expected}, not the connection it was given")]
+    InlineWrongConnection {
+        /// The connection type the handlers take.
+        expected: &'static str,
+    },
 
-    /// The job handler returned an error.
-    #[error("handler for job {jid} failed: {source}")]
+    /// An inline producer has no handler for the job's kind: register one in the
+    /// [`Handlers`](crate::Handlers) it was built with.
+    #[error("this inline producer has no handler for job kind {kind:?}")]
+    InlineNoHandler {
+        /// The job kind.
+        kind: String,
+    },
+
+    /// [`Producer::push`](crate::Producer::push) was called on an inline producer, which has no
+    /// connection to give a handler: use
+    /// [`enqueue_with_barrier`](crate::EnqueueWithBarrier::enqueue_with_barrier).
+    #[error("an inline producer cannot push: use enqueue_with_barrier")]
+    InlinePush,
+
+    /// The job handler returned an error (the handler's error is this error's
+    /// [`source`](std::error::Error::source)).
+    #[error("handler for job {jid} failed")]
     Handler {
         /// The Faktory job id.
         jid: String,
@@ -142,9 +160,67 @@ pub enum Error {
         message: String,
     },
 
-    /// Invalid configuration (for example a malformed URL).
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    /// A job reached the worker for a kind it has no handler for. (Faktory hands a worker only
+    /// the kinds it registered, so this points at a bug.)
+    #[error("no handler for job {jid} of kind {kind:?}")]
+    UnknownKind {
+        /// The job kind.
+        kind: String,
+        /// The Faktory job id.
+        jid: String,
+    },
+
+    /// A job could not be turned into JSON, or back.
+    #[error("job {jid} cannot be encoded as JSON")]
+    JobEncoding {
+        /// The Faktory job id.
+        jid: String,
+        /// What serde said.
+        source: serde_json::Error,
+    },
+
+    /// The worker is shutting down: the job was not run (Faktory gives it to another worker).
+    #[error("the worker is shutting down")]
+    ShuttingDown,
+
+    /// The private Tokio runtime that drives the Faktory client could not be started.
+    #[error("cannot start a Tokio runtime")]
+    Runtime(#[source] std::io::Error),
+
+    /// The producer's runtime stopped before it answered (the producer is being dropped).
+    #[error("the producer stopped before the push was answered")]
+    ProducerStopped,
+
+    /// The worker's connection pool is smaller than it needs: one connection per handler
+    /// ([`WorkerBuilder::workers`](crate::WorkerBuilder::workers)) and two for the waiter.
+    #[error("the connection pool holds at most {max_size} connections; the worker needs {needed} (one per handler, two for its waiter)")]
+    PoolTooSmall {
+        /// The pool's `max_size`.
+        max_size: u32,
+        /// The connections the worker needs.
+        needed: u32,
+    },
+}
+
+/// Shows an error followed by each of its causes: `outer: cause: root cause`. Logs use it, so
+/// that nothing of the chain is lost.
+pub(crate) fn chain<E: std::error::Error + ?Sized>(error: &E) -> Chain<'_, E> {
+    Chain(error)
+}
+
+/// See [`chain`].
+pub(crate) struct Chain<'a, E: ?Sized>(&'a E);
+
+impl<E: std::error::Error + ?Sized> fmt::Display for Chain<'_, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
 }
 
 /// What a worker knew about a barrier when it gave up waiting for it.
@@ -193,5 +269,25 @@ impl From<Error> for diesel::result::Error {
             Error::Database(inner) => inner,
             other => diesel::result::Error::QueryBuilderError(Box::new(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_error_names_its_cause_once() {
+        let e = Error::Handler {
+            jid: "j1".into(),
+            source: "the mail server is down".into(),
+        };
+        assert_eq!(e.to_string(), "handler for job j1 failed");
+        assert_eq!(
+            chain(&e).to_string(),
+            "handler for job j1 failed: the mail server is down"
+        );
+        let db = Error::Database(diesel::result::Error::NotFound);
+        assert_eq!(chain(&db).to_string(), "database error: Record not found");
     }
 }

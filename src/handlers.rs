@@ -129,10 +129,16 @@ impl<C: 'static> Handlers<C> {
 /// connection type.
 pub(crate) trait ErasedHandlers: Send + Sync {
     fn as_any(&self) -> &dyn Any;
+    /// The connection type the handlers take.
+    fn connection_type(&self) -> &'static str;
 }
 
 impl<C: Send + 'static> ErasedHandlers for Handlers<C> {
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn connection_type(&self) -> &'static str {
+        std::any::type_name::<C>()
     }
 }

@@ -138,9 +138,9 @@ mod enqueue;
 mod error;
 mod handlers;
 mod migrations;
+mod maintenance;
 mod producer;
-mod reconcile;
-mod waiter;
+mod repush;
 mod worker;
 
 #[cfg(feature = "testing")]
@@ -152,11 +152,12 @@ pub use descriptor::CUSTOM_KEY;
 pub use enqueue::EnqueueWithBarrier;
 pub use error::{BoxError, Error, Result, TimeoutInfo};
 pub use handlers::Handlers;
-pub use migrations::{barrier_schema_present, reap_barriers, run_migrations};
+pub use maintenance::{reap_barriers, reconcile_barriers};
+pub use migrations::{barrier_schema_present, run_migrations};
 pub use producer::{Producer, ProducerBuilder};
-pub use reconcile::reconcile_barriers;
+pub use backend::ConnectionPool;
 pub use worker::{
-    AbortPolicy, ConnectionPool, ShutdownHandle, StopReason, Worker, WorkerBuilder, WorkerMonitor,
+    AbortPolicy, ShutdownHandle, StopReason, Worker, WorkerBuilder, WorkerMonitor,
 };
 
 pub use faktory::{Job, JobId};

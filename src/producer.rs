@@ -96,26 +96,26 @@ impl ProducerBuilder {
 
     /// Builds the producer and checks that the server answers.
     pub fn connect(self) -> Result<Producer> {
-        let url = self.url.clone().unwrap_or_else(env_url);
-        let producer = self.build_with(url);
+        let producer = self.build()?;
         producer.ping()?;
         Ok(producer)
     }
 
     /// Builds the producer without connecting; the first push connects.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Runtime`] when the private Tokio runtime cannot start (the system refused a
+    /// thread).
     pub fn build(self) -> Result<Producer> {
         let url = self.url.clone().unwrap_or_else(env_url);
-        Ok(self.build_with(url))
-    }
-
-    fn build_with(self, url: String) -> Producer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("dtb-producer")
             .enable_all()
             .build()
-            .expect("building a Tokio runtime for the Faktory producer");
-        Producer {
+            .map_err(Error::Runtime)?;
+        Ok(Producer {
             inner: Arc::new(Inner::Faktory(FaktoryPool {
                 url,
                 max_idle: self.max_idle,
@@ -123,7 +123,7 @@ impl ProducerBuilder {
                 runtime: Some(runtime),
                 idle: Arc::new(Mutex::new(Vec::new())),
             })),
-        }
+        })
     }
 }
 
@@ -160,7 +160,7 @@ impl Producer {
     /// This is how code that enqueues is unit-tested: build the [`Handlers`](crate::Handlers)
     /// once, give them to the worker in production and to an inline producer in tests.
     /// [`Producer::push`] has no connection to hand to a handler, so on an inline producer it
-    /// returns [`Error::Inline`]; use `enqueue_with_barrier`.
+    /// returns [`Error::InlinePush`]; use `enqueue_with_barrier`.
     pub fn inline<C: crate::BarrierConnection>(handlers: crate::Handlers<C>) -> Producer {
         Producer {
             inner: Arc::new(Inner::Inline(Arc::new(handlers))),
@@ -176,10 +176,7 @@ impl Producer {
     pub fn push(&self, job: Job) -> Result<()> {
         match &*self.inner {
             Inner::Faktory(pool) => pool.push(job, false),
-            Inner::Inline(_) => Err(Error::Inline(
-                "an inline producer has no connection to run a handler with; use enqueue_with_barrier"
-                    .into(),
-            )),
+            Inner::Inline(_) => Err(Error::InlinePush),
         }
     }
 
@@ -310,11 +307,7 @@ impl FaktoryPool {
                 }
             }
         });
-        rx.recv().unwrap_or_else(|_| {
-            Err(Error::Config(
-                "the producer's runtime stopped before answering".into(),
-            ))
-        })
+        rx.recv().unwrap_or(Err(Error::ProducerStopped))
     }
 }
 

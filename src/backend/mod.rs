@@ -1,18 +1,25 @@
-//! What a database must provide to carry barriers. One file per backend, each behind its
-//! cargo feature; nothing outside this module knows which backend it talks to.
+//! What a database must provide to carry barriers: the sealed [`sealed::Backend`] trait, and
+//! one implementation per backend, each behind its cargo feature (`postgres.rs`, `mysql/`,
+//! `sqlite/`). Nothing outside this module knows which backend it talks to. How each backend
+//! decides is argued in `docs/design/`. `conformance/` holds the tests every backend must pass.
 
-use diesel::r2d2::R2D2Connection;
+use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
 use diesel::Connection;
 use std::time::Duration;
 
+#[cfg(all(test, feature = "testing"))]
+mod conformance;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
-#[cfg(all(test, feature = "postgres"))]
-pub(crate) use postgres::tests as postgres_tests;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) mod rows;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+
+/// A pool of Diesel connections, as the worker uses it.
+pub type ConnectionPool<C> = Pool<ConnectionManager<C>>;
 
 /// The name of the barrier table, the same on every backend.
 ///
@@ -72,7 +79,7 @@ pub struct Inserted {
 pub struct Checked {
     /// One verdict per pending barrier, in order.
     pub verdicts: Vec<Verdict>,
-    /// How many barriers needed an authoritative probe (a short lock wait each).
+    /// How many barriers got an authoritative probe (a short lock wait each).
     pub probed: usize,
 }
 
@@ -92,8 +99,6 @@ pub struct Pending {
     pub id: uuid::Uuid,
     /// The producer's transaction id from the job's descriptor (untrusted: a hint only).
     pub txid: Option<String>,
-    /// Whether an authoritative probe is due even if the transaction looks alive.
-    pub probe: bool,
 }
 
 /// A committed barrier whose job was not consumed in time, taken by the reconciler.
@@ -114,55 +119,6 @@ pub struct ReapedBarrier {
     pub job_id: String,
     /// The job kind.
     pub job_kind: String,
-}
-
-/// The rows the backends read back, shared by all of them.
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-pub(crate) mod rows {
-    use diesel::sql_types::{BigInt, Nullable, Text};
-    use diesel::QueryableByName;
-
-    /// A row taken by the reconciler.
-    #[derive(QueryableByName)]
-    pub(crate) struct UnconsumedRow {
-        #[diesel(sql_type = Text)]
-        pub(crate) id: String,
-        #[diesel(sql_type = Nullable<BigInt>)]
-        pub(crate) txid: Option<i64>,
-        #[diesel(sql_type = Nullable<Text>)]
-        pub(crate) payload: Option<String>,
-    }
-
-    impl From<UnconsumedRow> for super::Unconsumed {
-        fn from(r: UnconsumedRow) -> Self {
-            super::Unconsumed {
-                id: r.id,
-                txid: r.txid.map(|t| t.to_string()),
-                payload: r.payload,
-            }
-        }
-    }
-
-    /// A row deleted by the reaper.
-    #[derive(QueryableByName)]
-    pub(crate) struct ReapedRow {
-        #[diesel(sql_type = Text)]
-        pub(crate) id: String,
-        #[diesel(sql_type = Text)]
-        pub(crate) job_id: String,
-        #[diesel(sql_type = Text)]
-        pub(crate) job_kind: String,
-    }
-
-    impl From<ReapedRow> for super::ReapedBarrier {
-        fn from(r: ReapedRow) -> Self {
-            super::ReapedBarrier {
-                id: r.id,
-                job_id: r.job_id,
-                job_kind: r.job_kind,
-            }
-        }
-    }
 }
 
 /// The barrier row written by the producer.
@@ -206,20 +162,17 @@ pub(crate) mod sealed {
         /// Inserts the barrier row in the connection's current transaction.
         fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> diesel::QueryResult<Inserted>;
 
+        /// Whether `error`, just returned by [`insert_barrier`](Self::insert_barrier) on this
+        /// connection, says that the barrier table does not exist (the migrations have not
+        /// run, or the connection's `search_path` does not reach them).
+        fn missing_table(&mut self, error: &diesel::result::Error) -> bool;
+
         /// Names the barrier table this connection reads and writes (database and schema), so
         /// that a worker can refuse a barrier written to another one: a row it cannot see
         /// would otherwise look rolled back. `None` when the backend cannot name it reliably.
         fn barrier_location(&mut self) -> diesel::QueryResult<Option<String>> {
             Ok(None)
         }
-
-        /// Waits at most `limit` for the transaction that wrote barrier `id` to end. Must not
-        /// answer `Committed` before that transaction's commit is durable.
-        fn await_verdict(
-            &mut self,
-            id: &uuid::Uuid,
-            limit: Duration,
-        ) -> diesel::QueryResult<Verdict>;
 
         /// Runs `f` in a new READ COMMITTED transaction of the worker's, which commits when `f`
         /// returns `Ok` and rolls back otherwise.
@@ -254,10 +207,14 @@ pub(crate) mod sealed {
         /// How often the waiter runs [`check_pending`](Self::check_pending) while barriers are
         /// pending.
         const CHECK_INTERVAL: Duration = Duration::from_millis(200);
-        /// How soon a pending barrier gets its first authoritative probe even if its
-        /// transaction looks alive (catches savepoints rolled back inside a running
-        /// transaction); later probes back off to every 30 s, a few per check.
-        const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+        /// Whether the database has one writer at a time (SQLite): a worker transaction then
+        /// waits for any open write transaction, a producer's included.
+        const ONE_WRITER: bool = false;
+
+        /// What the backend keeps from one check of a waiter to the next (PostgreSQL: when
+        /// each barrier is due for its next authoritative probe).
+        type Checker: Default + Send + 'static;
 
         /// Makes this connection receive commit hints.
         fn listen_for_commits(&mut self) -> diesel::QueryResult<()> {
@@ -277,18 +234,16 @@ pub(crate) mod sealed {
         }
 
         /// Verdicts for a batch of pending barriers, one per entry, in order, without waiting
-        /// on any producer. `Committed` must be durable and `NotCommitted` authoritative, as
-        /// for [`await_verdict`](Self::await_verdict).
-        fn check_pending(&mut self, pending: &[Pending]) -> diesel::QueryResult<Checked> {
-            let verdicts = pending
-                .iter()
-                .map(|p| self.await_verdict(&p.id, Duration::from_millis(1)))
-                .collect::<diesel::QueryResult<Vec<_>>>()?;
-            Ok(Checked {
-                probed: verdicts.len(),
-                verdicts,
-            })
-        }
+        /// on any producer. `Committed` must mean that the producer's commit is durable and
+        /// `NotCommitted` that its transaction ended without the row: both decided by the
+        /// database, never by a hint or a transaction id. The waiter calls it with every
+        /// pending barrier every [`CHECK_INTERVAL`](Self::CHECK_INTERVAL), and with the hinted
+        /// ones in between; `checker` is this waiter's own state.
+        fn check_pending(
+            &mut self,
+            checker: &mut Self::Checker,
+            pending: &[Pending],
+        ) -> diesel::QueryResult<Checked>;
 
         /// After a handler failed and its transaction rolled back: records that the job reached
         /// a worker (it now lives in Faktory's retries), so the reconciler leaves it alone.
@@ -374,8 +329,11 @@ pub(crate) fn poison<C: Connection>(conn: &mut C) {
         .set_in_error();
 }
 
-/// `limit` in whole milliseconds, at least 1.
-#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
-pub(crate) fn millis(limit: Duration) -> i32 {
-    limit.as_millis().clamp(1, i32::MAX as u128) as i32
+/// The longest age handed to a database (a hundred years): date arithmetic beyond it fails or
+/// overflows on every backend, and no barrier lives that long.
+const MAX_AGE: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
+/// `age`, at most a hundred years: what "older than `age`" can mean to a database.
+pub(crate) fn bounded_age(age: Duration) -> Duration {
+    age.min(MAX_AGE)
 }

@@ -1,16 +1,10 @@
-//! PostgreSQL: barriers on `PgConnection`.
+//! PostgreSQL: barriers on `PgConnection` (cargo feature `postgres`).
 //!
-//! * The producer inserts the barrier row and records its top-level transaction id
-//!   (`pg_current_xact_id()`, which is the same inside a savepoint).
-//! * The worker waits with `dtb_await_barrier` (see the migration): an `INSERT ... ON CONFLICT
-//!   DO NOTHING` of the same id blocks on the producer's row lock until the producer's
-//!   transaction (or the savepoint around the enqueue) ends, bounded by `lock_timeout`. The row
-//!   itself is the ground truth, never the transaction id's status: ids can be reused after a
-//!   crash. A waiter is released only once the producer's commit is flushed to WAL (with the
-//!   default `synchronous_commit`), so `Committed` is durable.
-//! * Every worker statement runs in an explicit READ COMMITTED transaction, whatever the
-//!   database's default isolation: under REPEATABLE READ a conflicting insert fails with a
-//!   serialization error instead of answering.
+//! The producer inserts the barrier row and `NOTIFY`s its id; the worker's waiter treats the
+//! notification as a hint, decides from the row (visible: committed) and, once the producer's
+//! transaction looks over (or its probe is due), from the lock wait of a conflicting insert in
+//! `dtb_await_barrier` (see the migration), which ends exactly when the producer's transaction
+//! or savepoint does. Why, and what it rests on: `docs/design/postgres.md`.
 
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
@@ -21,9 +15,10 @@ use super::{
 use crate::error::Error;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
@@ -82,6 +77,85 @@ struct InsertedRow {
 const LOCATION_OF: &str = "SELECT format('%I.%I', current_database(), n.nspname) \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $oid";
 
+/// How soon a pending barrier gets its first authoritative probe even if its transaction looks
+/// alive (which catches a savepoint rolled back inside a running transaction). Later probes
+/// back off with the barrier's age, to at most [`MAX_PROBE_INTERVAL`].
+const FIRST_PROBE: Duration = Duration::from_secs(2);
+/// The longest pause between two probes of one barrier.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// At most this many barriers of live-looking transactions are probed per check: each probe
+/// is a lock wait of up to 1 ms on the waiter's thread.
+const MAX_PROBES_PER_CHECK: usize = 8;
+/// A barrier no check has named for this long is forgotten by the schedule.
+const FORGET_AFTER: Duration = Duration::from_secs(10);
+
+/// When each pending barrier is due for its next authoritative probe: the waiter's
+/// [`Backend::Checker`] on PostgreSQL.
+#[derive(Debug, Default)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub struct ProbeSchedule {
+    due: HashMap<uuid::Uuid, Due>,
+}
+
+#[derive(Debug)]
+struct Due {
+    since: Instant,
+    next: Instant,
+    seen: Instant,
+}
+
+impl ProbeSchedule {
+    /// Whether barrier `id` is due for a probe now, taking one from `budget` if it is.
+    fn take(&mut self, id: uuid::Uuid, now: Instant, budget: &mut usize) -> bool {
+        let due = self.due.entry(id).or_insert(Due {
+            since: now,
+            next: now + FIRST_PROBE,
+            seen: now,
+        });
+        due.seen = now;
+        let take = *budget > 0 && now >= due.next;
+        *budget -= usize::from(take);
+        take
+    }
+
+    /// After a probe that found `id` still running: probe it less and less often.
+    fn probed_running(&mut self, id: &uuid::Uuid, now: Instant) {
+        if let Some(due) = self.due.get_mut(id) {
+            let age = now.duration_since(due.since).max(FIRST_PROBE);
+            due.next = now + age.min(MAX_PROBE_INTERVAL);
+        }
+    }
+
+    fn forget(&mut self, id: &uuid::Uuid) {
+        self.due.remove(id);
+    }
+
+    fn forget_unseen(&mut self, now: Instant) {
+        self.due
+            .retain(|_, due| now.duration_since(due.seen) < FORGET_AFTER);
+    }
+}
+
+/// Where `dtb_barriers` appears in [`INSERT_BARRIER`] as the insert's target.
+const INSERT_TARGET: &str = "INSERT INTO dtb_barriers ";
+
+/// The producer's statement (see [`Backend::insert_barrier`] below).
+static INSERT_BARRIER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH ins AS ( \
+             {INSERT_TARGET}(id, created_at, pushed_at, txid, job_id, job_kind, job_queue, payload) \
+             SELECT $1::uuid, t.now, t.now, pg_current_xact_id()::text::bigint, $2, $3, $4, $5 \
+             FROM (SELECT clock_timestamp() AS now) AS t \
+             RETURNING id, txid, tableoid) \
+         SELECT ins.txid, ({location}) AS location \
+         FROM ins, \
+              LATERAL (SELECT pg_notify('dtb_barriers', ins.id::text)) AS notified, \
+              LATERAL (SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
+                              THEN set_config('synchronous_commit', 'local', true) END) AS durable",
+        location = LOCATION_OF.replace("$oid", "ins.tableoid"),
+    )
+});
+
 impl Backend for PgConnection {
     const NAME: &'static str = "postgres";
 
@@ -138,20 +212,7 @@ impl Backend for PgConnection {
         //   locally, so that a handler never runs for a commit that a crash can undo;
         // * which table the row went to, so that a worker reading another one refuses the job
         //   instead of taking the missing row for a rollback.
-        let inserted: InsertedRow = diesel::sql_query(format!(
-            "WITH ins AS ( \
-                 INSERT INTO dtb_barriers \
-                     (id, created_at, pushed_at, txid, job_id, job_kind, job_queue, payload) \
-                 SELECT $1::uuid, t.now, t.now, pg_current_xact_id()::text::bigint, $2, $3, $4, $5 \
-                 FROM (SELECT clock_timestamp() AS now) AS t \
-                 RETURNING id, txid, tableoid) \
-             SELECT ins.txid, ({location}) AS location \
-             FROM ins, \
-                  LATERAL (SELECT pg_notify('dtb_barriers', ins.id::text)) AS notified, \
-                  LATERAL (SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
-                                  THEN set_config('synchronous_commit', 'local', true) END) AS durable",
-            location = LOCATION_OF.replace("$oid", "ins.tableoid"),
-        ))
+        let inserted: InsertedRow = diesel::sql_query(&*INSERT_BARRIER)
         .bind::<Text, _>(row.id.hyphenated().to_string())
         .bind::<Text, _>(row.job_id)
         .bind::<Text, _>(row.job_kind)
@@ -164,6 +225,21 @@ impl Backend for PgConnection {
         })
     }
 
+    fn missing_table(&mut self, error: &diesel::result::Error) -> bool {
+        // PostgreSQL reports a relation it cannot find (SQLSTATE 42P01, which Diesel does not
+        // pass on) with the position of its name in the statement: the insert's target. This
+        // needs no query (the failed insert aborted the transaction) and no error text (which
+        // the server's language changes).
+        let diesel::result::Error::DatabaseError(_, info) = error else {
+            return false;
+        };
+        let target = INSERT_BARRIER.find(INSERT_TARGET).map(|at| at + "INSERT INTO ".len());
+        match (info.statement_position(), target) {
+            (Some(position), Some(target)) => usize::try_from(position) == Ok(target + 1),
+            _ => false,
+        }
+    }
+
     fn barrier_location(&mut self) -> QueryResult<Option<String>> {
         let row: Option<OptTextRow> = diesel::sql_query(format!(
             "SELECT ({}) AS value",
@@ -174,17 +250,7 @@ impl Backend for PgConnection {
         Ok(row.and_then(|r| r.value))
     }
 
-    fn await_verdict(&mut self, id: &uuid::Uuid, limit: Duration) -> QueryResult<Verdict> {
-        let id = id.hyphenated().to_string();
-        let ms = super::millis(limit);
-        let row: TextRow = self.build_transaction().read_committed().run(|c| {
-            diesel::sql_query("SELECT dtb_await_barrier($1::uuid, $2) AS value")
-                .bind::<Text, _>(&id)
-                .bind::<Integer, _>(ms)
-                .get_result(c)
-        })?;
-        parse_verdict(&row.value)
-    }
+    type Checker = ProbeSchedule;
 
     const HAS_HINTS: bool = true;
     const HINT_POLL: Duration = Duration::from_micros(500);
@@ -213,7 +279,11 @@ impl Backend for PgConnection {
         Ok(ids)
     }
 
-    fn check_pending(&mut self, pending: &[Pending]) -> QueryResult<Checked> {
+    fn check_pending(
+        &mut self,
+        schedule: &mut ProbeSchedule,
+        pending: &[Pending],
+    ) -> QueryResult<Checked> {
         let ids: Vec<String> = pending
             .iter()
             .map(|p| p.id.hyphenated().to_string())
@@ -243,17 +313,20 @@ impl Backend for PgConnection {
         .bind::<Array<Text>, _>(&ids)
         .bind::<Array<Nullable<BigInt>>, _>(&txids)
         .load(self)?;
-        let by_id: std::collections::HashMap<String, CheckRow> =
+        let by_id: HashMap<String, CheckRow> =
             rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let now = Instant::now();
+        schedule.forget_unseen(now);
+        // Probing a live transaction costs a lock wait: only a few per check.
+        let mut budget = MAX_PROBES_PER_CHECK;
         let mut verdicts = Vec::with_capacity(pending.len());
         let mut to_probe = Vec::new();
         for (i, (p, id)) in pending.iter().zip(&ids).enumerate() {
+            let due = schedule.take(p.id, now, &mut budget);
             match by_id.get(id) {
                 None => verdicts.push(Verdict::Pending),
                 Some(row) if row.visible => verdicts.push(Verdict::Committed),
-                Some(row) if row.status == "in progress" && !p.probe => {
-                    verdicts.push(Verdict::Pending)
-                }
+                Some(row) if row.status == "in progress" && !due => verdicts.push(Verdict::Pending),
                 Some(_) => {
                     verdicts.push(Verdict::Pending);
                     to_probe.push(i);
@@ -266,7 +339,7 @@ impl Backend for PgConnection {
             // conflicting-insert probe may say "not committed". It waits at most 1 ms, in READ
             // COMMITTED (under REPEATABLE READ the insert would fail instead of answering).
             self.build_transaction().read_committed().run(|c| {
-                for i in to_probe {
+                for &i in &to_probe {
                     let probe: TextRow =
                         diesel::sql_query("SELECT dtb_await_barrier($1::uuid, 1) AS value")
                             .bind::<Text, _>(&ids[i])
@@ -275,6 +348,16 @@ impl Backend for PgConnection {
                 }
                 Ok::<_, diesel::result::Error>(())
             })?;
+        }
+        for &i in &to_probe {
+            if verdicts[i] == Verdict::Pending {
+                schedule.probed_running(&pending[i].id, now);
+            }
+        }
+        for (p, verdict) in pending.iter().zip(&verdicts) {
+            if *verdict != Verdict::Pending {
+                schedule.forget(&p.id);
+            }
         }
         Ok(Checked { verdicts, probed })
     }
@@ -302,8 +385,8 @@ impl Backend for PgConnection {
                  ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
              RETURNING id::text AS id, txid, payload",
         )
-        .bind::<Double, _>(grace.as_secs_f64())
-        .bind::<Double, _>(max_age.as_secs_f64())
+        .bind::<Double, _>(super::bounded_age(grace).as_secs_f64())
+        .bind::<Double, _>(super::bounded_age(max_age).as_secs_f64())
         .bind::<BigInt, _>(limit)
         .load(self)?;
         Ok(rows.into_iter().map(Into::into).collect())
@@ -314,7 +397,7 @@ impl Backend for PgConnection {
             "DELETE FROM dtb_barriers WHERE created_at < now() - make_interval(secs => $1) \
              RETURNING id::text AS id, job_id, job_kind",
         )
-        .bind::<Double, _>(older_than.as_secs_f64())
+        .bind::<Double, _>(super::bounded_age(older_than).as_secs_f64())
         .load(self)?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
@@ -383,52 +466,10 @@ impl Backend for PgConnection {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+#[cfg(all(test, feature = "testing"))]
+mod tests {
     use super::*;
-    use diesel::connection::SimpleConnection;
-
-    /// A schema of its own in the test database (`PG_DATABASE_URL`, default
-    /// `postgres://postgres@127.0.0.1:5432/test`), migrated; dropped at the end.
-    pub(crate) struct Schema {
-        base: String,
-        name: String,
-    }
-
-    impl Schema {
-        pub(crate) fn new() -> Schema {
-            let base = std::env::var("PG_DATABASE_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-            let name = format!("dtb_unit_{}", uuid::Uuid::new_v4().simple());
-            PgConnection::establish(&base)
-                .expect("PostgreSQL is reachable")
-                .batch_execute(&format!("CREATE SCHEMA {name}"))
-                .expect("create schema");
-            let schema = Schema { base, name };
-            Backend::run_migrations(&mut schema.connect()).expect("migrations");
-            schema
-        }
-
-        pub(crate) fn url(&self) -> String {
-            format!(
-                "{}?options=-csearch_path%3D{}",
-                self.base.split('?').next().unwrap_or_default(),
-                self.name
-            )
-        }
-
-        pub(crate) fn connect(&self) -> PgConnection {
-            PgConnection::establish(&self.url()).expect("connect")
-        }
-    }
-
-    impl Drop for Schema {
-        fn drop(&mut self) {
-            if let Ok(mut c) = PgConnection::establish(&self.base) {
-                let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
-            }
-        }
-    }
+    use crate::testing::{PgTestSchema, TestDatabase};
 
     fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
         NewBarrier {
@@ -440,12 +481,16 @@ pub(crate) mod tests {
         }
     }
 
+    fn pending(id: uuid::Uuid, txid: Option<String>) -> [Pending; 1] {
+        [Pending { id, txid }]
+    }
+
     /// A running producer is not probed (a lock wait each) until its probe is due, whatever
     /// its transaction id looks like to the checker's snapshot: ids from the snapshot's xmax
     /// on belong to running transactions too.
     #[test]
     fn a_running_producer_is_probed_only_when_due() {
-        let schema = Schema::new();
+        let schema = PgTestSchema::create();
         let mut producer = schema.connect();
         let mut checker = schema.connect();
         let id = uuid::Uuid::new_v4();
@@ -456,74 +501,63 @@ pub(crate) mod tests {
             // The producer's own id (at or past the checker's xmax while nothing later has
             // completed), and an id well past it (as after many more transactions began).
             for t in [own, own + 1_000_000] {
-                let checked = checker.check_pending(&[Pending {
-                    id,
-                    txid: Some(t.to_string()),
-                    probe: false,
-                }])?;
+                let mut schedule = ProbeSchedule::default();
+                let checked =
+                    checker.check_pending(&mut schedule, &pending(id, Some(t.to_string())))?;
                 assert_eq!(checked.verdicts, [Verdict::Pending], "txid {t}");
                 assert_eq!(checked.probed, 0, "txid {t}: no probe before it is due");
             }
-            let due = checker.check_pending(&[Pending {
+            // Once due, it is probed, found running, and not probed again at once.
+            let mut schedule = ProbeSchedule::default();
+            schedule.due.insert(
                 id,
-                txid: txid.clone(),
-                probe: true,
-            }])?;
+                Due {
+                    since: Instant::now() - FIRST_PROBE,
+                    next: Instant::now(),
+                    seen: Instant::now(),
+                },
+            );
+            let due = checker.check_pending(&mut schedule, &pending(id, txid.clone()))?;
             assert_eq!((due.verdicts, due.probed), (vec![Verdict::Pending], 1));
+            let again = checker.check_pending(&mut schedule, &pending(id, txid.clone()))?;
+            assert_eq!((again.verdicts, again.probed), (vec![Verdict::Pending], 0));
             Err::<(), _>(diesel::result::Error::RollbackTransaction)
         });
         assert!(result.is_err());
         // Ended without the row: probed at once, and found not committed.
+        let mut schedule = ProbeSchedule::default();
         let ended = checker
-            .check_pending(&[Pending {
-                id,
-                txid,
-                probe: false,
-            }])
+            .check_pending(&mut schedule, &pending(id, txid))
             .unwrap();
         assert_eq!(
             (ended.verdicts, ended.probed),
             (vec![Verdict::NotCommitted], 1)
         );
+        assert!(schedule.due.is_empty(), "a decided barrier is forgotten");
     }
 
-    /// The claim's "gone" is confirmed against the row's lock: a row whose producer still
-    /// runs is never taken for a consumed one, even if someone asks before the commit.
+    /// Probes of a long-running producer back off, and at most a few run per check.
     #[test]
-    fn claim_of_an_uncommitted_barrier_is_busy_not_gone() {
-        let schema = Schema::new();
-        let mut producer = schema.connect();
-        let mut worker = schema.connect();
-        let id = uuid::Uuid::new_v4();
-        producer
-            .transaction(|p| {
-                p.insert_barrier(&new_barrier(&id))?;
-                let claim = worker.worker_transaction(|w| w.claim_barrier(&id))?;
-                assert_eq!(claim, Claim::Busy);
-                Ok::<_, diesel::result::Error>(())
-            })
-            .unwrap();
-        let claim = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
-        assert_eq!(claim, Claim::Locked);
-        let claim = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
-        assert_eq!(claim, Claim::Gone);
-    }
-
-    /// Diesel counts only the transactions it opened; the server is asked about the rest.
-    #[test]
-    fn server_transaction_sees_a_begin_diesel_did_not_send() {
-        let schema = Schema::new();
-        let mut c = schema.connect();
-        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Closed);
-        diesel::sql_query("BEGIN").execute(&mut c).unwrap();
-        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Open);
-        diesel::sql_query("ROLLBACK").execute(&mut c).unwrap();
-        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Closed);
-        // A failed manual transaction is an error, never "no transaction".
-        c.batch_execute("BEGIN").unwrap();
-        assert!(c.batch_execute("SELECT 1 / 0").is_err());
-        assert!(c.server_transaction(0).is_err());
-        c.batch_execute("ROLLBACK").unwrap();
-        assert_eq!(c.server_transaction(0).unwrap(), ServerTransaction::Closed);
+    fn probes_back_off_and_are_rationed() {
+        let mut schedule = ProbeSchedule::default();
+        let start = Instant::now();
+        let ids: Vec<uuid::Uuid> = (0..20).map(|_| uuid::Uuid::new_v4()).collect();
+        let mut budget = MAX_PROBES_PER_CHECK;
+        assert!(ids.iter().all(|id| !schedule.take(*id, start, &mut budget)));
+        let later = start + FIRST_PROBE;
+        let taken = ids
+            .iter()
+            .filter(|id| schedule.take(**id, later, &mut budget))
+            .count();
+        assert_eq!(taken, MAX_PROBES_PER_CHECK);
+        schedule.probed_running(&ids[0], later);
+        let next = schedule.due[&ids[0]].next;
+        assert_eq!(next, later + FIRST_PROBE);
+        let much_later = start + Duration::from_secs(600);
+        schedule.take(ids[0], much_later, &mut MAX_PROBES_PER_CHECK.clone());
+        schedule.probed_running(&ids[0], much_later);
+        assert_eq!(schedule.due[&ids[0]].next, much_later + MAX_PROBE_INTERVAL);
+        schedule.forget_unseen(much_later);
+        assert_eq!(schedule.due.len(), 1, "only the barrier seen last is kept");
     }
 }

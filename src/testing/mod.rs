@@ -10,6 +10,10 @@
 //! [`TestFaktory`] picks a real Faktory from `FAKTORY_URL` when it is set, and starts a
 //! `TestServer` otherwise, so the same tests can run against both.
 //!
+//! [`TestDatabase`] gives each test a database of its own with the barrier table: a
+//! PostgreSQL schema ([`PgTestSchema`]), a MySQL database ([`MysqlTestDatabase`]) or an
+//! SQLite file ([`SqliteTestFile`]), removed when dropped.
+//!
 //! # Example
 //!
 //! ```
@@ -58,12 +62,20 @@
 //! - `FETCH` from a quiet or terminating worker waits for the fetch timeout and answers no
 //!   job, for every connection of that worker (the real server checks only one of them).
 
+mod db;
 mod env;
 mod job;
 mod protocol;
 mod server;
 mod state;
 
+#[cfg(feature = "mysql")]
+pub use db::MysqlTestDatabase;
+#[cfg(feature = "postgres")]
+pub use db::PgTestSchema;
+#[cfg(feature = "sqlite")]
+pub use db::SqliteTestFile;
+pub use db::TestDatabase;
 pub use env::TestFaktory;
 pub use protocol::password_hash;
 pub use server::{TestServer, TestServerBuilder};

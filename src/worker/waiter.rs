@@ -17,8 +17,9 @@
 //! A job whose verdict does not come within its block limit gives up its registration (its
 //! receiver is dropped) and is snoozed; the waiter forgets registrations nobody listens to.
 
-use crate::backend::{BarrierConnection, Checked, Pending, Verdict};
-use crate::worker::ConnectionPool;
+use super::monitor::Gauge;
+use crate::backend::{BarrierConnection, Checked, ConnectionPool, Pending, Verdict};
+use crate::error::chain;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -48,24 +49,14 @@ pub(crate) struct WaiterHandle {
     waiting: Arc<AtomicUsize>,
 }
 
-/// Counts a job as waiting while it lives.
-pub(crate) struct WaitingGuard(Arc<AtomicUsize>);
-
-impl Drop for WaitingGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl WaiterHandle {
     /// Registers interest in barrier `id`; the answer arrives on the returned receiver.
     pub(crate) fn register(
         &self,
         id: uuid::Uuid,
         txid: Option<String>,
-    ) -> (oneshot::Receiver<Answer>, WaitingGuard) {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let guard = WaitingGuard(Arc::clone(&self.waiting));
+    ) -> (oneshot::Receiver<Answer>, Gauge) {
+        let guard = Gauge::up(&self.waiting);
         let (reply, rx) = oneshot::channel();
         if self.stopping.load(Ordering::SeqCst) {
             let _ = reply.send(Answer::ShuttingDown);
@@ -134,7 +125,7 @@ impl<C: BarrierConnection> Listener<C> {
 impl<C: BarrierConnection> Drop for Listener<C> {
     fn drop(&mut self) {
         if let Err(e) = self.0.stop_listening() {
-            tracing::debug!(error = %e, "a listening connection could not stop listening; it is discarded");
+            tracing::debug!(error = %chain(&e), "a listening connection could not stop listening; it is discarded");
             crate::backend::poison(&mut *self.0);
         }
     }
@@ -143,7 +134,6 @@ impl<C: BarrierConnection> Drop for Listener<C> {
 struct Entry {
     txid: Option<String>,
     since: Instant,
-    next_probe: Instant,
     replies: Vec<oneshot::Sender<Answer>>,
 }
 
@@ -152,14 +142,14 @@ struct Waiter<C: BarrierConnection> {
     rx: Receiver<Registration>,
     stopping: Arc<AtomicBool>,
     pending: HashMap<uuid::Uuid, Entry>,
+    /// The backend's own state between checks.
+    checker_state: C::Checker,
     listener: Option<Listener<C>>,
     checker: Option<r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>>,
     next_check: Instant,
     retry_connect_at: Instant,
 }
 
-/// At most this many barriers of live-looking transactions are probed per check.
-const MAX_PROBES_PER_CHECK: usize = 8;
 
 impl<C: BarrierConnection> Waiter<C> {
     fn new(pool: ConnectionPool<C>, rx: Receiver<Registration>, stopping: Arc<AtomicBool>) -> Self {
@@ -169,6 +159,7 @@ impl<C: BarrierConnection> Waiter<C> {
             rx,
             stopping,
             pending: HashMap::new(),
+            checker_state: C::Checker::default(),
             listener: None,
             checker: None,
             next_check: now,
@@ -229,7 +220,6 @@ impl<C: BarrierConnection> Waiter<C> {
         let entry = self.pending.entry(r.id).or_insert_with(|| Entry {
             txid: r.txid.clone(),
             since: now,
-            next_probe: now + C::PROBE_INTERVAL,
             replies: Vec::new(),
         });
         entry.replies.push(r.reply);
@@ -271,7 +261,7 @@ impl<C: BarrierConnection> Waiter<C> {
             Ok(())
         })();
         if let Err(e) = result {
-            tracing::warn!(error = %e, "the waiter cannot get a database connection; retrying");
+            tracing::warn!(error = %chain(&e), "the waiter cannot get a database connection; retrying");
             self.retry_connect_at = Instant::now() + Duration::from_millis(500);
         }
     }
@@ -296,7 +286,6 @@ impl<C: BarrierConnection> Waiter<C> {
                         self.pending.get(&id).map(|e| Pending {
                             id,
                             txid: e.txid.clone(),
-                            probe: false,
                         })
                     })
                     .collect();
@@ -305,7 +294,7 @@ impl<C: BarrierConnection> Waiter<C> {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "the waiter's listening connection failed; reconnecting");
+                tracing::warn!(error = %chain(&e), "the waiter's listening connection failed; reconnecting");
                 self.close_listener();
                 self.next_check = Instant::now();
             }
@@ -313,20 +302,12 @@ impl<C: BarrierConnection> Waiter<C> {
     }
 
     fn check(&mut self) {
-        let now = Instant::now();
-        // Probing a live transaction costs a short lock wait: only a few per round.
-        let mut probes = MAX_PROBES_PER_CHECK;
         let batch: Vec<Pending> = self
             .pending
             .iter()
-            .map(|(id, e)| {
-                let probe = probes > 0 && now >= e.next_probe;
-                probes -= usize::from(probe);
-                Pending {
-                    id: *id,
-                    txid: e.txid.clone(),
-                    probe,
-                }
+            .map(|(id, e)| Pending {
+                id: *id,
+                txid: e.txid.clone(),
             })
             .collect();
         self.check_batch(batch);
@@ -338,37 +319,27 @@ impl<C: BarrierConnection> Waiter<C> {
             return;
         };
         let started = Instant::now();
-        let result = conn.check_pending(&batch);
-        match result {
+        match conn.check_pending(&mut self.checker_state, &batch) {
             Ok(Checked { verdicts, probed }) => {
                 tracing::trace!(batch = batch.len(), probed, took = ?started.elapsed(), "checked pending barriers");
                 for (p, verdict) in batch.iter().zip(verdicts) {
-                    match verdict {
-                        Verdict::Pending => {
-                            if let Some(e) = self.pending.get_mut(&p.id) {
-                                if p.probe {
-                                    // Probe old waiters less and less often.
-                                    let age = e.since.elapsed().max(C::PROBE_INTERVAL);
-                                    e.next_probe = started + age.min(Duration::from_secs(30));
-                                }
-                            }
-                        }
-                        v => self.answer(&p.id, Answer::Verdict(v)),
+                    if verdict != Verdict::Pending {
+                        self.answer(&p.id, Answer::Verdict(verdict));
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "checking pending barriers failed; reconnecting");
+                tracing::warn!(error = %chain(&e), "checking pending barriers failed; reconnecting");
                 self.checker = None;
             }
         }
     }
 }
 
-#[cfg(all(test, feature = "postgres"))]
+#[cfg(all(test, feature = "postgres", feature = "testing"))]
 mod tests {
     use super::*;
-    use crate::backend::postgres_tests::Schema;
+    use crate::testing::{PgTestSchema as Schema, TestDatabase};
     use diesel::connection::SimpleConnection;
     use diesel::pg::PgConnection;
     use diesel::prelude::*;
@@ -411,7 +382,7 @@ mod tests {
     /// A listening connection goes back to the pool without listening.
     #[test]
     fn a_listener_stops_listening_before_it_goes_back() {
-        let schema = Schema::new();
+        let schema = Schema::create();
         let pool = one_connection_pool(&schema);
         let mut listener = Listener::start(pool.get().unwrap()).unwrap();
         assert_eq!(listening(&mut listener.0), 1);
@@ -430,7 +401,7 @@ mod tests {
     /// is discarded by the pool, never handed out again still listening.
     #[test]
     fn a_listener_that_cannot_stop_is_discarded() {
-        let schema = Schema::new();
+        let schema = Schema::create();
         let pool = one_connection_pool(&schema);
         let mut listener = Listener::start(pool.get().unwrap()).unwrap();
         let before = pid(&mut listener.0);

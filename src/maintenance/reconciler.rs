@@ -4,14 +4,12 @@
 //! barrier row's consumption decides.
 
 use crate::backend::BarrierConnection;
-use crate::descriptor::{BarrierRef, Descriptor, CUSTOM_KEY};
+use crate::descriptor::{BarrierRef, Descriptor};
 use crate::error::Result;
 use crate::producer::Producer;
+use crate::repush::{self, REPUSHES_KEY};
 use faktory::Job;
 use std::time::Duration;
-
-/// The custom key that counts how often the reconciler pushed a job again.
-const REPUSHES_KEY: &str = "transaction_barrier_repushes";
 
 /// How many barriers one round takes at most.
 const BATCH: i64 = 500;
@@ -71,30 +69,12 @@ fn rebuild<C: BarrierConnection>(
     payload: Option<&str>,
 ) -> Option<Job> {
     let id = uuid::Uuid::try_parse(id).ok()?;
-    let mut value: serde_json::Value = serde_json::from_str(payload?).ok()?;
-    let obj = value.as_object_mut()?;
-    obj.insert(
-        "jid".into(),
-        serde_json::Value::from(faktory::JobId::random().to_string()),
-    );
-    obj.remove("enqueued_at");
-    obj.remove("at");
-    let custom = obj
-        .entry("custom")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()))
-        .as_object_mut()?;
     let descriptor = Descriptor::Barrier(BarrierRef {
         backend: C::backend_name().to_string(),
         id,
         txid,
         db,
     });
-    custom.insert(CUSTOM_KEY.into(), descriptor.to_value());
-    let repushes = custom
-        .get(REPUSHES_KEY)
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0)
-        + 1;
-    custom.insert(REPUSHES_KEY.into(), serde_json::Value::from(repushes));
-    serde_json::from_value(value).ok()
+    let value = serde_json::from_str(payload?).ok()?;
+    repush::copy(value, REPUSHES_KEY, Duration::ZERO, Some(descriptor.to_value())).map(|c| c.job)
 }

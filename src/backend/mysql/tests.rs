@@ -1,0 +1,127 @@
+//! MySQL's own mechanics, against a live server: the fence, batched maintenance, the session
+//! id in descriptors, diagnostics from `information_schema`. The contract every backend keeps
+//! is tested in `backend/conformance`.
+
+use super::*;
+use crate::backend::Verdict;
+use crate::testing::{MysqlTestDatabase, TestDatabase};
+use diesel::sql_types::BigInt;
+use std::sync::mpsc;
+
+fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
+    NewBarrier {
+        id,
+        job_id: "jid",
+        job_kind: "kind",
+        job_queue: "default",
+        payload: "{}",
+    }
+}
+
+fn i64_of(conn: &mut MysqlConnection, query: &str) -> i64 {
+    diesel::select(sql::<BigInt>(query)).get_result(conn).unwrap()
+}
+
+fn check(conn: &mut MysqlConnection, ids: &[uuid::Uuid]) -> Vec<Verdict> {
+    let pending: Vec<Pending> = ids.iter().map(|&id| Pending { id, txid: None }).collect();
+    conn.check_pending(&mut (), &pending).unwrap().verdicts
+}
+
+/// Opens a transaction that inserts barrier `id` on a thread of its own and keeps it open
+/// until the returned sender says how to end it (`true` commits). Also returns its txid.
+fn open_producer(
+    db: &MysqlTestDatabase,
+    id: uuid::Uuid,
+) -> (mpsc::Sender<bool>, std::thread::JoinHandle<()>, String) {
+    let (end_tx, end_rx) = mpsc::channel::<bool>();
+    let (txid_tx, txid_rx) = mpsc::channel();
+    let mut conn = db.connect();
+    let handle = std::thread::spawn(move || {
+        let _ = conn.transaction(|c| {
+            let inserted = c.insert_barrier(&new_barrier(&id))?;
+            txid_tx.send(inserted.txid.unwrap()).unwrap();
+            if end_rx.recv().unwrap() {
+                Ok(())
+            } else {
+                Err(diesel::result::Error::RollbackTransaction)
+            }
+        });
+    });
+    let txid = txid_rx.recv().unwrap();
+    (end_tx, handle, txid)
+}
+
+#[test]
+fn the_txid_is_the_producers_connection_id() {
+    let db = MysqlTestDatabase::create();
+    let id = uuid::Uuid::new_v4();
+    let mut conn = db.connect();
+    let own = i64_of(&mut conn, "CAST(CONNECTION_ID() AS SIGNED)");
+    let inserted = conn
+        .transaction(|c| c.insert_barrier(&new_barrier(&id)))
+        .unwrap();
+    assert_eq!(inserted.txid, Some(own.to_string()));
+    assert_eq!(inserted.location.as_deref(), Some(db.name()));
+    assert_eq!(i64_of(&mut conn, "(SELECT txid FROM dtb_barriers)"), own);
+}
+
+/// "Committed" is answered only after a write of the worker's own to the row has committed
+/// (the fence), every time it is answered.
+#[test]
+fn committed_is_fenced_every_time() {
+    let db = MysqlTestDatabase::create();
+    let id = uuid::Uuid::new_v4();
+    let (end, producer, _) = open_producer(&db, id);
+    let mut worker = db.connect();
+    let mut other = db.connect();
+    assert_eq!(check(&mut worker, &[id]), [Verdict::Pending]);
+    end.send(true).unwrap();
+    producer.join().unwrap();
+    let fenced = "(SELECT attempts FROM dtb_barriers)";
+    assert_eq!(i64_of(&mut other, fenced), 0);
+    assert_eq!(check(&mut worker, &[id]), [Verdict::Committed]);
+    assert_eq!(i64_of(&mut other, fenced), 1, "the fence is committed");
+    assert_eq!(check(&mut worker, &[id]), [Verdict::Committed]);
+    assert_eq!(i64_of(&mut other, fenced), 2, "fenced again");
+}
+
+#[test]
+fn the_reaper_works_in_batches() {
+    let db = MysqlTestDatabase::create();
+    let mut conn = db.connect();
+    let n = 2 * IN_LIST_MAX + 17;
+    conn.transaction(|c| {
+        for _ in 0..n {
+            diesel::sql_query(
+                "INSERT INTO dtb_barriers (id, created_at, job_id, job_kind, job_queue) \
+                 VALUES (UUID(), NOW(6) - INTERVAL 1 HOUR, 'j', 'k', 'q')",
+            )
+            .execute(c)?;
+        }
+        Ok::<_, diesel::result::Error>(())
+    })
+    .unwrap();
+    assert_eq!(conn.reap(Duration::from_secs(60)).unwrap().len(), n);
+    assert_eq!(i64_of(&mut conn, "(SELECT COUNT(*) FROM dtb_barriers)"), 0);
+}
+
+#[test]
+fn transaction_info_reads_innodb_trx_and_the_process_list() {
+    let db = MysqlTestDatabase::create();
+    let mut conn = db.connect();
+    assert!(
+        conn.startup_warnings().is_empty(),
+        "the administrative account has PROCESS"
+    );
+    let id = uuid::Uuid::new_v4();
+    let (end, producer, txid) = open_producer(&db, id);
+    // innodb_trx is a cache refreshed once nobody has read it for 100 ms.
+    std::thread::sleep(Duration::from_millis(250));
+    let info = conn.transaction_info(&id, Some(&txid)).unwrap().unwrap();
+    assert!(info.contains(&format!("MySQL thread {txid}")), "{info}");
+    assert!(info.contains("RUNNING"), "{info}");
+    assert!(info.contains(&format!("KILL {txid}")), "{info}");
+    end.send(false).unwrap();
+    producer.join().unwrap();
+    assert_eq!(conn.transaction_info(&id, None).unwrap(), None);
+}

@@ -1,0 +1,21 @@
+//! The reaper: deletes barrier rows that no job can consume any more.
+
+use crate::backend::BarrierConnection;
+use crate::error::Result;
+use std::time::Duration;
+
+/// Deletes barrier rows created more than `older_than` ago — rows whose job can no longer
+/// consume them (it gave up, was lost, or died in Faktory's dead set) — and logs each one.
+/// Returns how many it deleted.
+///
+/// Workers call it periodically (see
+/// [`WorkerBuilder::reap_interval`](crate::WorkerBuilder::reap_interval)). `older_than` must
+/// exceed the longest time a committed job may still run, or the job will be treated as
+/// aborted when it finally does.
+pub fn reap_barriers<C: BarrierConnection>(conn: &mut C, older_than: Duration) -> Result<usize> {
+    let reaped = conn.reap(older_than)?;
+    for r in &reaped {
+        tracing::warn!(barrier_id = %r.id, jid = %r.job_id, kind = %r.job_kind, ?older_than, "reaped a barrier that was never consumed");
+    }
+    Ok(reaped.len())
+}

@@ -1,0 +1,316 @@
+//! [`WorkerBuilder`]: the worker's settings, and the checks made before it connects.
+
+use super::monitor::Stats;
+use super::{Shared, Worker};
+use crate::backend::{BarrierConnection, ConnectionPool};
+use crate::error::{Error, Result};
+use crate::handlers::Handlers;
+use crate::maintenance::Schedule;
+use crate::producer::{env_url, redact, Producer};
+use faktory::Job;
+use std::fmt;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the worker does with a job whose transaction did not commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AbortPolicy {
+    /// Acknowledge the job (it is done: there is nothing to do) and log it as aborted.
+    #[default]
+    Ack,
+    /// Fail the job with [`Error::Aborted`], so that it shows in Faktory's retries and, in the
+    /// end, its dead set.
+    Fail,
+}
+
+/// Database connections the worker needs beside one per handler: its waiter's checking and
+/// listening connections.
+pub(crate) const WAITER_CONNECTIONS: u32 = 2;
+
+/// Configures and connects a [`Worker`].
+pub struct WorkerBuilder<C: BarrierConnection> {
+    pool: ConnectionPool<C>,
+    handlers: Handlers<C>,
+    url: Option<String>,
+    workers: usize,
+    max_waiting: usize,
+    config: Config,
+    hostname: Option<String>,
+    labels: Vec<String>,
+}
+
+/// The settings the running worker reads.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) abort_policy: AbortPolicy,
+    pub(crate) block_limit: Duration,
+    pub(crate) deadline: Duration,
+    pub(crate) snooze_delay: Duration,
+    pub(crate) overflow_delay: Duration,
+    pub(crate) reconnect_backoff: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) maintenance: Schedule,
+}
+
+impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("handlers", &self.handlers)
+            .field("url", &self.url.as_deref().map(redact))
+            .field("workers", &self.workers)
+            .field("max_waiting", &self.max_waiting)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: BarrierConnection> WorkerBuilder<C> {
+    /// A builder whose barriers are resolved with connections from `pool` (also
+    /// [`Worker::builder`]).
+    ///
+    /// The worker takes two connections for its waiter (however many jobs wait) and one per
+    /// running handler: the pool needs at least [`workers`](Self::workers) + 2 connections,
+    /// which [`connect`](Self::connect) checks.
+    pub fn new(pool: ConnectionPool<C>) -> Self {
+        WorkerBuilder {
+            pool,
+            handlers: Handlers::new(),
+            url: None,
+            workers: 4,
+            max_waiting: 32,
+            config: Config {
+                abort_policy: AbortPolicy::Ack,
+                block_limit: Duration::from_secs(30),
+                deadline: Duration::from_secs(15 * 60),
+                snooze_delay: Duration::ZERO,
+                overflow_delay: Duration::from_secs(1),
+                reconnect_backoff: Duration::from_secs(2),
+                shutdown_timeout: Duration::from_secs(10),
+                maintenance: Schedule {
+                    reap_interval: Duration::from_secs(60 * 60),
+                    max_barrier_age: Duration::from_secs(30 * 24 * 60 * 60),
+                    reconcile_grace: Some(Duration::from_secs(15 * 60)),
+                },
+            },
+            hostname: None,
+            labels: Vec::new(),
+        }
+    }
+
+    /// Replaces the registered handlers with `handlers`.
+    ///
+    /// Defaults to none.
+    pub fn handlers(mut self, handlers: Handlers<C>) -> Self {
+        self.handlers = handlers;
+        self
+    }
+
+    /// Registers a handler for `kind`; see [`Handlers::register`].
+    pub fn register<K, F, E>(mut self, kind: K, handler: F) -> Self
+    where
+        K: Into<String>,
+        F: Fn(&Job, &mut C) -> std::result::Result<(), E> + Send + Sync + 'static,
+        E: Into<crate::BoxError>,
+    {
+        self.handlers = self.handlers.register(kind, handler);
+        self
+    }
+
+    /// Registers a handler for `kind` whose jobs may arrive without a barrier; see
+    /// [`Handlers::register_without_barrier`].
+    pub fn register_without_barrier<K, F, E>(mut self, kind: K, handler: F) -> Self
+    where
+        K: Into<String>,
+        F: Fn(&Job, &mut C) -> std::result::Result<(), E> + Send + Sync + 'static,
+        E: Into<crate::BoxError>,
+    {
+        self.handlers = self.handlers.register_without_barrier(kind, handler);
+        self
+    }
+
+    /// The Faktory server, as `tcp://[:password@]host:port`.
+    ///
+    /// Defaults to `FAKTORY_PROVIDER` / `FAKTORY_URL`, else `tcp://localhost:7419`.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// How many handlers run at once.
+    ///
+    /// Defaults to 4.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+
+    /// How many fetched jobs may wait for their transactions at once, on top of the
+    /// [`workers`](Self::workers) handler slots. Waiting costs no thread and no database
+    /// connection, but each fetch slot keeps a Faktory connection. A job that would exceed
+    /// the limit is snoozed at once, so waiting jobs never keep a ready job from being fetched.
+    ///
+    /// Defaults to 32.
+    pub fn max_waiting(mut self, n: usize) -> Self {
+        self.max_waiting = n;
+        self
+    }
+
+    /// What to do with jobs whose transaction did not commit.
+    ///
+    /// Defaults to [`AbortPolicy::Ack`].
+    pub fn abort_policy(mut self, policy: AbortPolicy) -> Self {
+        self.config.abort_policy = policy;
+        self
+    }
+
+    /// How long one delivery of a job may wait for its transaction before the job is snoozed:
+    /// pushed again, unchanged but for a new job id, and this delivery acknowledged — without
+    /// the retry penalty a failure would cost. Keep it well under the jobs' `reserve_for`.
+    ///
+    /// Defaults to 30 seconds.
+    pub fn block_limit(mut self, limit: Duration) -> Self {
+        self.config.block_limit = limit.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How old a job (by its `created_at`) may grow while its transaction stays open before it
+    /// fails with [`Error::BarrierTimeout`]. A later retry that finds the transaction committed
+    /// still runs the job.
+    ///
+    /// Defaults to 15 minutes.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.config.deadline = deadline;
+        self
+    }
+
+    /// How far in the future a snoozed job is scheduled. Zero pushes it straight back to its
+    /// queue; a positive delay schedules it with `at` (Faktory's scheduler checks scheduled jobs
+    /// every few seconds).
+    ///
+    /// Defaults to zero.
+    pub fn snooze_delay(mut self, delay: Duration) -> Self {
+        self.config.snooze_delay = delay;
+        self
+    }
+
+    /// How long to wait before reconnecting after the connection to Faktory failed.
+    ///
+    /// Defaults to 2 seconds.
+    pub fn reconnect_backoff(mut self, backoff: Duration) -> Self {
+        self.config.reconnect_backoff = backoff;
+        self
+    }
+
+    /// How long a shutdown waits for running handlers before it returns anyway (jobs still
+    /// running then are failed back to Faktory, which retries them).
+    ///
+    /// Defaults to 10 seconds.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How often the worker deletes barrier rows older than
+    /// [`max_barrier_age`](Self::max_barrier_age) (see [`reap_barriers`](crate::reap_barriers)).
+    /// Zero turns the reaper off.
+    ///
+    /// Defaults to one hour.
+    pub fn reap_interval(mut self, interval: Duration) -> Self {
+        self.config.maintenance.reap_interval = interval;
+        self
+    }
+
+    /// The age after which a barrier row can no longer be consumed and is deleted by the
+    /// reaper. It must exceed the longest time a committed job may still be retried by
+    /// Faktory (25 retries span about three weeks).
+    ///
+    /// Defaults to 30 days.
+    pub fn max_barrier_age(mut self, age: Duration) -> Self {
+        self.config.maintenance.max_barrier_age = age;
+        self
+    }
+
+    /// After how long a committed barrier whose job no worker consumed gets its job pushed
+    /// again (see [`reconcile_barriers`](crate::reconcile_barriers)): the cure for a broker
+    /// that lost jobs. `None` turns the reconciler off. The worker checks every quarter of the
+    /// grace period (at most every minute).
+    ///
+    /// Defaults to 15 minutes.
+    pub fn reconcile_grace(mut self, grace: Option<Duration>) -> Self {
+        self.config.maintenance.reconcile_grace = grace;
+        self
+    }
+
+    /// The hostname reported to Faktory.
+    ///
+    /// Defaults to the machine's hostname.
+    pub fn hostname(mut self, hostname: impl Into<String>) -> Self {
+        self.hostname = Some(hostname.into());
+        self
+    }
+
+    /// Labels reported to Faktory (shown in its web UI).
+    ///
+    /// Defaults to none.
+    pub fn labels<I: IntoIterator<Item = String>>(mut self, labels: I) -> Self {
+        self.labels = labels.into_iter().collect();
+        self
+    }
+
+    /// Checks the pool (big enough for [`workers`](Self::workers) handlers and the waiter),
+    /// the database (the barrier table must exist) and Faktory, and returns the worker.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PoolTooSmall`], [`Error::MigrationsMissing`], or the error met reaching the
+    /// database or Faktory.
+    pub fn connect(self) -> Result<Worker<C>> {
+        let needed = u32::try_from(self.workers)
+            .unwrap_or(u32::MAX)
+            .saturating_add(WAITER_CONNECTIONS);
+        if self.pool.max_size() < needed {
+            return Err(Error::PoolTooSmall {
+                max_size: self.pool.max_size(),
+                needed,
+            });
+        }
+        let location = {
+            let mut conn = self.pool.get()?;
+            if !conn.barrier_schema_present()? {
+                return Err(Error::MigrationsMissing {
+                    table: crate::BARRIER_TABLE,
+                });
+            }
+            for warning in conn.startup_warnings() {
+                tracing::warn!(backend = C::NAME, "{warning}");
+            }
+            conn.barrier_location()?
+        };
+        let url = self.url.clone().unwrap_or_else(env_url);
+        let producer = Producer::builder().url(url.clone()).connect()?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                pool: self.pool,
+                handlers: self.handlers,
+                config: self.config,
+                producer,
+                handler_slots: Arc::new(tokio::sync::Semaphore::new(self.workers)),
+                max_waiting: self.max_waiting,
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                stats: Arc::new(Stats::default()),
+                waiter: std::sync::OnceLock::new(),
+                draining: tokio::sync::watch::channel(false).0,
+                location,
+            }),
+            url,
+            workers: self.workers,
+            hostname: self.hostname,
+            labels: self.labels,
+            shutdown_tx: Arc::new(tx),
+            shutdown_rx: rx,
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! The worker: a `faktory::Worker` whose handlers first resolve the job's barrier.
+//!
+//! Fetch slots and handler slots are separate. A fetched job that must wait for its barrier
+//! holds a fetch slot (a Tokio task and its Faktory connection) but no thread and no database
+//! connection: it registers with the [waiter](waiter), which resolves every pending barrier
+//! through at most two database connections. Only a job whose barrier committed (or that needs
+//! none) takes one of the `workers` handler slots, a blocking thread and a pooled connection.
+//!
+//! * `builder.rs` — [`WorkerBuilder`], its settings and the checks made before connecting;
+//! * `process.rs` — one delivery: descriptor → wait → handler in the consuming transaction;
+//! * `waiter.rs` — the thread that resolves every pending barrier;
+//! * `snooze.rs` — handing a delivery back to Faktory;
+//! * `monitor.rs` — counters, the shutdown handle, why the worker stopped;
+//! * this file — [`Worker`]: the run loop, reconnecting, and the graceful drain.
+
+mod builder;
+mod monitor;
+mod process;
+mod snooze;
+mod waiter;
+
+pub use builder::{AbortPolicy, WorkerBuilder};
+pub use monitor::{ShutdownHandle, StopReason, WorkerMonitor};
+
+use crate::backend::{BarrierConnection, ConnectionPool};
+use crate::error::{Error, Result};
+use crate::handlers::Handlers;
+use crate::maintenance::Maintenance;
+use crate::producer::{redact, Producer};
+use builder::Config;
+use monitor::Stats;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use waiter::WaiterHandle;
+
+/// What the worker's tasks share.
+struct Shared<C: BarrierConnection> {
+    pool: ConnectionPool<C>,
+    handlers: Handlers<C>,
+    config: Config,
+    producer: Producer,
+    handler_slots: Arc<tokio::sync::Semaphore>,
+    max_waiting: usize,
+    /// Jobs between fetch and return, for the shutdown drain.
+    in_flight: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+    waiter: std::sync::OnceLock<WaiterHandle>,
+    /// Set when a shutdown begins: jobs still arriving or waiting are handed back.
+    draining: tokio::sync::watch::Sender<bool>,
+    /// The barrier table this worker reads, as the backend names it (see
+    /// `Backend::barrier_location`).
+    location: Option<String>,
+}
+
+impl<C: BarrierConnection> Shared<C> {
+    fn waiter(&self) -> &WaiterHandle {
+        self.waiter
+            .get_or_init(|| waiter::start::<C>(self.pool.clone(), Arc::clone(&self.stats.waiting)))
+    }
+
+    fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+}
+
+/// Fetches jobs from Faktory and runs each one's handler once its barrier says the producer's
+/// transaction committed.
+///
+/// Build one with [`Worker::builder`], then call [`run`](Worker::run) (it blocks). Stop it
+/// with a [`ShutdownHandle`] from [`shutdown_handle`](Worker::shutdown_handle), or from
+/// Faktory's web UI.
+pub struct Worker<C: BarrierConnection> {
+    shared: Arc<Shared<C>>,
+    url: String,
+    workers: usize,
+    hostname: Option<String>,
+    labels: Vec<String>,
+    shutdown_tx: Arc<tokio::sync::watch::Sender<bool>>,
+    shutdown_rx: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<C: BarrierConnection> fmt::Debug for Worker<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("url", &redact(&self.url))
+            .field("workers", &self.workers)
+            .field("handlers", &self.shared.handlers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: BarrierConnection> Worker<C> {
+    /// A [`WorkerBuilder`] whose barriers are resolved with connections from `pool`.
+    pub fn builder(pool: ConnectionPool<C>) -> WorkerBuilder<C> {
+        WorkerBuilder::new(pool)
+    }
+}
+
+impl<C: BarrierConnection> Worker<C> {
+    /// A handle that stops this worker from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            tx: Arc::clone(&self.shutdown_tx),
+        }
+    }
+
+    /// A handle that reads this worker's counters from any thread.
+    pub fn monitor(&self) -> WorkerMonitor {
+        WorkerMonitor {
+            stats: Arc::clone(&self.shared.stats),
+        }
+    }
+
+    /// Fetches and processes jobs from `queues` (in priority order) until shut down.
+    ///
+    /// Blocks the calling thread. If the connection to Faktory fails, it reconnects after the
+    /// configured backoff and goes on. Safe to call from inside a Tokio runtime (it then runs
+    /// on a thread of its own).
+    pub fn run<Q: AsRef<str>>(&mut self, queues: &[Q]) -> Result<StopReason> {
+        let queues: Vec<String> = queues.iter().map(|q| q.as_ref().to_string()).collect();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(|| self.run_blocking(&queues))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            })
+        } else {
+            self.run_blocking(&queues)
+        }
+    }
+
+    fn run_blocking(&mut self, queues: &[String]) -> Result<StopReason> {
+        let fetch_slots = self.workers + self.shared.max_waiting;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(self.workers + 16)
+            .thread_name("dtb-worker")
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?;
+        let maintenance = Maintenance::start(
+            self.shared.pool.clone(),
+            self.shared.producer.clone(),
+            &self.shared.config.maintenance,
+        );
+        let result = runtime.block_on(self.run_async(queues, fetch_slots));
+        if let Some(waiter) = self.shared.waiter.get() {
+            waiter.stop();
+        }
+        drop(maintenance);
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        result
+    }
+
+    async fn run_async(&mut self, queues: &[String], fetch_slots: usize) -> Result<StopReason> {
+        let mut shutdown = self.shutdown_rx.clone();
+        tracing::info!(
+            url = %redact(&self.url),
+            queues = ?queues,
+            handlers = self.workers,
+            fetch_slots,
+            kinds = ?self.shared.handlers,
+            "worker starting"
+        );
+        loop {
+            if *shutdown.borrow() {
+                return Ok(StopReason::Shutdown);
+            }
+            let mut builder = faktory::WorkerBuilder::<Error>::default().workers(fetch_slots);
+            if let Some(h) = &self.hostname {
+                builder = builder.hostname(h.clone());
+            }
+            builder = builder.labels(self.labels.clone());
+            for kind in self.shared.handlers.kinds() {
+                let shared = Arc::clone(&self.shared);
+                builder = builder.register_fn(kind, move |job| {
+                    let shared = Arc::clone(&shared);
+                    async move { process::process(shared, job).await }
+                });
+            }
+            let shared = Arc::clone(&self.shared);
+            let mut signal = shutdown.clone();
+            builder = builder
+                .with_graceful_shutdown(async move {
+                    let _ = signal.wait_for(|stop| *stop).await;
+                    drain(&shared).await;
+                })
+                .shutdown_timeout(Duration::from_secs(5));
+
+            // faktory's clients say END when dropped and panic if the connection is already
+            // broken (as after a Faktory restart), which can take `run` down with them: run it
+            // on a task of its own, so that such a panic ends this attempt, not the worker.
+            let url = self.url.clone();
+            let queues_owned = queues.to_vec();
+            let attempt = tokio::spawn(async move {
+                let outcome = match builder.connect_to(&url).await {
+                    Ok(mut worker) => {
+                        let outcome = worker.run(&queues_owned).await;
+                        // A worker whose connection broke panics when dropped: keep that
+                        // inside this task.
+                        drop(worker);
+                        outcome
+                    }
+                    Err(e) => Err(e),
+                };
+                outcome.map_err(|e| e.to_string())
+            });
+            let outcome = attempt
+                .await
+                .unwrap_or_else(|e| Err(format!("the faktory worker failed: {e}")));
+            // The fetch tasks faktory aborted are dropped when the runtime next polls them; let
+            // that happen now, while their connections can still say END.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let failure = match outcome {
+                Ok(details) => {
+                    return Ok(match details.reason {
+                        faktory::StopReason::GracefulShutdown => StopReason::Shutdown,
+                        _ => StopReason::ServerInstruction,
+                    });
+                }
+                Err(e) => e,
+            };
+            tracing::warn!(error = %failure, backoff = ?self.shared.config.reconnect_backoff, "lost the connection to faktory; reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(self.shared.config.reconnect_backoff) => {}
+                _ = shutdown.wait_for(|stop| *stop) => {}
+            }
+        }
+    }
+}
+
+/// The first half of a shutdown: waiting jobs are handed back, new ones too, and running
+/// handlers get up to the shutdown timeout to finish. Then faktory's own graceful shutdown
+/// fails whatever is still running.
+async fn drain<C: BarrierConnection>(shared: &Shared<C>) {
+    shared.draining.send_replace(true);
+    if let Some(waiter) = shared.waiter.get() {
+        waiter.stop();
+    }
+    let deadline = Instant::now() + shared.config.shutdown_timeout;
+    while shared.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the last acknowledgements reach Faktory before it is told to fail what runs.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tracing::info!(
+        still_running = shared.in_flight.load(Ordering::SeqCst),
+        "worker drained"
+    );
+}

@@ -1,0 +1,60 @@
+//! Handing a delivery back to Faktory without running it: a snooze pushes a copy of the job
+//! (see `crate::repush`) and lets this delivery be acknowledged.
+
+use super::monitor::Stats;
+use super::Shared;
+use crate::backend::BarrierConnection;
+use crate::descriptor::BarrierRef;
+use crate::error::{Error, Result};
+use crate::repush::{self, SNOOZES_KEY};
+use faktory::Job;
+use std::time::Duration;
+
+/// How far ahead jobs handed back at shutdown are scheduled; see [`hand_back`].
+const SHUTDOWN_HAND_BACK_DELAY: Duration = Duration::from_secs(4);
+
+/// Hands a job back to Faktory without running it (shutdown, or too many waiting).
+///
+/// On shutdown the copy is scheduled a few seconds ahead: `FETCH`es this worker issued just
+/// before it stopped are still blocked on the server (for up to 2 s), and a job handed to a
+/// connection that has since closed stays reserved until its `reserve_for` runs out.
+pub(super) fn hand_back<C: BarrierConnection>(
+    shared: &Shared<C>,
+    job: &Job,
+    b: Option<&BarrierRef>,
+    why: &str,
+) -> Result<()> {
+    let floor = if shared.is_draining() {
+        SHUTDOWN_HAND_BACK_DELAY
+    } else {
+        shared.config.overflow_delay
+    };
+    let delay = shared.config.snooze_delay.max(floor);
+    Stats::count(&shared.stats.snoozed);
+    snooze(shared, job, b, delay, why)
+}
+
+/// Pushes a copy of `job` (same payload, new jid, `at` = now + `delay` when positive) and lets
+/// this delivery be acknowledged.
+///
+/// If the worker dies between the push and the ACK, both copies exist: the barrier row's
+/// consumption makes sure the handler runs for one of them only.
+pub(super) fn snooze<C: BarrierConnection>(
+    shared: &Shared<C>,
+    job: &Job,
+    b: Option<&BarrierRef>,
+    delay: Duration,
+    why: &str,
+) -> Result<()> {
+    let value = serde_json::to_value(job).map_err(|source| Error::JobEncoding {
+        jid: job.id().to_string(),
+        source,
+    })?;
+    let copy = repush::copy(value, SNOOZES_KEY, delay, None).ok_or_else(|| Error::JobEncoding {
+        jid: job.id().to_string(),
+        source: serde::de::Error::custom("the job's JSON form does not read back as a job"),
+    })?;
+    shared.producer.push_barrier_job(copy.job)?;
+    tracing::info!(barrier_id = ?b.map(|b| b.id), jid = job.id().as_str(), new_jid = copy.jid.as_str(), kind = %job.kind, snoozes = copy.count, reason = why, "job snoozed");
+    Ok(())
+}
