@@ -45,12 +45,11 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
     fn enqueue_with_barrier(&mut self, producer: &Producer, mut job: Job) -> Result<JobId> {
         let jid = job.id().clone();
         if let Inner::Inline(handlers) = &*producer.inner {
-            let handlers = handlers
-                .as_any()
-                .downcast_ref::<Handlers<C>>()
-                .ok_or(Error::InlineWrongConnection {
+            let handlers = handlers.as_any().downcast_ref::<Handlers<C>>().ok_or(
+                Error::InlineWrongConnection {
                     expected: handlers.connection_type(),
-                })?;
+                },
+            )?;
             return run_inline(handlers, self, job).map(|()| jid);
         }
 
@@ -122,9 +121,11 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
 
 /// Inline mode: run the handler now with the caller's connection.
 fn run_inline<C: BarrierConnection>(handlers: &Handlers<C>, conn: &mut C, job: Job) -> Result<()> {
-    let reg = handlers.get(&job.kind).ok_or_else(|| Error::InlineNoHandler {
-        kind: job.kind.clone(),
-    })?;
+    let reg = handlers
+        .get(&job.kind)
+        .ok_or_else(|| Error::InlineNoHandler {
+            kind: job.kind.clone(),
+        })?;
     tracing::debug!(jid = job.id().as_str(), kind = %job.kind, "running handler inline");
     (reg.handler)(&job, conn).map_err(|source| Error::Handler {
         jid: job.id().to_string(),

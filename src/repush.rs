@@ -68,7 +68,10 @@ mod tests {
         let first = copy(value, SNOOZES_KEY, Duration::ZERO, None).unwrap();
         assert_ne!(first.jid, *original.id());
         assert_eq!(first.job.id(), &first.jid);
-        assert_eq!((first.job.kind.as_str(), first.job.queue.as_str()), ("kind", "q"));
+        assert_eq!(
+            (first.job.kind.as_str(), first.job.queue.as_str()),
+            ("kind", "q")
+        );
         assert_eq!(first.job.args(), original.args());
         assert_eq!(first.job.custom["mine"], "kept");
         assert_eq!(first.count, 1);
@@ -79,7 +82,10 @@ mod tests {
         assert!(second.job.at.is_some());
         let value = serde_json::to_value(&second.job).unwrap();
         let third = copy(value, REPUSHES_KEY, Duration::ZERO, Some(Value::from("d"))).unwrap();
-        assert_eq!((third.count, third.job.custom[SNOOZES_KEY].as_u64()), (1, Some(2)));
+        assert_eq!(
+            (third.count, third.job.custom[SNOOZES_KEY].as_u64()),
+            (1, Some(2))
+        );
         assert_eq!(third.job.custom[CUSTOM_KEY], "d");
         assert!(copy(Value::from("not a job"), SNOOZES_KEY, Duration::ZERO, None).is_none());
     }

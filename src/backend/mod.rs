@@ -132,6 +132,29 @@ pub struct NewBarrier<'a> {
     pub payload: &'a str,
 }
 
+impl NewBarrier<'_> {
+    /// `query` with the row's values bound in this order: id (as text), job id, job kind, job
+    /// queue, payload.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn bind_to<DB>(
+        &self,
+        query: diesel::query_builder::SqlQuery,
+    ) -> diesel::query_builder::BoxedSqlQuery<'static, DB, diesel::query_builder::SqlQuery>
+    where
+        DB: diesel::backend::Backend + diesel::sql_types::HasSqlType<diesel::sql_types::Text>,
+        String: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
+    {
+        use diesel::sql_types::Text;
+        query
+            .into_boxed()
+            .bind::<Text, _>(self.id.hyphenated().to_string())
+            .bind::<Text, _>(self.job_id.to_string())
+            .bind::<Text, _>(self.job_kind.to_string())
+            .bind::<Text, _>(self.job_queue.to_string())
+            .bind::<Text, _>(self.payload.to_string())
+    }
+}
+
 #[allow(unreachable_pub)]
 pub(crate) mod sealed {
     use super::*;

@@ -212,13 +212,9 @@ impl Backend for PgConnection {
         //   locally, so that a handler never runs for a commit that a crash can undo;
         // * which table the row went to, so that a worker reading another one refuses the job
         //   instead of taking the missing row for a rollback.
-        let inserted: InsertedRow = diesel::sql_query(&*INSERT_BARRIER)
-        .bind::<Text, _>(row.id.hyphenated().to_string())
-        .bind::<Text, _>(row.job_id)
-        .bind::<Text, _>(row.job_kind)
-        .bind::<Text, _>(row.job_queue)
-        .bind::<Text, _>(row.payload)
-        .get_result(self)?;
+        let inserted: InsertedRow = row
+            .bind_to(diesel::sql_query(&*INSERT_BARRIER))
+            .get_result(self)?;
         Ok(Inserted {
             txid: inserted.txid.map(|t| t.to_string()),
             location: inserted.location,
@@ -233,7 +229,9 @@ impl Backend for PgConnection {
         let diesel::result::Error::DatabaseError(_, info) = error else {
             return false;
         };
-        let target = INSERT_BARRIER.find(INSERT_TARGET).map(|at| at + "INSERT INTO ".len());
+        let target = INSERT_BARRIER
+            .find(INSERT_TARGET)
+            .map(|at| at + "INSERT INTO ".len());
         match (info.statement_position(), target) {
             (Some(position), Some(target)) => usize::try_from(position) == Ok(target + 1),
             _ => false,
@@ -469,17 +467,8 @@ impl Backend for PgConnection {
 #[cfg(all(test, feature = "testing"))]
 mod tests {
     use super::*;
+    use crate::backend::conformance::new_barrier;
     use crate::testing::{PgTestSchema, TestDatabase};
-
-    fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
-        NewBarrier {
-            id,
-            job_id: "jid",
-            job_kind: "kind",
-            job_queue: "default",
-            payload: "{}",
-        }
-    }
 
     fn pending(id: uuid::Uuid, txid: Option<String>) -> [Pending; 1] {
         [Pending { id, txid }]

@@ -76,5 +76,11 @@ fn rebuild<C: BarrierConnection>(
         db,
     });
     let value = serde_json::from_str(payload?).ok()?;
-    repush::copy(value, REPUSHES_KEY, Duration::ZERO, Some(descriptor.to_value())).map(|c| c.job)
+    repush::copy(
+        value,
+        REPUSHES_KEY,
+        Duration::ZERO,
+        Some(descriptor.to_value()),
+    )
+    .map(|c| c.job)
 }

@@ -257,10 +257,7 @@ mod mysql {
                 with_credentials("mysql://root@h:3306/d", "u", "p"),
                 "mysql://u:p@h:3306/d"
             );
-            assert_eq!(
-                with_credentials("mysql://h/d", "u", "p"),
-                "mysql://u:p@h/d"
-            );
+            assert_eq!(with_credentials("mysql://h/d", "u", "p"), "mysql://u:p@h/d");
         }
     }
 }

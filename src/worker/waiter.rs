@@ -150,7 +150,6 @@ struct Waiter<C: BarrierConnection> {
     retry_connect_at: Instant,
 }
 
-
 impl<C: BarrierConnection> Waiter<C> {
     fn new(pool: ConnectionPool<C>, rx: Receiver<Registration>, stopping: Arc<AtomicBool>) -> Self {
         let now = Instant::now();

@@ -69,7 +69,10 @@ pub(super) fn unconsumed_barriers_are_taken_once_per_grace<D: TestDatabase>() {
     assert_eq!(ids, [old.hyphenated().to_string()]);
     let payload = taken[0].payload.as_deref().expect("the job's payload");
     assert!(payload.contains("\"kind\""), "{payload}");
-    assert!(take(&mut conn).is_empty(), "not again within the grace period");
+    assert!(
+        take(&mut conn).is_empty(),
+        "not again within the grace period"
+    );
     let none = conn
         .worker_transaction(|w| w.take_unconsumed(Duration::MAX, Duration::MAX, 100))
         .expect("any duration is accepted");
@@ -132,5 +135,8 @@ pub(super) fn the_reaper_deletes_old_rows_only<D: TestDatabase>() {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, running.hyphenated().to_string());
     }
-    assert!(conn.reap(Duration::MAX).unwrap().is_empty(), "a maximal age reaps nothing");
+    assert!(
+        conn.reap(Duration::MAX).unwrap().is_empty(),
+        "a maximal age reaps nothing"
+    );
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 type Conn<D> = <D as TestDatabase>::Conn;
 
-fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
+pub(crate) fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
     NewBarrier {
         id,
         job_id: "jid",
@@ -35,7 +35,7 @@ fn rollback<T>() -> diesel::QueryResult<T> {
 }
 
 /// Checks `ids` with a fresh checker state; panics on a database error.
-fn check<C: Backend>(conn: &mut C, ids: &[uuid::Uuid]) -> Vec<Verdict> {
+pub(crate) fn check<C: Backend>(conn: &mut C, ids: &[uuid::Uuid]) -> Vec<Verdict> {
     let pending: Vec<Pending> = ids.iter().map(|&id| Pending { id, txid: None }).collect();
     let Checked { verdicts, .. } = conn
         .check_pending(&mut C::Checker::default(), &pending)
@@ -85,7 +85,11 @@ pub(super) fn verdicts_follow_the_producer<D: TestDatabase>() {
     });
     assert_eq!(
         check(&mut worker, &[commits, rolls_back, unknown]),
-        [Verdict::Committed, Verdict::NotCommitted, Verdict::NotCommitted]
+        [
+            Verdict::Committed,
+            Verdict::NotCommitted,
+            Verdict::NotCommitted
+        ]
     );
     // Asking again changes nothing.
     assert_eq!(check(&mut worker, &[commits]), [Verdict::Committed]);
@@ -279,7 +283,10 @@ pub(super) fn a_missing_table_is_recognised<D: TestDatabase>() {
     let _ = conn.transaction(|c| {
         c.insert_barrier(&new_barrier(&id))?;
         let e = c.insert_barrier(&new_barrier(&id)).unwrap_err();
-        assert!(!c.missing_table(&e), "a duplicate is not a missing table: {e}");
+        assert!(
+            !c.missing_table(&e),
+            "a duplicate is not a missing table: {e}"
+        );
         rollback::<()>()
     });
 }

@@ -9,7 +9,10 @@ use diesel::prelude::*;
 use std::collections::HashSet;
 
 /// Decides every pending barrier without waiting for any lock (see `docs/design/mysql.md`).
-pub(super) fn check_pending(conn: &mut MysqlConnection, pending: &[Pending]) -> QueryResult<Checked> {
+pub(super) fn check_pending(
+    conn: &mut MysqlConnection,
+    pending: &[Pending],
+) -> QueryResult<Checked> {
     if pending.is_empty() {
         return Ok(Checked::default());
     }
@@ -125,7 +128,10 @@ pub(super) fn fence(conn: &mut MysqlConnection, keys: &[String]) -> QueryResult<
 /// non-locking read), in chunks of at most [`IN_LIST_MAX`] ids. A chunk is counted first, and
 /// its ids are read only when some but not all of them are there: while jobs wait, the usual
 /// answers are "all" (they exist) and "none" (none committed), one small row each.
-pub(super) fn existing(conn: &mut MysqlConnection, keys: &[&String]) -> QueryResult<HashSet<String>> {
+pub(super) fn existing(
+    conn: &mut MysqlConnection,
+    keys: &[&String],
+) -> QueryResult<HashSet<String>> {
     let mut found = HashSet::new();
     for chunk in keys.chunks(IN_LIST_MAX) {
         let count: i64 = dtb_barriers::table
@@ -147,4 +153,3 @@ pub(super) fn existing(conn: &mut MysqlConnection, keys: &[&String]) -> QueryRes
     }
     Ok(found)
 }
-

@@ -5,7 +5,7 @@
 use super::{last_errno, CountRow, ER_SPECIFIC_ACCESS_DENIED};
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Nullable, Text, Unsigned, BigInt};
+use diesel::sql_types::{BigInt, Nullable, Text, Unsigned};
 
 #[derive(QueryableByName)]
 pub(super) struct SettingsRow {
@@ -108,15 +108,12 @@ pub(super) fn transaction_info(conn: &mut MysqlConnection, txid: Option<&str>) -
                 t.trx_started.as_deref().unwrap_or("?"),
                 t.trx_rows_modified.as_deref().unwrap_or("?"),
             )),
-            None => parts.push(
-                "no InnoDB transaction listed in innodb_trx (a cache, which may lag)".into(),
-            ),
+            None => parts
+                .push("no InnoDB transaction listed in innodb_trx (a cache, which may lag)".into()),
         },
         Err(e) => {
             let why = match last_errno(conn) {
-                Ok(Some(ER_SPECIFIC_ACCESS_DENIED)) => {
-                    "needs the PROCESS privilege".to_string()
-                }
+                Ok(Some(ER_SPECIFIC_ACCESS_DENIED)) => "needs the PROCESS privilege".to_string(),
                 _ => e.to_string(),
             };
             parts.push(format!("innodb_trx unavailable ({why})"));

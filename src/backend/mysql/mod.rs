@@ -148,7 +148,8 @@ fn with_in_transaction<T: QueryableByName<diesel::mysql::Mysql> + 'static>(
 /// trip; the session's own default (REPEATABLE READ unless configured otherwise) is untouched.
 const BEGIN_READ_COMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN";
 /// See [`BEGIN_READ_COMMITTED`].
-pub(super) const BEGIN_READ_UNCOMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED; BEGIN";
+pub(super) const BEGIN_READ_UNCOMMITTED: &str =
+    "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED; BEGIN";
 
 /// Runs `f` in a transaction begun with `begin`, which commits when `f` returns `Ok` and rolls
 /// back otherwise.

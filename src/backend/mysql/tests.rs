@@ -3,28 +3,16 @@
 //! is tested in `backend/conformance`.
 
 use super::*;
+use crate::backend::conformance::{check, new_barrier};
 use crate::backend::Verdict;
 use crate::testing::{MysqlTestDatabase, TestDatabase};
 use diesel::sql_types::BigInt;
 use std::sync::mpsc;
 
-fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
-    NewBarrier {
-        id,
-        job_id: "jid",
-        job_kind: "kind",
-        job_queue: "default",
-        payload: "{}",
-    }
-}
-
 fn i64_of(conn: &mut MysqlConnection, query: &str) -> i64 {
-    diesel::select(sql::<BigInt>(query)).get_result(conn).unwrap()
-}
-
-fn check(conn: &mut MysqlConnection, ids: &[uuid::Uuid]) -> Vec<Verdict> {
-    let pending: Vec<Pending> = ids.iter().map(|&id| Pending { id, txid: None }).collect();
-    conn.check_pending(&mut (), &pending).unwrap().verdicts
+    diesel::select(sql::<BigInt>(query))
+        .get_result(conn)
+        .unwrap()
 }
 
 /// Opens a transaction that inserts barrier `id` on a thread of its own and keeps it open

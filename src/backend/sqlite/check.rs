@@ -59,7 +59,10 @@ pub(super) fn check_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryRes
 }
 
 /// Which of `ids` have a visible barrier row.
-pub(super) fn visible_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryResult<HashSet<String>> {
+pub(super) fn visible_ids(
+    conn: &mut SqliteConnection,
+    ids: &[String],
+) -> QueryResult<HashSet<String>> {
     let mut found = HashSet::new();
     for chunk in ids.chunks(IDS_PER_QUERY) {
         let params = vec!["?"; chunk.len()].join(", ");
@@ -75,4 +78,3 @@ pub(super) fn visible_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryR
     }
     Ok(found)
 }
-

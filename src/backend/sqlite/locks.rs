@@ -64,7 +64,6 @@ where
     result
 }
 
-
 /// `limit` in whole milliseconds, at least 1, as a busy timeout.
 pub(super) fn millis(limit: Duration) -> i64 {
     limit.as_millis().clamp(1, i32::MAX as u128) as i64

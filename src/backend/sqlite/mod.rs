@@ -12,20 +12,20 @@ mod locks;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
 
-use check::check_ids;
-use locks::{enable_wal, is_busy, journal_mode, millis, with_busy_timeout};
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
 use super::{
     Checked, Claim, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction, Unconsumed,
 };
 use crate::error::Error;
+use check::check_ids;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use locks::{enable_wal, is_busy, journal_mode, millis, with_busy_timeout};
 use std::time::Duration;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -127,15 +127,10 @@ impl Backend for SqliteConnection {
     fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Inserted> {
         // This insert takes the write lock (if an earlier write of the transaction has not), and
         // the transaction keeps it until it ends: `check_pending` relies on that.
-        diesel::sql_query(
+        row.bind_to(diesel::sql_query(
             "INSERT INTO dtb_barriers (id, job_id, job_kind, job_queue, payload) \
              VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind::<Text, _>(row.id.hyphenated().to_string())
-        .bind::<Text, _>(row.job_id)
-        .bind::<Text, _>(row.job_kind)
-        .bind::<Text, _>(row.job_queue)
-        .bind::<Text, _>(row.payload)
+        ))
         .execute(self)?;
         Ok(Inserted {
             txid: None,
@@ -377,4 +372,3 @@ impl Backend for SqliteConnection {
 fn seconds_ago(d: Duration) -> String {
     format!("-{:.3} seconds", super::bounded_age(d).as_secs_f64())
 }
-

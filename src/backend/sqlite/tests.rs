@@ -3,29 +3,18 @@
 
 use super::locks::busy_timeout;
 use super::*;
+use crate::backend::conformance::{check, new_barrier};
 use crate::backend::Verdict;
 use crate::testing::{SqliteTestFile, TestDatabase};
 use std::sync::mpsc;
 
 fn insert(c: &mut SqliteConnection, id: &uuid::Uuid) {
-    c.insert_barrier(&NewBarrier {
-        id,
-        job_id: "jid",
-        job_kind: "kind",
-        job_queue: "default",
-        payload: "{}",
-    })
-    .unwrap();
+    c.insert_barrier(&new_barrier(id)).unwrap();
 }
 
 /// A worker connection: as a plain pool hands it out, without a busy timeout.
 fn worker(db: &SqliteTestFile) -> SqliteConnection {
     SqliteConnection::establish(&db.url()).unwrap()
-}
-
-fn check(w: &mut SqliteConnection, ids: &[uuid::Uuid]) -> Vec<Verdict> {
-    let pending: Vec<Pending> = ids.iter().map(|&id| Pending { id, txid: None }).collect();
-    w.check_pending(&mut (), &pending).unwrap().verdicts
 }
 
 /// Runs a producer on a thread of its own, holding the write lock in an open transaction with
@@ -104,7 +93,11 @@ fn a_batch_takes_one_lock_attempt_and_never_waits() {
     producer.join().unwrap();
     assert_eq!(
         check(&mut w, &[committed, rolled_back, open]),
-        [Verdict::Committed, Verdict::NotCommitted, Verdict::Committed]
+        [
+            Verdict::Committed,
+            Verdict::NotCommitted,
+            Verdict::Committed
+        ]
     );
     assert_eq!(busy_timeout(&mut w).unwrap(), 0, "busy timeout put back");
 }

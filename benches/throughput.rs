@@ -1,9 +1,9 @@
 //! The waiting-at-scale benchmark: prints a table of figures, each with its goal.
 //!
 //! ```text
-//! cargo run --release --example bench --features testing                      # PostgreSQL
+//! cargo bench --bench throughput --features testing                      # PostgreSQL
 //! DATABASE_URL=mysql://root@127.0.0.1:3306/test \
-//!     cargo run --release --example bench --features mysql,testing            # MariaDB
+//!     cargo bench --bench throughput --features mysql,testing            # MariaDB
 //! ```
 //!
 //! `DATABASE_URL` defaults to `postgres://postgres@127.0.0.1:5432/test`; `FAKTORY_URL` names a
@@ -61,7 +61,7 @@ fn main() {
         #[cfg(feature = "mysql")]
         return dispatch::<diesel::mysql::MysqlConnection>(&url);
     }
-    eprintln!("DATABASE_URL {url:?} needs a backend feature this example was not built with");
+    eprintln!("DATABASE_URL {url:?} needs a backend feature this benchmark was not built with");
     std::process::exit(2);
 }
 

@@ -1,9 +1,9 @@
 //! Measures commit → handler-start latency when the worker already holds the job.
 //!
 //! ```text
-//! cargo run --release --example latency --features testing            # PostgreSQL
+//! cargo bench --bench latency --features testing            # PostgreSQL
 //! DATABASE_URL=mysql://root@127.0.0.1:3306/test \
-//!     cargo run --release --example latency --features mysql,testing  # MariaDB / MySQL
+//!     cargo bench --bench latency --features mysql,testing  # MariaDB / MySQL
 //! ```
 //!
 //! `DATABASE_URL` defaults to `postgres://postgres@127.0.0.1:5432/test`; `FAKTORY_URL`, when
@@ -39,7 +39,7 @@ fn main() {
         #[cfg(feature = "mysql")]
         return measure::<diesel::mysql::MysqlConnection>(&url, jobs);
     }
-    eprintln!("DATABASE_URL {url:?} needs a backend feature this example was not built with");
+    eprintln!("DATABASE_URL {url:?} needs a backend feature this benchmark was not built with");
     std::process::exit(2);
 }
 
