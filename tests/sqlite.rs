@@ -565,8 +565,8 @@ fn worker_killed_mid_wait_and_mid_handler() {
             2,
         ),
     };
-    let env = Env::<Lite>::with_db_and_faktory(Lite::create(), faktory);
-    let job = |kind: &str, id: i64| {
+    let mut env = Env::<Lite>::with_db_and_faktory(Lite::create(), faktory);
+    let job = |env: &Env<Lite>, kind: &str, id: i64| {
         let mut j = env.job(kind, id);
         j.reserve_for = Some(Duration::from_secs(reserve_for));
         j
@@ -586,7 +586,7 @@ fn worker_killed_mid_wait_and_mid_handler() {
     conn.transaction(|c| {
         for &id in &waiting_ids {
             insert_order::<Lite>(c, id, "paid");
-            c.enqueue_with_barrier(&env.producer, job(PAID, id))?;
+            c.enqueue_with_barrier(&env.producer, job(&env, PAID, id))?;
         }
         let process = child.as_mut().unwrap();
         wait_until("the worker process to wait on 3 jobs", EVENTUALLY, || {
@@ -613,10 +613,16 @@ fn worker_killed_mid_wait_and_mid_handler() {
     worker.stop();
 
     // 2. Killed while a handler runs inside its transaction.
+    //
+    // On a new queue: the worker just stopped gave up its pending FETCHes by closing their
+    // connections, but Faktory goes on serving each for up to its 2 s fetch timeout, and a
+    // job pushed meanwhile to the queue they named is reserved to a connection that is gone
+    // (it comes back only once its reservation runs out).
+    env.queue = env.faktory.unique_queue("dtb");
     let mut child = WorkerProcess::start(&env);
     let slow_id = next_id();
     insert_order::<Lite>(&mut conn, slow_id, "paid");
-    env.producer.push(job(SLOW, slow_id)).unwrap();
+    env.producer.push(job(&env, SLOW, slow_id)).unwrap();
     wait_until(
         "the handler to run in the worker process",
         EVENTUALLY,
