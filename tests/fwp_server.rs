@@ -1072,7 +1072,8 @@ fn commands_get_the_real_servers_replies() {
         for field in ["size", "cycles", "enqueued"] {
             assert!(figures[field].is_u64(), "{task}.{field}: {info}");
         }
-        assert!(figures["wall_time_sec"].is_f64(), "{task}: {info}");
+        // A float, but Go writes 0.0 as 0.
+        assert!(figures["wall_time_sec"].is_number(), "{task}: {info}");
     }
     for task in ["Busy", "Workers"] {
         let figures = &info["faktory"]["tasks"][task];
