@@ -404,6 +404,64 @@ fn handler_starts_after_the_fence_commits() {
 // ---------------------------------------------------------------------------------------------
 // A stale innodb_trx cache changes nothing: the verdict never reads it.
 
+/// Threads reading innodb_trx every 10 ms until stopped or dropped.
+struct Pollers {
+    stop: Arc<AtomicBool>,
+    polls: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pollers {
+    fn start(n: usize) -> Pollers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let polls = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|_| {
+                let (stop, polls) = (Arc::clone(&stop), Arc::clone(&polls));
+                std::thread::spawn(move || {
+                    let mut c = admin();
+                    while !stop.load(Ordering::Relaxed) {
+                        Root::query_i64(
+                            &mut c,
+                            "SELECT COUNT(*) FROM information_schema.INNODB_TRX",
+                        );
+                        polls.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            })
+            .collect();
+        Pollers {
+            stop,
+            polls,
+            threads,
+        }
+    }
+
+    /// Stops the threads and returns how many reads they made.
+    fn stop(mut self) -> u64 {
+        self.join();
+        self.polls.load(Ordering::Relaxed)
+    }
+
+    fn join(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            if let Err(panic) = t.join() {
+                if !std::thread::panicking() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pollers {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
 #[test]
 fn stale_innodb_trx_cache_changes_nothing() {
     const PER_OUTCOME: usize = 200;
@@ -547,62 +605,4 @@ fn stale_innodb_trx_cache_changes_nothing() {
         "{} jobs in {elapsed:?}, innodb_trx read {polls} times meanwhile",
         2 * PER_OUTCOME
     );
-}
-
-/// Threads reading innodb_trx every 10 ms until stopped or dropped.
-struct Pollers {
-    stop: Arc<AtomicBool>,
-    polls: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Pollers {
-    fn start(n: usize) -> Pollers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let polls = Arc::new(AtomicU64::new(0));
-        let threads = (0..n)
-            .map(|_| {
-                let (stop, polls) = (Arc::clone(&stop), Arc::clone(&polls));
-                std::thread::spawn(move || {
-                    let mut c = admin();
-                    while !stop.load(Ordering::Relaxed) {
-                        Root::query_i64(
-                            &mut c,
-                            "SELECT COUNT(*) FROM information_schema.INNODB_TRX",
-                        );
-                        polls.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                })
-            })
-            .collect();
-        Pollers {
-            stop,
-            polls,
-            threads,
-        }
-    }
-
-    /// Stops the threads and returns how many reads they made.
-    fn stop(mut self) -> u64 {
-        self.join();
-        self.polls.load(Ordering::Relaxed)
-    }
-
-    fn join(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            if let Err(panic) = t.join() {
-                if !std::thread::panicking() {
-                    std::panic::resume_unwind(panic);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Pollers {
-    fn drop(&mut self) {
-        self.join();
-    }
 }
