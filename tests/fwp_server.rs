@@ -108,6 +108,26 @@ fn snapshot(runs: &Runs) -> Vec<(Job, DateTime<Utc>)> {
     runs.lock().unwrap().clone()
 }
 
+/// The address of `faktory` for raw connections; `None`, with a printed note, when its URL
+/// carries a password (raw connections do not answer the password challenge).
+fn raw_addr(faktory: &TestFaktory) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let url = faktory.url();
+    let authority = url.split("://").nth(1).unwrap_or(&url);
+    if authority.contains('@') {
+        println!("note: FAKTORY_URL has a password; skipping the raw-protocol checks");
+        return None;
+    }
+    let authority = authority.trim_end_matches('/');
+    Some(
+        authority
+            .to_socket_addrs()
+            .unwrap_or_else(|e| panic!("{authority}: {e}"))
+            .next()
+            .expect("an address"),
+    )
+}
+
 /// A reply read off the wire.
 #[derive(Debug, PartialEq)]
 enum Resp {
@@ -192,7 +212,8 @@ impl Raw {
             "reply line ends with CRLF: {line:?}"
         );
         line.truncate(line.len() - 2);
-        let text = String::from_utf8(line[1..].to_vec()).expect("reply header is UTF-8");
+        // The real server echoes a command's bytes in its error, valid UTF-8 or not.
+        let text = String::from_utf8_lossy(&line[1..]).into_owned();
         Ok(Some(match line[0] {
             b'+' => Resp::Simple(text),
             b'-' => Resp::Error(text),
@@ -888,70 +909,12 @@ fn malformed_input_gets_errors_and_the_server_keeps_serving() {
         .error()
         .starts_with("ERR invalid HELLO"));
     assert_eq!(raw.call(br#"HELLO {"v":2}"#), Resp::Simple("OK".into()));
-
-    let cases: &[(&[u8], &str)] = &[
-        (b"DANCE now", "ERR unknown command DANCE"),
-        (b"\xff\xfe", "ERR unknown command"),
-        (b"", "ERR unknown command"),
-        (br#"HELLO {"v":2}"#, "ERR unknown command HELLO"),
-        (b"PUSH {bad json", "ERR invalid JSON"),
-        (b"PUSH", "ERR invalid JSON"),
-        (b"PUSH [1,2]", "ERR invalid JSON"),
-        (
-            b"PUSH {\"jid\":\"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\"}",
-            "ERR invalid JSON",
-        ),
-        (
-            br#"PUSH {"jid":"abcdefgh","jobtype":"t","args":{}}"#,
-            "ERR invalid JSON",
-        ),
-        (
-            br#"PUSH {"jid":"short","jobtype":"t","args":[]}"#,
-            "ERR jobs must have a reasonable jid parameter",
-        ),
-        (
-            br#"PUSH {"jid":"abcdefgh","args":[]}"#,
-            "ERR jobs must have a jobtype parameter",
-        ),
-        (
-            br#"PUSH {"jid":"abcdefgh","jobtype":"t"}"#,
-            "ERR jobs must have an args parameter",
-        ),
-        (
-            br#"PUSH {"jid":"abcdefgh","jobtype":"t","args":[],"reserve_for":86401}"#,
-            "ERR jobs cannot be reserved for more than one day",
-        ),
-        (
-            br#"PUSH {"jid":"abcdefgh","jobtype":"t","args":[],"at":"whenever"}"#,
-            "ERR invalid timestamp for 'at'",
-        ),
-        (b"PUSHB {}", "ERR invalid JSON"),
-        (
-            br#"PUSHB [{"jid":"abcdefgh","jobtype":"t","args":[]},{"jid":1}]"#,
-            "ERR invalid JSON",
-        ),
-        (b"FETCH", "ERR must call fetch with at least one queue"),
-        (b"ACK nope", "ERR invalid ACK"),
-        (b"ACK {}", "ERR invalid ACK"),
-        (b"FAIL []", "ERR invalid FAIL"),
-        (br#"FAIL ["abcdefgh"]"#, "ERR invalid FAIL"),
-        (b"FAIL {}", "ERR missing JID"),
-        (
-            br#"FAIL {"jid":"nosuchjob"}"#,
-            "ERR Job not found nosuchjob",
-        ),
-        (b"BEAT x", "ERR invalid BEAT"),
-        (br#"BEAT ["ghost"]"#, "ERR invalid BEAT"),
-        (br#"BEAT {"wid":"ghost"}"#, "ERR unknown worker ghost"),
-    ];
-    for (line, expected) in cases {
-        let reply = raw.call(line);
-        assert!(
-            reply.error().starts_with(expected),
-            "{:?}: {reply:?}",
-            String::from_utf8_lossy(line)
-        );
-    }
+    // (What comes after HELLO is checked against both servers in
+    // `commands_get_the_real_servers_replies`.)
+    assert!(raw
+        .call(b"PUSH {bad json")
+        .error()
+        .starts_with("ERR invalid JSON"));
 
     // An overlong line (one byte over the 16 MiB default) is refused as a whole...
     let mut huge = b"PUSH ".to_vec();
@@ -980,6 +943,228 @@ fn malformed_input_gets_errors_and_the_server_keeps_serving() {
     // END closes the connection without a reply.
     raw.send(b"END");
     assert!(raw.try_read().map(|r| r.is_none()).unwrap_or(true));
+}
+
+/// Commands after `HELLO`, well-formed or not, get the replies the real server gives (the
+/// same error, or the same start of it where the decoder's own words follow). Also against
+/// a real Faktory when `FAKTORY_URL` is set, which is how these replies were found.
+#[test]
+fn commands_get_the_real_servers_replies() {
+    let faktory = TestFaktory::from_env_or_start().unwrap();
+    let Some(addr) = raw_addr(&faktory) else {
+        return;
+    };
+    let queue = faktory.unique_queue("malformed");
+    let push = |fields: &str| format!(r#"PUSH {{"queue":"{queue}",{fields}}}"#).into_bytes();
+    let ghost = format!("ghost-{queue}");
+    let mut raw = Raw::connect_hello(addr);
+    let cases: Vec<(Vec<u8>, String)> = vec![
+        (b"DANCE now".to_vec(), "ERR unknown command DANCE".into()),
+        (
+            b"BATCH NEW {}".to_vec(),
+            "ERR batch subsystem is only available in Faktory Enterprise".into(),
+        ),
+        (
+            b"TRACK GET x".to_vec(),
+            "ERR tracking subsystem is only available in Faktory Enterprise".into(),
+        ),
+        (b"\xff\xfe".to_vec(), "ERR unknown command".into()),
+        (b"".to_vec(), "ERR unknown command".into()),
+        (
+            br#"HELLO {"v":2}"#.to_vec(),
+            "ERR unknown command HELLO".into(),
+        ),
+        // A bare verb that takes an argument: the real server's slicing panics.
+        (b"PUSH".to_vec(), "ERR internal error".into()),
+        (b"PUSHB".to_vec(), "ERR internal error".into()),
+        (b"ACK".to_vec(), "ERR internal error".into()),
+        (b"FAIL".to_vec(), "ERR internal error".into()),
+        (b"BEAT".to_vec(), "ERR internal error".into()),
+        (b"PUSH {bad json".to_vec(), "ERR invalid JSON".into()),
+        (b"PUSH [1,2]".to_vec(), "ERR invalid JSON".into()),
+        // Invalid UTF-8 in a string is read as U+FFFD, not refused.
+        (
+            [
+                &b"PUSH {\"queue\":\"x\",\"jid\":\""[..],
+                b"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\"}",
+            ]
+            .concat(),
+            "ERR jobs must have a jobtype parameter".into(),
+        ),
+        (
+            push(r#""jid":"abcdefgh","jobtype":"t","args":{}"#),
+            "ERR invalid JSON".into(),
+        ),
+        (
+            push(r#""jid":"short","jobtype":"t","args":[]"#),
+            "ERR jobs must have a reasonable jid parameter".into(),
+        ),
+        (
+            push(r#""jid":"abcdefgh","args":[]"#),
+            "ERR jobs must have a jobtype parameter".into(),
+        ),
+        (
+            push(r#""jid":"abcdefgh","jobtype":"t""#),
+            "ERR jobs must have an args parameter".into(),
+        ),
+        (
+            push(r#""jid":"abcdefgh","jobtype":"t","args":[],"reserve_for":86401"#),
+            "ERR jobs cannot be reserved for more than one day".into(),
+        ),
+        (
+            push(r#""jid":"abcdefgh","jobtype":"t","args":[],"at":"whenever""#),
+            "ERR invalid timestamp for 'at'".into(),
+        ),
+        (
+            br#"PUSH {"jid":"abcdefgh","jobtype":"t","args":[],"queue":"no spaces"}"#.to_vec(),
+            r#"ERR cannot get "no spaces" queue: queue names must match \A[a-zA-Z0-9._-]+\z"#
+                .into(),
+        ),
+        (b"PUSHB {}".to_vec(), "ERR invalid JSON".into()),
+        (
+            br#"PUSHB [{"jid":"abcdefgh","jobtype":"t","args":[]},{"jid":1}]"#.to_vec(),
+            "ERR invalid JSON".into(),
+        ),
+        (
+            b"FETCH".to_vec(),
+            "ERR must call fetch with at least one queue".into(),
+        ),
+        (b"ACK nope".to_vec(), "ERR invalid ACK".into()),
+        (b"ACK {}".to_vec(), "ERR invalid ACK".into()),
+        (b"FAIL []".to_vec(), "ERR invalid FAIL".into()),
+        (br#"FAIL ["abcdefgh"]"#.to_vec(), "ERR invalid FAIL".into()),
+        (b"FAIL {}".to_vec(), "ERR missing JID".into()),
+        (
+            format!(r#"FAIL {{"jid":"{ghost}"}}"#).into_bytes(),
+            format!("ERR Job not found {ghost}"),
+        ),
+        (b"BEAT x".to_vec(), "ERR invalid BEAT".into()),
+        (br#"BEAT ["ghost"]"#.to_vec(), "ERR invalid BEAT".into()),
+        (
+            format!(r#"BEAT {{"wid":"{ghost}"}}"#).into_bytes(),
+            format!("ERR unknown worker {ghost}"),
+        ),
+    ];
+    for (line, expected) in &cases {
+        let reply = raw.call(line);
+        assert!(
+            matches!(&reply, Resp::Error(e) if e.starts_with(expected.as_str())),
+            "{:?}: {reply:?}, expected {expected:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    // Acknowledging a job nobody holds is no error.
+    assert_eq!(
+        raw.call(format!(r#"ACK {{"jid":"{ghost}"}}"#).as_bytes()),
+        Resp::Simple("OK".into())
+    );
+
+    // None of it got in; a good job still does.
+    assert_eq!(
+        raw.call(&push(r#""jid":"fine-0001","jobtype":"t","args":[]"#)),
+        Resp::Simple("OK".into())
+    );
+    let info = raw.call(b"INFO").bulk_json();
+    assert_eq!(info["faktory"]["queues"][&queue], json!(1), "{info}");
+    // The scanners' figures, as the real server reports them.
+    for task in ["Scheduled", "Retries", "Dead"] {
+        let figures = &info["faktory"]["tasks"][task];
+        for field in ["size", "cycles", "enqueued"] {
+            assert!(figures[field].is_u64(), "{task}.{field}: {info}");
+        }
+        // A float, but Go writes 0.0 as 0.
+        assert!(figures["wall_time_sec"].is_number(), "{task}: {info}");
+    }
+    for task in ["Busy", "Workers"] {
+        let figures = &info["faktory"]["tasks"][task];
+        for field in ["size", "reaped"] {
+            assert!(figures[field].is_u64(), "{task}.{field}: {info}");
+        }
+    }
+    if let Some(server) = faktory.server_or_skip("stored jobs after malformed input") {
+        assert_eq!(server.stats().pushed, 1);
+        assert_eq!(server.queue_names(), [queue]);
+    }
+}
+
+/// A worker's state (quiet, terminate) keeps jobs from the `FETCH`es of the connection that
+/// registered the worker only: its other connections go on fetching until the client stops
+/// them. Also against a real Faktory when `FAKTORY_URL` is set.
+#[test]
+fn a_worker_state_holds_on_its_first_connection_only() {
+    let faktory = TestFaktory::from_env_or_start().unwrap();
+    let Some(addr) = raw_addr(&faktory) else {
+        return;
+    };
+    let queue = faktory.unique_queue("state");
+    let wid = format!("w-{queue}");
+    let hello = format!(r#"HELLO {{"v":2,"wid":"{wid}","hostname":"box","pid":7,"labels":[]}}"#);
+    let mut first = Raw::connect(addr);
+    assert_eq!(first.call(hello.as_bytes()), Resp::Simple("OK".into()));
+    let mut second = Raw::connect(addr);
+    assert_eq!(second.call(hello.as_bytes()), Resp::Simple("OK".into()));
+    let mut producer = Raw::connect_hello(addr);
+    let jid = format!("job-{queue}");
+    assert_eq!(
+        producer.call(
+            format!(r#"PUSH {{"jid":"{jid}","jobtype":"t","args":[],"queue":"{queue}"}}"#)
+                .as_bytes()
+        ),
+        Resp::Simple("OK".into())
+    );
+    // The worker says it is quiet (from any of its connections).
+    assert_eq!(
+        second.call(format!(r#"BEAT {{"wid":"{wid}","current_state":"quiet"}}"#).as_bytes()),
+        Resp::Bulk(br#"{"state":"quiet"}"#.to_vec())
+    );
+    assert_eq!(first.call(format!("FETCH {queue}").as_bytes()), Resp::Null);
+    let fetched = second.call(format!("FETCH {queue}").as_bytes()).bulk_json();
+    assert_eq!(fetched["jid"], json!(jid));
+    assert_eq!(
+        second.call(format!(r#"ACK {{"jid":"{jid}"}}"#).as_bytes()),
+        Resp::Simple("OK".into())
+    );
+}
+
+/// A `FETCH` whose client closed the connection while it waited still takes the next job
+/// pushed to its queue within the fetch timeout, and that job stays reserved to the closed
+/// connection (until its reservation runs out). A worker that stops with `FETCH`es pending
+/// therefore takes the jobs pushed right after. Also against a real Faktory when
+/// `FAKTORY_URL` is set.
+#[test]
+fn a_fetch_whose_client_left_still_takes_a_job() {
+    let faktory = TestFaktory::from_env_or_start().unwrap();
+    let Some(addr) = raw_addr(&faktory) else {
+        return;
+    };
+    let queue = faktory.unique_queue("abandoned");
+    {
+        let mut gone = Raw::connect(addr);
+        let hello = format!(r#"HELLO {{"v":2,"wid":"gone-{queue}","hostname":"h","pid":1}}"#);
+        assert_eq!(gone.call(hello.as_bytes()), Resp::Simple("OK".into()));
+        gone.send(format!("FETCH {queue}").as_bytes());
+    }
+    let jid = format!("job-{queue}");
+    let mut producer = Raw::connect_hello(addr);
+    assert_eq!(
+        producer.call(
+            format!(
+                r#"PUSH {{"jid":"{jid}","jobtype":"t","args":[],"queue":"{queue}","reserve_for":600}}"#
+            )
+            .as_bytes()
+        ),
+        Resp::Simple("OK".into())
+    );
+    // Another worker finds nothing within its whole fetch timeout: the job is taken.
+    let mut other = Raw::connect(addr);
+    let hello = format!(r#"HELLO {{"v":2,"wid":"other-{queue}","hostname":"h","pid":2}}"#);
+    assert_eq!(other.call(hello.as_bytes()), Resp::Simple("OK".into()));
+    assert_eq!(other.call(format!("FETCH {queue}").as_bytes()), Resp::Null);
+    if let Some(server) = faktory.server_or_skip("the abandoned FETCH's reservation") {
+        use JobEventKind::*;
+        assert_eq!(kinds(server, &jid), [Pushed, Fetched]);
+        assert_eq!(server.working_jobs()[0]["jid"], json!(jid));
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1077,6 +1262,16 @@ async fn worker_is_quieted_then_terminated_by_beat() {
             .workers()
             .iter()
             .any(|w| w.wid == wid && w.last_reply == Some(WorkerState::Quiet)),
+        WAIT
+    )));
+    // Told "quiet", the worker ends its fetching tasks (each closes its connection once its
+    // pending FETCH has returned); only the connection that BEATs is left. (The server
+    // itself refuses jobs to the worker's first connection only, as the real server does.)
+    assert!(blocking(|| server.wait_for(
+        |s| s
+            .workers()
+            .iter()
+            .any(|w| w.wid == wid && w.connections == 1),
         WAIT
     )));
     // A quiet worker takes no new job.

@@ -258,11 +258,19 @@ fn timeout_report<D: TestDb<Conn = MysqlConnection>>() -> (String, i64) {
     let result = conn.transaction(|c| {
         insert_order::<D>(c, id, "paid");
         let jid = c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
-        let server = env.faktory.server().expect("the test server");
-        assert!(
-            server.wait_until_history(jid.as_str(), JobEventKind::Failed, EVENTUALLY),
-            "the job fails with a barrier timeout"
-        );
+        // The worker reports the timeout (reading innodb_trx while this transaction is still
+        // open), then fails the job.
+        wait_until("the barrier timeout report", EVENTUALLY, || {
+            recorded(jid.as_str())
+                .iter()
+                .any(|r| r.contains("barrier timed out"))
+        });
+        if let Some(server) = env.faktory.server_or_skip("the job's Failed history") {
+            assert!(
+                server.wait_until_history(jid.as_str(), JobEventKind::Failed, EVENTUALLY),
+                "the job fails with a barrier timeout"
+            );
+        }
         Err::<(), _>(Error::Config("roll back".into()))
     });
     assert!(result.is_err());
@@ -426,6 +434,64 @@ fn handler_starts_after_the_fence_commits() {
 // ---------------------------------------------------------------------------------------------
 // A stale innodb_trx cache changes nothing: the verdict never reads it.
 
+/// Threads reading innodb_trx every 10 ms until stopped or dropped.
+struct Pollers {
+    stop: Arc<AtomicBool>,
+    polls: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pollers {
+    fn start(n: usize) -> Pollers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let polls = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|_| {
+                let (stop, polls) = (Arc::clone(&stop), Arc::clone(&polls));
+                std::thread::spawn(move || {
+                    let mut c = admin();
+                    while !stop.load(Ordering::Relaxed) {
+                        Root::query_i64(
+                            &mut c,
+                            "SELECT COUNT(*) FROM information_schema.INNODB_TRX",
+                        );
+                        polls.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            })
+            .collect();
+        Pollers {
+            stop,
+            polls,
+            threads,
+        }
+    }
+
+    /// Stops the threads and returns how many reads they made.
+    fn stop(mut self) -> u64 {
+        self.join();
+        self.polls.load(Ordering::Relaxed)
+    }
+
+    fn join(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            if let Err(panic) = t.join() {
+                if !std::thread::panicking() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pollers {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
 #[test]
 fn stale_innodb_trx_cache_changes_nothing() {
     const PER_OUTCOME: usize = 200;
@@ -433,24 +499,13 @@ fn stale_innodb_trx_cache_changes_nothing() {
     let _alone = ExclusiveTicket::acquire();
     let env = Env::with_db(Root::new(true, None));
     let (tx, rx) = unbounded();
-    let _worker = env.start_worker(handlers::<Root>(&tx), 12);
+    let worker = env.start_worker(handlers::<Root>(&tx), 12);
 
-    // Two connections read innodb_trx every 10 ms, so that its cache never refreshes.
-    let stop = Arc::new(AtomicBool::new(false));
-    let polls = Arc::new(AtomicU64::new(0));
-    let pollers: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, polls) = (Arc::clone(&stop), Arc::clone(&polls));
-            std::thread::spawn(move || {
-                let mut c = admin();
-                while !stop.load(Ordering::Relaxed) {
-                    Root::query_i64(&mut c, "SELECT COUNT(*) FROM information_schema.INNODB_TRX");
-                    polls.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            })
-        })
-        .collect();
+    // Two connections read innodb_trx every 10 ms, so that its cache never refreshes. They
+    // stop when `pollers` is dropped, also when this test fails: left running, they would
+    // freeze the cache for every later test of this binary (`waiters_on` would read a stale
+    // one forever).
+    let pollers = Pollers::start(2);
 
     let started = Instant::now();
     let per_thread = 2 * PER_OUTCOME / PRODUCERS;
@@ -499,36 +554,53 @@ fn stale_innodb_trx_cache_changes_nothing() {
     assert_eq!(committed.len(), PER_OUTCOME);
     assert_eq!(rolled_back.len(), PER_OUTCOME);
 
-    let server = env.faktory.server().expect("the test server");
     let all_jids: Vec<&str> = committed
         .iter()
         .chain(&rolled_back)
         .map(|(_, jid)| jid.as_str())
         .collect();
-    let done = server.wait_for(
-        |s| {
-            all_jids.iter().all(|jid| {
-                s.history(jid)
-                    .iter()
-                    .any(|e| e.kind() == JobEventKind::Acked)
-            })
-        },
+    // Every delivery processed, as the worker counts them (on any Faktory)...
+    let deliveries = all_jids.len() as u64;
+    wait_until(
+        "every delivery to be processed",
         Duration::from_secs(60),
+        || worker.monitor.processed() >= deliveries,
     );
+    // ... and acknowledged, as the test server records them.
+    let acked = env
+        .faktory
+        .server_or_skip("every job's Acked history")
+        .map(|server| {
+            server.wait_for(
+                |s| {
+                    all_jids.iter().all(|jid| {
+                        s.history(jid)
+                            .iter()
+                            .any(|e| e.kind() == JobEventKind::Acked)
+                    })
+                },
+                Duration::from_secs(60),
+            )
+        });
     let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for p in pollers {
-        p.join().unwrap();
-    }
-    assert!(done, "every job was acknowledged");
-    for jid in &all_jids {
-        assert!(
-            !server
-                .history(jid)
-                .iter()
-                .any(|e| e.kind() == JobEventKind::Failed),
-            "job {jid} failed"
-        );
+    let polls = pollers.stop();
+    assert_eq!(worker.monitor.failed(), 0, "no job failed");
+    assert_eq!(
+        worker.monitor.snoozed(),
+        0,
+        "no job was snoozed (so each delivery processed was one of these jobs)"
+    );
+    if let Some(server) = env.faktory.server() {
+        assert_eq!(acked, Some(true), "every job was acknowledged");
+        for jid in &all_jids {
+            assert!(
+                !server
+                    .history(jid)
+                    .iter()
+                    .any(|e| e.kind() == JobEventKind::Failed),
+                "job {jid} failed"
+            );
+        }
     }
 
     let runs: Vec<Ran> = rx.try_iter().collect();
@@ -558,7 +630,6 @@ fn stale_innodb_trx_cache_changes_nothing() {
         "no rolled-back job ran"
     );
     assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
-    let polls = polls.load(Ordering::Relaxed);
     assert!(polls > 200, "innodb_trx was polled ({polls} reads)");
     eprintln!(
         "{} jobs in {elapsed:?}, innodb_trx read {polls} times meanwhile",

@@ -1,5 +1,5 @@
 //! PostgreSQL restarted, crash-like (`-m immediate`), while a worker waits. Restarts the
-//! machine's server: runs only with `DTB_DB_RESTART=1` (CI sets it).
+//! machine's server: `#[ignore]`d, run with `DTB_DB_RESTART=1` and `--ignored` (CI does).
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -42,9 +42,8 @@ fn restart_postgres() {
 }
 
 #[test]
+#[ignore = "restarts the machine's PostgreSQL server; run with DTB_DB_RESTART=1 and --ignored, as CI does"]
 fn database_restart_mid_wait() {
-    if !common::restart::restart_enabled() {
-        return;
-    }
+    common::restart::require_restart_permission();
     common::restart::database_restart_mid_wait::<Pg>(restart_postgres);
 }

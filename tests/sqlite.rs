@@ -595,8 +595,8 @@ fn worker_killed_mid_wait_and_mid_handler() {
             2,
         ),
     };
-    let env = Env::<Lite>::with_db_and_faktory(Lite::create(), faktory);
-    let job = |kind: &str, id: i64| {
+    let mut env = Env::<Lite>::with_db_and_faktory(Lite::create(), faktory);
+    let job = |env: &Env<Lite>, kind: &str, id: i64| {
         let mut j = env.job(kind, id);
         j.reserve_for = Some(Duration::from_secs(reserve_for));
         j
@@ -616,7 +616,7 @@ fn worker_killed_mid_wait_and_mid_handler() {
     conn.transaction(|c| {
         for &id in &waiting_ids {
             insert_order::<Lite>(c, id, "paid");
-            c.enqueue_with_barrier(&env.producer, job(PAID, id))?;
+            c.enqueue_with_barrier(&env.producer, job(&env, PAID, id))?;
         }
         let process = child.as_mut().unwrap();
         wait_until("the worker process to wait on 3 jobs", EVENTUALLY, || {
@@ -626,27 +626,19 @@ fn worker_killed_mid_wait_and_mid_handler() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    // A new worker: Faktory hands the reserved jobs out again once their reservation runs out.
-    let worker = env.start_worker(handlers(), 2);
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < waiting_ids.len() {
-        let ran = rx
-            .recv_timeout(redelivery)
-            .expect("every committed job completes after the restart");
-        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
-    }
-    for id in &waiting_ids {
-        wait_until("the run to commit", EVENTUALLY, || {
-            runs_of(&env.db, *id) == 1
-        });
-    }
-    worker.stop();
+    let first_queue = env.queue.clone();
 
-    // 2. Killed while a handler runs inside its transaction.
+    // 2. Killed while a handler runs inside its transaction, while the jobs of part 1 are
+    // still reserved to the dead process (so that both wait for their reservations at once).
+    //
+    // On a new queue: the killed process's pending FETCHes went with its connections, but
+    // Faktory goes on serving each for up to its 2 s fetch timeout, and a job pushed
+    // meanwhile to the queue they named would be reserved to a connection that is gone.
+    env.queue = env.faktory.unique_queue("dtb");
     let mut child = WorkerProcess::start(&env);
     let slow_id = next_id();
     insert_order::<Lite>(&mut conn, slow_id, "paid");
-    env.producer.push(job(SLOW, slow_id)).unwrap();
+    env.producer.push(job(&env, SLOW, slow_id)).unwrap();
     wait_until(
         "the handler to run in the worker process",
         EVENTUALLY,
@@ -659,15 +651,28 @@ fn worker_killed_mid_wait_and_mid_handler() {
         0,
         "the killed handler's writes rolled back"
     );
-    let worker = env.start_worker(handlers(), 2);
-    let ran = rx
-        .recv_timeout(redelivery)
-        .expect("the killed handler's job completes after the restart");
-    assert_eq!(ran.order_id, slow_id);
-    wait_until("the run to commit", EVENTUALLY, || {
-        runs_of(&env.db, slow_id) == 1
-    });
+
+    // New workers on both queues: Faktory hands the reserved jobs out again once their
+    // reservations run out.
+    let second = env.start_worker(handlers(), 2);
+    env.queue = first_queue;
+    let first = env.start_worker(handlers(), 2);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < waiting_ids.len() + 1 {
+        let ran = rx
+            .recv_timeout(redelivery)
+            .expect("every committed job completes after the restart");
+        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
+    }
+    let expected: std::collections::HashSet<i64> =
+        waiting_ids.iter().copied().chain([slow_id]).collect();
+    assert_eq!(seen, expected);
+    for id in waiting_ids.iter().chain([&slow_id]) {
+        wait_until("the run to commit", EVENTUALLY, || {
+            runs_of(&env.db, *id) == 1
+        });
+    }
     wait_until("no barrier left", EVENTUALLY, || env.db.barrier_rows() == 0);
     expect_no_run(&rx, "each job ran once");
-    drop(worker);
+    drop((first, second));
 }

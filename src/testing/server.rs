@@ -5,6 +5,7 @@ use super::job::Job;
 use super::protocol::{password_hash, printable, read_line, split_command, ReadLine, Reply};
 use super::state::{
     Config, Hello, JobEvent, JobEventKind, Now, RetryDelay, State, Stats, WorkerInfo, WorkerState,
+    HEARTBEAT_TIMEOUT,
 };
 use rand::Rng;
 use serde::Deserialize;
@@ -99,6 +100,7 @@ impl Default for TestServerBuilder {
                 fetch_timeout: Duration::from_secs(2),
                 min_reserve_for: Duration::from_secs(60),
                 max_line_length: 16 * 1024 * 1024,
+                heartbeat_timeout: HEARTBEAT_TIMEOUT,
             },
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
         }
@@ -322,9 +324,14 @@ impl TestServer {
     // ---- worker lifecycle ----
 
     /// Sets the state answered to the `BEAT` of every worker, connected now or later.
-    /// `Quiet` makes workers stop fetching; `Terminate` makes them exit. This is a floor:
-    /// a worker already told (or asked) to go further stays there. Setting `Running` lifts
-    /// the floor.
+    /// `Quiet` tells workers to stop fetching; `Terminate` tells them to exit. This is a
+    /// floor: a worker already told (or asked) to go further stays there. Setting `Running`
+    /// lifts the floor.
+    ///
+    /// As on the real server, the state is also enforced on a worker's first connection
+    /// (the one that registered its `wid`), whose `FETCH` then answers no job; its other
+    /// connections fetch as before until the client itself stops them (the `faktory`
+    /// worker does so when a `BEAT` is answered `quiet` or `terminate`).
     pub fn set_worker_state(&self, state: WorkerState) {
         self.shared.lock().set_global_worker_state(state);
         self.shared.notify();
@@ -541,11 +548,26 @@ fn clock_loop(shared: Arc<Shared>) {
             return;
         }
         let before = st.generation;
-        let next = st.tick(&Now::get(), &shared.config);
+        let now = Now::get();
+        let next = st.tick(&now, &shared.config);
+        let (silent, next_silent) =
+            st.reap_silent_workers(now.mono, shared.config.heartbeat_timeout);
         if st.generation != before {
             shared.notify();
         }
-        let wait = next
+        if !silent.is_empty() {
+            // Their threads see the connection end and clean up after themselves.
+            let conns = shared.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            for id in silent {
+                if let Some(stream) = conns.get(&id) {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+            }
+        }
+        let wait = [next, next_silent]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         st = shared.wait_timeout(st, wait.max(Duration::from_micros(100)));
@@ -555,11 +577,15 @@ fn clock_loop(shared: Arc<Shared>) {
 /// What a connection knows about its client after `HELLO`.
 struct Session {
     wid: Option<String>,
+    /// This connection registered the worker `wid` (it was its first open connection): the
+    /// worker's state (quiet, terminate) applies to its `FETCH`es, and to no other
+    /// connection's, as on the real server.
+    holds_state: bool,
 }
 
 fn serve_connection(shared: &Shared, stream: TcpStream, id: u64) {
     let mut session: Option<Session> = None;
-    if let Err(e) = run_connection(shared, &stream, &mut session) {
+    if let Err(e) = run_connection(shared, &stream, id, &mut session) {
         tracing::trace!(error = %e, "test server connection ended");
     }
     let _ = stream.shutdown(Shutdown::Both);
@@ -572,7 +598,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, id: u64) {
         let mut st = shared.lock();
         st.connections = st.connections.saturating_sub(1);
         if let Some(wid) = &session.wid {
-            st.worker_disconnected(wid);
+            st.worker_disconnected(wid, id);
         }
         drop(st);
         shared.notify();
@@ -588,6 +614,7 @@ struct Challenge {
 fn run_connection(
     shared: &Shared,
     stream: &TcpStream,
+    id: u64,
     session: &mut Option<Session>,
 ) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
@@ -620,6 +647,11 @@ fn run_connection(
             }
             ReadLine::Line => {}
         }
+        if std::str::from_utf8(&line).is_err() {
+            // The real server decodes JSON with Go, which takes invalid UTF-8 in a string as
+            // U+FFFD instead of refusing it.
+            line = String::from_utf8_lossy(&line).into_owned().into_bytes();
+        }
         if shared.lock().shutdown {
             Reply::err("shutdown in progress").write_to(&mut writer)?;
             writer.flush()?;
@@ -638,7 +670,7 @@ fn run_connection(
                     ))
                     .write_to(&mut writer)?;
                 } else {
-                    match hello(shared, args.unwrap_or_default(), challenge.as_ref()) {
+                    match hello(shared, args.unwrap_or_default(), challenge.as_ref(), id) {
                         Ok(new_session) => {
                             Reply::Ok.write_to(&mut writer)?;
                             *session = Some(new_session);
@@ -698,6 +730,7 @@ fn hello(
     shared: &Shared,
     args: &[u8],
     challenge: Option<&Challenge>,
+    conn: u64,
 ) -> Result<Session, HelloError> {
     let info: HelloIn =
         from_object(args).map_err(|e| HelloError::Invalid(format!("invalid HELLO: {e}")))?;
@@ -716,17 +749,22 @@ fn hello(
     let wid = info.wid.filter(|w| !w.is_empty());
     let mut st = shared.lock();
     st.connections += 1;
-    if let Some(wid) = &wid {
-        st.worker_connected(&Hello {
-            wid: wid.clone(),
-            hostname: info.hostname.unwrap_or_default(),
-            pid: info.pid.unwrap_or_default(),
-            labels: info.labels.unwrap_or_default(),
-        });
-    }
+    let holds_state = match &wid {
+        Some(wid) => st.worker_connected(
+            &Hello {
+                wid: wid.clone(),
+                hostname: info.hostname.unwrap_or_default(),
+                pid: info.pid.unwrap_or_default(),
+                labels: info.labels.unwrap_or_default(),
+            },
+            conn,
+            Instant::now(),
+        ),
+        None => false,
+    };
     drop(st);
     shared.notify();
-    Ok(Session { wid })
+    Ok(Session { wid, holds_state })
 }
 
 /// A command handler: shared state, the session, the raw arguments (`None` when the line
@@ -735,6 +773,12 @@ type Command = fn(&Shared, &Session, Option<&[u8]>, &[u8]) -> Reply;
 
 fn dispatch(shared: &Shared, session: &Session, verb: &[u8], args: Option<&[u8]>) -> Reply {
     let data = args.unwrap_or_default();
+    // The real server cuts the verb and its space off these commands without checking that
+    // there is more; on a bare verb that panics, and it answers `internal error`.
+    if args.is_none() && matches!(verb, b"PUSH" | b"PUSHB" | b"ACK" | b"FAIL" | b"BEAT") {
+        shared.lock().commands += 1;
+        return Reply::err("internal error");
+    }
     let command: Command = match verb {
         b"PUSH" => push,
         b"PUSHB" => push_bulk,
@@ -744,6 +788,15 @@ fn dispatch(shared: &Shared, session: &Session, verb: &[u8], args: Option<&[u8]>
         b"BEAT" => beat,
         b"INFO" => info,
         b"FLUSH" => flush,
+        // Faktory (not Enterprise) knows these and refuses them.
+        b"BATCH" => {
+            shared.lock().commands += 1;
+            return Reply::err("batch subsystem is only available in Faktory Enterprise");
+        }
+        b"TRACK" => {
+            shared.lock().commands += 1;
+            return Reply::err("tracking subsystem is only available in Faktory Enterprise");
+        }
         _ => return Reply::err(format!("unknown command {}", printable(verb))),
     };
     shared.lock().commands += 1;
@@ -806,11 +859,13 @@ fn fetch(shared: &Shared, session: &Session, args: Option<&[u8]>, _: &[u8]) -> R
         if st.shutdown {
             return Reply::Null;
         }
-        // Quiet or terminating workers get no new jobs.
-        let running = session
-            .wid
-            .as_deref()
-            .is_none_or(|wid| st.worker_state(wid) == WorkerState::Running);
+        // A quiet or terminating worker gets no new job on the connection that holds its
+        // state; its other connections fetch as usual (the client stops them itself).
+        let running = !session.holds_state
+            || session
+                .wid
+                .as_deref()
+                .is_none_or(|wid| st.worker_state(wid) == WorkerState::Running);
         if running {
             if let Some(payload) = st.fetch(&queues, &Now::get(), &shared.config) {
                 drop(st);
@@ -921,4 +976,56 @@ fn used_memory_mb() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Read};
+
+    fn line(reader: &mut impl BufRead) -> String {
+        let mut l = String::new();
+        reader.read_line(&mut l).unwrap();
+        l
+    }
+
+    #[test]
+    fn a_worker_without_beat_is_reaped_and_its_connections_closed() {
+        let mut builder = TestServer::builder();
+        builder.config.heartbeat_timeout = Duration::from_secs(1);
+        let server = builder.start().unwrap();
+        let connect = |wid: &str| {
+            let stream = TcpStream::connect(server.addr()).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            assert!(line(&mut reader).starts_with("+HI"));
+            (&stream)
+                .write_all(format!("HELLO {{\"v\":2,\"wid\":\"{wid}\"}}\r\n").as_bytes())
+                .unwrap();
+            assert_eq!(line(&mut reader), "+OK\r\n");
+            (stream, reader)
+        };
+        let (beating, mut beating_reader) = connect("beating");
+        let (_silent, mut silent_reader) = connect("silent");
+        // The one that beats well within the timeout is kept, for longer than the timeout...
+        for _ in 0..6 {
+            (&beating)
+                .write_all(b"BEAT {\"wid\":\"beating\"}\r\n")
+                .unwrap();
+            assert_eq!(line(&mut beating_reader), "+OK\r\n");
+            thread::sleep(Duration::from_millis(250));
+        }
+        // ... and the silent one's connection was closed by the server.
+        let mut rest = Vec::new();
+        assert_eq!(silent_reader.read_to_end(&mut rest).unwrap(), 0);
+        let workers = server.workers();
+        assert_eq!(workers.len(), 1);
+        assert_eq!(workers[0].wid, "beating");
+        assert_eq!(
+            server.shared.lock().info(Duration::ZERO, 0)["faktory"]["tasks"]["Workers"]["reaped"],
+            1
+        );
+    }
 }

@@ -76,6 +76,9 @@ pub(crate) struct Config {
     pub(crate) fetch_timeout: Duration,
     pub(crate) min_reserve_for: Duration,
     pub(crate) max_line_length: usize,
+    /// How long a worker may go without `BEAT` ([`HEARTBEAT_TIMEOUT`]; shorter only in this
+    /// crate's own tests).
+    pub(crate) heartbeat_timeout: Duration,
 }
 
 /// Something that happened to a job, with the time it happened.
@@ -289,11 +292,23 @@ struct WorkerRecord {
     hostname: String,
     pid: i64,
     labels: Vec<String>,
-    connections: usize,
+    /// The server's ids of its open connections.
+    conns: Vec<u64>,
     beats: u64,
     last_beat: Option<DateTime<Utc>>,
+    /// `HELLO` or the last `BEAT`, whichever came last.
+    last_seen: Instant,
     reported: WorkerState,
     last_reply: Option<WorkerState>,
+}
+
+/// What `INFO` reports about the passes over the scheduled, retry and dead sets.
+#[derive(Debug, Default)]
+struct Scans {
+    cycles: u64,
+    scheduled_enqueued: u64,
+    retries_enqueued: u64,
+    time: Duration,
 }
 
 #[derive(Debug)]
@@ -303,6 +318,10 @@ struct Reservation {
 }
 
 type TimeKey = (Instant, u64);
+
+/// How long a worker may go without `BEAT` before the server forgets it and closes its
+/// connections (the real server's heartbeat reaper uses one minute).
+pub(crate) const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// All jobs and bookkeeping of one server.
 #[derive(Debug, Default)]
@@ -316,7 +335,9 @@ pub(crate) struct State {
     history: HashMap<String, Vec<JobEvent>>,
     stats: Stats,
     reaped: u64,
+    scans: Scans,
     workers: HashMap<String, WorkerRecord>,
+    workers_reaped: u64,
     worker_overrides: HashMap<String, WorkerState>,
     global_worker_state: WorkerState,
     pub(crate) connections: u64,
@@ -352,6 +373,22 @@ impl Now {
             .checked_add(d)
             .unwrap_or(self.mono + Duration::from_secs(100 * 365 * 86_400));
         (wall, mono)
+    }
+}
+
+/// Whether the real server accepts `name` for a queue (`\A[a-zA-Z0-9._-]+\z`); its error
+/// otherwise.
+pub(crate) fn check_queue_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot get {name:?} queue: queue names must match \\A[a-zA-Z0-9._-]+\\z"
+        ))
     }
 }
 
@@ -393,19 +430,27 @@ impl State {
     }
 
     /// `PUSH`: validates and stores one job.
+    ///
+    /// Like the real server, the queue name is checked only when the job enters its queue: a
+    /// job scheduled for later is accepted with any name, and dropped when it comes due if
+    /// the name is not valid (see [`tick`](State::tick)).
     pub(crate) fn push(&mut self, mut job: Job, now: &Now) -> Result<(), String> {
         job.validate()?;
         job.prepare_for_push(now.wall);
+        let later = job
+            .at_time()
+            .filter(|at| *at > now.wall)
+            .map(|at| (at - now.wall).to_std().unwrap_or_default());
+        if later.is_none() {
+            check_queue_name(&job.queue)?;
+        }
         self.touch();
         self.stats.pushed += 1;
         self.record(&job.jid.clone(), JobEventKind::Pushed, now, None);
-        if let Some(at) = job.at_time() {
-            if at > now.wall {
-                let wait = (at - now.wall).to_std().unwrap_or_default();
-                let key = (now.after(wait).1, self.next_seq());
-                self.scheduled.insert(key, job);
-                return Ok(());
-            }
+        if let Some(wait) = later {
+            let key = (now.after(wait).1, self.next_seq());
+            self.scheduled.insert(key, job);
+            return Ok(());
         }
         self.enqueue(job, now);
         Ok(())
@@ -543,6 +588,14 @@ impl State {
     /// Moves everything whose time has come: expired reservations fail, due scheduled jobs
     /// and due retries enter their queues. Returns the next time something is due.
     pub(crate) fn tick(&mut self, now: &Now, cfg: &Config) -> Option<Instant> {
+        let started = Instant::now();
+        self.scans.cycles += 1;
+        let next = self.tick_inner(now, cfg);
+        self.scans.time += started.elapsed();
+        next
+    }
+
+    fn tick_inner(&mut self, now: &Now, cfg: &Config) -> Option<Instant> {
         loop {
             let mut moved = false;
             while let Some(entry) = self.deadlines.first_entry() {
@@ -571,6 +624,13 @@ impl State {
                 }
                 let job = entry.remove();
                 moved = true;
+                if check_queue_name(&job.queue).is_err() {
+                    // The real server takes the job out of its set, fails to enqueue it,
+                    // logs a warning and forgets it.
+                    self.record(&job.jid.clone(), JobEventKind::Discarded, now, None);
+                    continue;
+                }
+                self.scans.scheduled_enqueued += 1;
                 self.record(&job.jid.clone(), JobEventKind::Enqueued, now, None);
                 self.enqueue(job, now);
             }
@@ -580,6 +640,7 @@ impl State {
                 }
                 let job = entry.remove();
                 moved = true;
+                self.scans.retries_enqueued += 1;
                 self.record(&job.jid.clone(), JobEventKind::Retried, now, None);
                 self.enqueue(job, now);
             }
@@ -615,33 +676,67 @@ impl State {
 
     // ---- workers ----
 
-    /// A connection said `HELLO` with a `wid`.
-    pub(crate) fn worker_connected(&mut self, hello: &Hello) {
+    /// Connection `conn` said `HELLO` with a `wid`. Returns true when it is the worker's first
+    /// open connection, the one whose `FETCH`es the worker's state applies to (as on the real
+    /// server, which keeps the state in the data of the connection that registered the
+    /// worker).
+    pub(crate) fn worker_connected(&mut self, hello: &Hello, conn: u64, now: Instant) -> bool {
         self.touch();
-        self.workers
+        let rec = self
+            .workers
             .entry(hello.wid.clone())
             .or_insert_with(|| WorkerRecord {
                 hostname: hello.hostname.clone(),
                 pid: hello.pid,
                 labels: hello.labels.clone(),
-                connections: 0,
+                conns: Vec::new(),
                 beats: 0,
                 last_beat: None,
+                last_seen: now,
                 reported: WorkerState::Running,
                 last_reply: None,
-            })
-            .connections += 1;
+            });
+        rec.conns.push(conn);
+        rec.conns.len() == 1
     }
 
-    /// A connection of worker `wid` closed; the worker is forgotten with its last one.
-    pub(crate) fn worker_disconnected(&mut self, wid: &str) {
+    /// Connection `conn` of worker `wid` closed; the worker is forgotten with its last one.
+    pub(crate) fn worker_disconnected(&mut self, wid: &str, conn: u64) {
         self.touch();
         if let Some(rec) = self.workers.get_mut(wid) {
-            rec.connections = rec.connections.saturating_sub(1);
-            if rec.connections == 0 {
+            rec.conns.retain(|&c| c != conn);
+            if rec.conns.is_empty() {
                 self.workers.remove(wid);
             }
         }
+    }
+
+    /// Forgets the workers that sent no `BEAT` (nor `HELLO`) for `timeout`, as the real
+    /// server's heartbeat reaper does. Returns the connections to close, and when the next
+    /// worker falls silent for that long.
+    pub(crate) fn reap_silent_workers(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+    ) -> (Vec<u64>, Option<Instant>) {
+        let silent: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.last_seen) >= timeout)
+            .map(|(wid, _)| wid.clone())
+            .collect();
+        let mut close = Vec::new();
+        for wid in silent {
+            if let Some(rec) = self.workers.remove(&wid) {
+                close.extend(rec.conns);
+                self.workers_reaped += 1;
+            }
+        }
+        if !close.is_empty() {
+            self.touch();
+        }
+        let next = self.workers.values().map(|r| r.last_seen + timeout).min();
+        (close, next)
     }
 
     /// The state the server wants worker `wid` in.
@@ -669,6 +764,7 @@ impl State {
         }
         rec.beats += 1;
         rec.last_beat = Some(now.wall);
+        rec.last_seen = now.mono;
         let state = self.worker_state(wid);
         if let Some(rec) = self.workers.get_mut(wid) {
             rec.last_reply = Some(state);
@@ -696,7 +792,7 @@ impl State {
                 hostname: r.hostname.clone(),
                 pid: r.pid,
                 labels: r.labels.clone(),
-                connections: r.connections,
+                connections: r.conns.len(),
                 beats: r.beats,
                 last_beat: r.last_beat,
                 state: self.worker_state(wid),
@@ -806,10 +902,26 @@ impl State {
                 "queues": queues,
                 "tasks": {
                     "Busy": { "size": self.working.len(), "reaped": self.reaped },
-                    "Workers": { "size": self.workers.len(), "reaped": 0 },
-                    "Scheduled": { "size": self.scheduled.len() },
-                    "Retries": { "size": self.retries.len() },
-                    "Dead": { "size": self.dead.len() },
+                    "Workers": { "size": self.workers.len(), "reaped": self.workers_reaped },
+                    "Scheduled": {
+                        "size": self.scheduled.len(),
+                        "cycles": self.scans.cycles,
+                        "enqueued": self.scans.scheduled_enqueued,
+                        "wall_time_sec": self.scans.time.as_secs_f64(),
+                    },
+                    "Retries": {
+                        "size": self.retries.len(),
+                        "cycles": self.scans.cycles,
+                        "enqueued": self.scans.retries_enqueued,
+                        "wall_time_sec": self.scans.time.as_secs_f64(),
+                    },
+                    "Dead": {
+                        "size": self.dead.len(),
+                        "cycles": self.scans.cycles,
+                        // Dead jobs are kept until FLUSH: none is ever purged.
+                        "enqueued": 0,
+                        "wall_time_sec": self.scans.time.as_secs_f64(),
+                    },
                 },
                 "sets": {
                     "scheduled": self.scheduled.len(),
@@ -841,6 +953,7 @@ mod tests {
             fetch_timeout: Duration::from_millis(10),
             min_reserve_for: Duration::ZERO,
             max_line_length: 1024,
+            heartbeat_timeout: HEARTBEAT_TIMEOUT,
         }
     }
 
@@ -1013,7 +1126,7 @@ mod tests {
             ..Hello::default()
         };
         assert!(s.beat("w1", None, &now).is_err());
-        s.worker_connected(&hello);
+        assert!(s.worker_connected(&hello, 1, now.mono));
         assert_eq!(s.beat("w1", None, &now), Ok(WorkerState::Running));
         s.set_worker_state_for("w1", WorkerState::Quiet);
         assert_eq!(s.beat("w1", None, &now), Ok(WorkerState::Quiet));
@@ -1026,10 +1139,99 @@ mod tests {
             s.beat("w1", Some("running"), &now),
             Ok(WorkerState::Terminate)
         );
-        s.worker_disconnected("w1");
+        s.worker_disconnected("w1", 1);
         assert!(s.workers().is_empty());
         s.set_global_worker_state(WorkerState::Quiet);
-        s.worker_connected(&hello);
+        s.worker_connected(&hello, 2, now.mono);
         assert_eq!(s.beat("w1", None, &now), Ok(WorkerState::Quiet));
+    }
+
+    #[test]
+    fn the_first_connection_of_a_worker_holds_its_state() {
+        let now = Now::get();
+        let mut s = State::default();
+        let hello = Hello {
+            wid: "w1".into(),
+            ..Hello::default()
+        };
+        assert!(s.worker_connected(&hello, 1, now.mono));
+        assert!(!s.worker_connected(&hello, 2, now.mono));
+        assert_eq!(s.workers()[0].connections, 2);
+        // The first one closes: the worker stays, and a later connection does not take over.
+        s.worker_disconnected("w1", 1);
+        assert_eq!(s.workers()[0].connections, 1);
+        assert!(!s.worker_connected(&hello, 3, now.mono));
+        s.worker_disconnected("w1", 2);
+        s.worker_disconnected("w1", 3);
+        assert!(s.workers().is_empty());
+        // Forgotten with its last connection: the next one registers it afresh.
+        assert!(s.worker_connected(&hello, 4, now.mono));
+    }
+
+    #[test]
+    fn workers_silent_for_a_minute_are_reaped() {
+        let start = Instant::now();
+        let mut s = State::default();
+        let hello = |wid: &str| Hello {
+            wid: wid.into(),
+            ..Hello::default()
+        };
+        s.worker_connected(&hello("quiet"), 1, start);
+        s.worker_connected(&hello("quiet"), 2, start);
+        s.worker_connected(&hello("beating"), 3, start);
+        let (close, next) = s.reap_silent_workers(start, HEARTBEAT_TIMEOUT);
+        assert!(close.is_empty());
+        assert_eq!(next, Some(start + HEARTBEAT_TIMEOUT));
+        // A BEAT just before the minute is up keeps a worker.
+        let beat = Now {
+            wall: Utc::now(),
+            mono: start + HEARTBEAT_TIMEOUT - Duration::from_secs(1),
+        };
+        s.beat("beating", None, &beat).unwrap();
+        let (mut close, next) = s.reap_silent_workers(start + HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT);
+        close.sort_unstable();
+        assert_eq!(close, [1, 2]);
+        assert_eq!(next, Some(beat.mono + HEARTBEAT_TIMEOUT));
+        assert_eq!(s.workers().len(), 1);
+        assert_eq!(s.workers()[0].wid, "beating");
+        assert_eq!(
+            s.info(Duration::ZERO, 0)["faktory"]["tasks"]["Workers"]["reaped"],
+            1
+        );
+        // The reaped worker's connections closing later changes nothing.
+        s.worker_disconnected("quiet", 1);
+        assert_eq!(s.workers().len(), 1);
+    }
+
+    #[test]
+    fn queue_names_are_checked_when_a_job_enters_its_queue() {
+        let now = Now::get();
+        let cfg = cfg(Duration::ZERO);
+        let mut s = State::default();
+        for name in ["bad queue", "bad/queue", "naïve", "q:x"] {
+            let extra = format!(r#","queue":{name:?}"#);
+            let err = s.push(job(&extra), &now).unwrap_err();
+            assert_eq!(
+                err,
+                format!("cannot get {name:?} queue: queue names must match \\A[a-zA-Z0-9._-]+\\z")
+            );
+        }
+        assert_eq!(s.stats().pushed, 0);
+        s.push(job(r#","queue":"Ok.name_1-2""#), &now).unwrap();
+        // Scheduled for later, any name is accepted; when it comes due the job is dropped.
+        let later = format_time(now.wall + chrono::Duration::seconds(60));
+        let mut j = job(&format!(r#","queue":"bad queue","at":"{later}""#));
+        j.jid = "scheduled".into();
+        s.push(j, &now).unwrap();
+        assert_eq!(s.scheduled_len(), 1);
+        let due = Now {
+            wall: now.wall + chrono::Duration::seconds(61),
+            mono: now.mono + Duration::from_secs(61),
+        };
+        s.tick(&due, &cfg);
+        assert_eq!(s.scheduled_len(), 0);
+        assert_eq!(s.queue_names(), ["Ok.name_1-2"]);
+        let kinds: Vec<_> = s.history("scheduled").iter().map(JobEvent::kind).collect();
+        assert_eq!(kinds, [JobEventKind::Pushed, JobEventKind::Discarded]);
     }
 }
