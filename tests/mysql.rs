@@ -271,7 +271,7 @@ fn timeout_report<D: TestDb<Conn = MysqlConnection>>() -> (String, i64) {
                 "the job fails with a barrier timeout"
             );
         }
-        Err::<(), _>(Error::Config("roll back".into()))
+        Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
     });
     assert!(result.is_err());
     let reports: Vec<String> = recorded(&format!("MySQL thread {session}"))
@@ -531,7 +531,7 @@ fn stale_innodb_trx_cache_changes_nothing() {
                             if commit {
                                 Ok(())
                             } else {
-                                Err(Error::Config("roll back".into()))
+                                Err(Error::Database(diesel::result::Error::RollbackTransaction))
                             }
                         });
                         let jid = jid.expect("enqueued").as_str().to_string();

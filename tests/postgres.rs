@@ -242,7 +242,7 @@ fn barrier_rows_are_stamped_when_written() {
                 "{column} is {after_start} ms after the transaction's start"
             );
         }
-        Err::<(), _>(Error::Config("roll back".into()))
+        Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
     });
     assert!(result.is_err());
 }
@@ -264,7 +264,7 @@ fn enqueueing_makes_the_commit_durable() {
             c.enqueue_with_barrier(&env.producer, env.job(PAID, next_id()))?;
             let now = Pg::query_string(c, "current_setting('synchronous_commit')");
             assert_eq!(now.as_deref(), Some(kept), "asked for {asked}");
-            Err::<(), _>(Error::Config("roll back".into()))
+            Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
         });
         assert!(result.is_err());
     }

@@ -106,6 +106,6 @@ fn inline_producer_refuses_plain_pushes() {
     assert!(producer.is_inline());
     assert!(matches!(
         producer.push(Job::new("noop", vec![1])),
-        Err(Error::Inline(_))
+        Err(Error::InlinePush)
     ));
 }

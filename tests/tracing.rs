@@ -209,7 +209,7 @@ fn key_events_of_one_worker_run() {
     let mut rolled_back = None;
     let result = conn.transaction(|c| {
         rolled_back = Some(c.enqueue_with_barrier(&producer, job(2))?);
-        Err::<(), _>(Error::Config("roll back".into()))
+        Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
     });
     assert!(result.is_err());
     let rolled_back = rolled_back.expect("enqueued");
@@ -248,7 +248,7 @@ fn key_events_of_one_worker_run() {
         assert_eq!(e.level, Level::WARN);
         assert_eq!(e.field("kind"), KIND);
         assert!(e.field("info").contains("still open"), "{e:?}");
-        Err::<(), _>(Error::Config("roll back at last".into()))
+        Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
     });
     assert!(result.is_err());
 
@@ -258,7 +258,7 @@ fn key_events_of_one_worker_run() {
         e.field("barrier_id") == stale_barrier
     });
     assert_eq!(e.level, Level::WARN);
-    assert_eq!(e.target, "diesel_transaction_barrier::migrations");
+    assert_eq!(e.target, "diesel_transaction_barrier::maintenance::reaper");
     assert_eq!(e.field("jid"), stale_jid.as_str());
     assert_eq!(e.field("kind"), KIND);
     assert_eq!(

@@ -58,7 +58,7 @@ pub fn database_restart_mid_wait<D: TestDb>(restart: impl FnOnce()) {
                 loop {
                     std::thread::sleep(Duration::from_millis(100));
                     if D::try_exec(c, "SELECT 1").is_err() {
-                        return Err(Error::Config("the server went away".into()));
+                        return Err(Error::Database(diesel::result::Error::RollbackTransaction));
                     }
                 }
                 #[allow(unreachable_code)]

@@ -99,7 +99,7 @@ pub fn error_rolls_back<D: TestDb>() {
     let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let (result, jid) = enqueue_then(&env, &worker, id, |_, _| {
-        Err(Error::Config("validation failed".into()))
+        Err(Error::Database(diesel::result::Error::RollbackTransaction))
     });
     assert!(result.is_err());
     assert_aborted(&env, &worker, &rx, id, &jid);
@@ -164,7 +164,7 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
         insert_order::<D>(c, id, "paid");
         let inner = c.transaction(|c| {
             jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
-            Err::<(), _>(Error::Config("inner step failed".into()))
+            Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
         });
         assert!(inner.is_err());
         Ok::<_, Error>(())
@@ -286,7 +286,7 @@ pub fn inline_runs_at_once<D: TestDb>() {
     let err = conn
         .enqueue_with_barrier(&producer, Job::new("unknown_kind", vec![1]))
         .unwrap_err();
-    assert!(matches!(err, Error::Inline(_)), "{err}");
+    assert!(matches!(err, Error::InlineNoHandler { .. }), "{err}");
 }
 
 /// Scenario 9: A job fetched long after its transaction committed runs at once.
@@ -379,8 +379,19 @@ pub fn faktory_unreachable_rolls_back<D: TestDb>() {
 pub fn missing_migrations_are_reported<D: TestDb>() {
     let db = D::create_unmigrated();
     let faktory = TestFaktory::from_env_or_start().unwrap();
+    // A pool too small for its handlers and the waiter is refused before anything else.
     let err = WorkerBuilder::<D::Conn>::new(db.pool(2))
         .url(faktory.url())
+        .workers(1)
+        .connect()
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::PoolTooSmall { max_size: 2, needed: 3 }),
+        "{err}"
+    );
+    let err = WorkerBuilder::<D::Conn>::new(db.pool(3))
+        .url(faktory.url())
+        .workers(1)
         .connect()
         .unwrap_err();
     assert!(matches!(err, Error::MigrationsMissing { .. }), "{err}");
@@ -512,7 +523,7 @@ pub fn barrier_timeout_after_deadline<D: TestDb>(debug_info: &[&str]) {
         wait_until("the barrier to time out", EVENTUALLY, || {
             worker.monitor.timed_out() >= 1
         });
-        Err::<(), _>(Error::Config("roll back at last".into()))
+        Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
     });
     assert!(result.is_err());
     expect_no_run(&rx, "timed out");
@@ -825,7 +836,7 @@ pub fn waiter_connections_killed_mid_wait<D: TestDb>() {
                 // Let the waiter look at both at least once, then cut it off.
                 std::thread::sleep(Duration::from_millis(300));
                 killed = env.db.kill_waiter_sessions();
-                Err::<(), _>(Error::Config("roll back".into()))
+                Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
             });
             assert!(r.is_err());
             Ok::<_, Error>(())

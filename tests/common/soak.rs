@@ -239,7 +239,7 @@ fn one_transaction<D: TestDb>(
             let r = conn.transaction(|c| {
                 enqueue(c, id)?;
                 std::thread::sleep(delay);
-                Err::<(), _>(Error::Config("rolled back on purpose".into()))
+                Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
             });
             assert!(r.is_err());
             (vec![], vec![id])
@@ -270,7 +270,7 @@ fn one_transaction<D: TestDb>(
                 insert_order::<D>(c, id, "paid");
                 let inner = c.transaction(|c| {
                     c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
-                    Err::<(), _>(Error::Config("savepoint rolled back on purpose".into()))
+                    Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
                 });
                 assert!(inner.is_err());
                 std::thread::sleep(delay);
@@ -310,7 +310,7 @@ fn one_transaction<D: TestDb>(
                 if commit {
                     Ok(())
                 } else {
-                    Err(Error::Config("rolled back on purpose".into()))
+                    Err(Error::Database(diesel::result::Error::RollbackTransaction))
                 }
             });
             assert_eq!(r.is_ok(), commit);
