@@ -129,6 +129,16 @@ where
             &mut conn,
             "CREATE TABLE dtb_bench_orders (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)",
         );
+        exec(&mut conn, "DROP TABLE IF EXISTS dtb_bench_accounts");
+        exec(
+            &mut conn,
+            "CREATE TABLE dtb_bench_accounts (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)",
+        );
+        exec(&mut conn, "DROP TABLE IF EXISTS dtb_bench_commits");
+        exec(
+            &mut conn,
+            "CREATE TABLE dtb_bench_commits (id BIGINT PRIMARY KEY)",
+        );
         exec(&mut conn, "DELETE FROM dtb_barriers");
         println!("database: {url}");
         println!("faktory:  {}", faktory.url());
@@ -225,14 +235,38 @@ where
         std::thread::JoinHandle<()>,
         Receiver<(i64, Instant)>,
     ) {
+        self.start_worker_writing(queue, workers, max_waiting, false)
+    }
+
+    /// As [`start_worker`](Self::start_worker); with `write`, each handler also adds one to
+    /// the job's row of `dtb_bench_accounts`, in the transaction it is given.
+    fn start_worker_writing(
+        &self,
+        queue: &str,
+        workers: usize,
+        max_waiting: usize,
+        write: bool,
+    ) -> (
+        diesel_transaction_barrier::ShutdownHandle,
+        diesel_transaction_barrier::WorkerMonitor,
+        std::thread::JoinHandle<()>,
+        Receiver<(i64, Instant)>,
+    ) {
         let (tx, rx) = unbounded();
         let mut worker = WorkerBuilder::new(self.pool(workers as u32 + 4))
             .url(self.faktory.url())
             .workers(workers)
             .max_waiting(max_waiting)
-            .register_without_barrier(KIND, move |job: &Job, _conn: &mut C| {
-                let _ = tx.send((job.args()[0].as_i64().unwrap_or(-1), Instant::now()));
-                Ok::<(), std::io::Error>(())
+            .register_without_barrier(KIND, move |job: &Job, conn: &mut C| {
+                let id = job.args()[0].as_i64().unwrap_or(-1);
+                if write {
+                    diesel::sql_query(format!(
+                        "UPDATE dtb_bench_accounts SET n = n + 1 WHERE id = {id}"
+                    ))
+                    .execute(conn)?;
+                }
+                let _ = tx.send((id, Instant::now()));
+                Ok::<(), diesel::result::Error>(())
             })
             .connect()
             .expect("worker");
@@ -383,57 +417,153 @@ where
     fn throughput(&mut self) {
         let n = scale(4000);
         println!("\n3. worker throughput, 8 handlers ({n} jobs each way)");
-        let measure = |this: &mut Self, barrier: bool| -> f64 {
-            let queue = this.faktory.unique_queue("bench-throughput");
-            let ids = this.ids(n);
-            let mut conn = this.conn();
-            if barrier {
-                for chunk in ids.chunks(100) {
-                    conn.transaction(|c| {
-                        for &id in chunk {
-                            c.enqueue_with_barrier(&this.producer, this.job(&queue, id))?;
-                        }
-                        Ok::<_, Error>(())
-                    })
-                    .expect("transaction");
-                }
-            } else {
-                for &id in &ids {
-                    this.producer.push(this.job(&queue, id)).expect("push");
-                }
-            }
-            let (stop, _monitor, t, rx) = this.start_worker(&queue, 8, 32);
-            let start = Instant::now();
-            let mut seen = std::collections::HashSet::new();
-            while seen.len() < n {
-                match rx.recv_timeout(Duration::from_secs(30)) {
-                    Ok((id, _)) => {
-                        if !seen.insert(id) {
-                            this.failures
-                                .push(format!("throughput: job {id} ran twice"));
-                        }
-                    }
-                    Err(_) => {
-                        this.failures
-                            .push(format!("throughput: only {} of {n} jobs ran", seen.len()));
-                        break;
-                    }
-                }
-            }
-            let rate = seen.len() as f64 / start.elapsed().as_secs_f64();
-            stop.shutdown();
-            let _ = t.join();
-            rate
-        };
-        let plain = measure(self, false);
-        let barrier = measure(self, true);
+        let plain = self.jobs_per_second(n, false, false);
+        let barrier = self.jobs_per_second(n, true, false);
         let ratio = barrier / plain;
         self.row(
-            "3. worker: barrier jobs/s vs plain jobs/s",
+            "3. worker, no-write handler: barrier jobs/s vs plain jobs/s",
             format!("{barrier:.0} / {plain:.0} = {ratio:.2}"),
             "ratio ≥ 0.8",
             Some(ratio >= 0.8),
         );
+        let plain_write = self.jobs_per_second(n, false, true);
+        let barrier_write = self.jobs_per_second(n, true, true);
+        let ratio = barrier_write / plain_write;
+        self.row(
+            "3A. worker, handler writing one row: barrier jobs/s vs plain jobs/s",
+            format!("{barrier_write:.0} / {plain_write:.0} = {ratio:.2}"),
+            "ratio ≥ 0.9",
+            Some(ratio >= 0.9),
+        );
+        let commits = self.durable_commits_per_second(8);
+        let ratio = barrier / commits;
+        self.row(
+            "3B. worker, no-write handler: barrier jobs/s vs the database's durable commits/s (8 threads)",
+            format!("{barrier:.0} / {commits:.0} = {ratio:.2}"),
+            "ratio ≥ 0.7",
+            Some(ratio >= 0.7),
+        );
+    }
+
+    /// How many jobs per second a worker with 8 handlers runs from a queue of `n` jobs pushed
+    /// beforehand: barrier jobs (their transactions committed) or plain ones, with handlers
+    /// that write one row each or nothing.
+    fn jobs_per_second(&mut self, n: usize, barrier: bool, write: bool) -> f64 {
+        let queue = self.faktory.unique_queue("bench-throughput");
+        let ids = self.ids(n);
+        let mut conn = self.conn();
+        if write {
+            for chunk in ids.chunks(500) {
+                let rows: Vec<String> = chunk.iter().map(|id| format!("({id}, 0)")).collect();
+                exec(
+                    &mut conn,
+                    &format!(
+                        "INSERT INTO dtb_bench_accounts (id, n) VALUES {}",
+                        rows.join(", ")
+                    ),
+                );
+            }
+        }
+        if barrier {
+            for chunk in ids.chunks(100) {
+                conn.transaction(|c| {
+                    for &id in chunk {
+                        c.enqueue_with_barrier(&self.producer, self.job(&queue, id))?;
+                    }
+                    Ok::<_, Error>(())
+                })
+                .expect("transaction");
+            }
+        } else {
+            for &id in &ids {
+                self.producer.push(self.job(&queue, id)).expect("push");
+            }
+        }
+        let (stop, monitor, t, rx) = self.start_worker_writing(&queue, 8, 32, write);
+        let start = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < n {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok((id, _)) => {
+                    if !seen.insert(id) {
+                        self.failures
+                            .push(format!("throughput: job {id} ran twice"));
+                    }
+                }
+                Err(_) => {
+                    self.failures
+                        .push(format!("throughput: only {} of {n} jobs ran", seen.len()));
+                    break;
+                }
+            }
+        }
+        let rate = seen.len() as f64 / start.elapsed().as_secs_f64();
+        if monitor.snoozed() > 0 {
+            println!(
+                "  ({} deliveries handed back or snoozed, barrier {barrier}, write {write})",
+                monitor.snoozed()
+            );
+        }
+        stop.shutdown();
+        let _ = t.join();
+        if write {
+            let sum = count_rows(
+                &mut conn,
+                &format!(
+                    "SELECT CAST(COALESCE(SUM(n), 0) AS {}) AS n FROM dtb_bench_accounts \
+                     WHERE id BETWEEN {} AND {}",
+                    if C::backend_name() == "mysql" {
+                        "SIGNED"
+                    } else {
+                        "BIGINT"
+                    },
+                    ids[0],
+                    ids[ids.len() - 1]
+                ),
+            );
+            if sum != n as i64 {
+                self.failures.push(format!(
+                    "throughput: the handlers' writes add up to {sum}, not {n}"
+                ));
+            }
+        }
+        rate
+    }
+
+    /// The database's own rate of durable single-row commits (an insert, then a delete, each
+    /// committing on its own) from `threads` connections at once, for about three seconds.
+    fn durable_commits_per_second(&mut self, threads: usize) -> f64 {
+        let span = Duration::from_secs_f64(3.0 * scale(1000) as f64 / 1000.0);
+        let first = self.ids(1)[0] * 1_000_000;
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let url = self.url.clone();
+                    s.spawn(move || {
+                        let mut conn = C::establish(&url).expect("database");
+                        let id = first + t as i64;
+                        let mut commits = 0u64;
+                        while started.elapsed() < span {
+                            exec(
+                                &mut conn,
+                                &format!("INSERT INTO dtb_bench_commits (id) VALUES ({id})"),
+                            );
+                            exec(
+                                &mut conn,
+                                &format!("DELETE FROM dtb_bench_commits WHERE id = {id}"),
+                            );
+                            commits += 2;
+                        }
+                        commits
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        let rate = total as f64 / started.elapsed().as_secs_f64();
+        println!("  the database's durable commits from {threads} threads: {rate:.0}/s");
+        rate
     }
 
     /// 4 and 5, with the worker in a child process.

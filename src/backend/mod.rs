@@ -37,6 +37,11 @@ pub enum Verdict {
     NotCommitted,
     /// The transaction is still running.
     Pending,
+    /// The transaction committed (the barrier row is visible), but its commit may not be
+    /// durable yet: only a write of the worker's own, begun after this check and committed,
+    /// proves that it is (see [`sealed::Backend::fence`]). Only backends whose locks are
+    /// released before the commit reaches the disk (MySQL) answer this.
+    Visible,
 }
 
 /// What the worker found when it tried to take a committed barrier for itself.
@@ -48,6 +53,19 @@ pub enum Claim {
     /// The row is gone: an earlier delivery consumed it.
     Gone,
     /// Another worker holds the row (a concurrent duplicate is running the handler).
+    Busy,
+}
+
+/// The end of a [`sealed::Backend::claiming_transaction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub enum Claimed<R> {
+    /// The barrier was claimed, the closure ran and returned this, and its transaction
+    /// committed.
+    Ran(R),
+    /// The barrier is gone: an earlier delivery consumed it. Nothing ran.
+    Gone,
+    /// Another worker holds the barrier. Nothing ran.
     Busy,
 }
 
@@ -210,6 +228,18 @@ pub(crate) mod sealed {
         /// authoritative: never the answer for a row whose producer is still running.
         fn claim_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<Claim>;
 
+        /// Runs `f` in a new worker transaction that has claimed barrier `id` (see
+        /// [`claim_barrier`](Self::claim_barrier)), committing when `f` returns `Ok`; when the
+        /// barrier is gone or busy, returns that without running `f`. A backend may begin the
+        /// transaction and claim in fewer round trips than the two this default takes.
+        fn claiming_transaction<R, E, F>(&mut self, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
+        where
+            F: FnOnce(&mut Self) -> Result<R, E>,
+            E: From<diesel::result::Error>,
+        {
+            self.worker_transaction(|c| claim_then(c, id, f))
+        }
+
         /// Inside [`worker_transaction`](Self::worker_transaction), after the handler returned:
         /// whether the claim still stands, that is, the transaction that deleted barrier `id`
         /// is still open on the server (a handler can lose it to a deadlock, an implicit commit
@@ -267,6 +297,15 @@ pub(crate) mod sealed {
             checker: &mut Self::Checker,
             pending: &[Pending],
         ) -> diesel::QueryResult<Checked>;
+
+        /// Commits a write of the worker's own, so that every commit the worker saw before it
+        /// began is durable once it returns `Ok(true)` (see `docs/design/mysql.md`). It may
+        /// write to the barrier rows `visible` (MySQL counts them in `attempts`), without ever
+        /// waiting for a row another transaction holds; `Ok(false)` when it wrote nothing.
+        /// Backends that never answer [`Verdict::Visible`] need not fence.
+        fn fence(&mut self, _visible: &[uuid::Uuid]) -> diesel::QueryResult<bool> {
+            Ok(true)
+        }
 
         /// After a handler failed and its transaction rolled back: records that the job reached
         /// a worker (it now lives in Faktory's retries), so the reconciler leaves it alone.
@@ -359,4 +398,42 @@ const MAX_AGE: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 /// `age`, at most a hundred years: what "older than `age`" can mean to a database.
 pub(crate) fn bounded_age(age: Duration) -> Duration {
     age.min(MAX_AGE)
+}
+
+/// Runs `f` in the transaction just begun on `conn` (with
+/// `AnsiTransactionManager::begin_transaction_sql`), then commits it when `f` returns `Ok` and
+/// rolls it back otherwise, as Diesel's own `transaction` does.
+pub(crate) fn finish_transaction<C, R, E, F>(conn: &mut C, f: F) -> Result<R, E>
+where
+    C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager>,
+    F: FnOnce(&mut C) -> Result<R, E>,
+    E: From<diesel::result::Error>,
+{
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    match f(conn) {
+        Ok(value) => {
+            <AnsiTransactionManager as TransactionManager<C>>::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(error) => {
+            match <AnsiTransactionManager as TransactionManager<C>>::rollback_transaction(conn) {
+                Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
+                Err(rollback_error) => Err(rollback_error.into()),
+            }
+        }
+    }
+}
+
+/// Inside a worker transaction: claims barrier `id`, and runs `f` if that worked.
+pub(crate) fn claim_then<C, R, E, F>(conn: &mut C, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
+where
+    C: sealed::Backend,
+    F: FnOnce(&mut C) -> Result<R, E>,
+    E: From<diesel::result::Error>,
+{
+    match conn.claim_barrier(id)? {
+        Claim::Locked => f(conn).map(Claimed::Ran),
+        Claim::Gone => Ok(Claimed::Gone),
+        Claim::Busy => Ok(Claimed::Busy),
+    }
 }

@@ -9,10 +9,11 @@
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
 use super::{
-    Checked, Claim, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction, Unconsumed,
-    Verdict,
+    Checked, Claim, Claimed, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction,
+    Unconsumed, Verdict,
 };
 use crate::error::Error;
+use diesel::connection::{AnsiTransactionManager, SimpleConnection};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable, Text};
@@ -168,7 +169,8 @@ impl Backend for PgConnection {
     fn barrier_schema_present(&mut self) -> QueryResult<bool> {
         let row: BoolRow = diesel::sql_query(
             "SELECT to_regclass('dtb_barriers') IS NOT NULL \
-                AND to_regprocedure('dtb_await_barrier(uuid, integer)') IS NOT NULL AS value",
+                AND to_regprocedure('dtb_await_barrier(uuid, integer)') IS NOT NULL \
+                AND to_regprocedure('dtb_claim_barrier(uuid)') IS NOT NULL AS value",
         )
         .get_result(self)?;
         Ok(row.value)
@@ -408,6 +410,26 @@ impl Backend for PgConnection {
         self.build_transaction().read_committed().run(f)
     }
 
+    fn claiming_transaction<R, E, F>(&mut self, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
+    where
+        F: FnOnce(&mut Self) -> Result<R, E>,
+        E: From<diesel::result::Error>,
+    {
+        // BEGIN and the claim in one round trip (the simple query protocol runs both, and the
+        // transaction block stays open). The id is a UUID this crate formats, not text from
+        // the job. When the claim raises (the barrier is busy, gone or not committed), the
+        // transaction is left aborted: roll it back and find out which, the slow way.
+        let begin = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT dtb_claim_barrier('{}')",
+            id.hyphenated()
+        );
+        if AnsiTransactionManager::begin_transaction_sql(self, &begin).is_ok() {
+            return super::finish_transaction(self, f).map(Claimed::Ran);
+        }
+        self.batch_execute("ROLLBACK")?;
+        self.worker_transaction(|c| super::claim_then(c, id, f))
+    }
+
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
         let id = id.hyphenated().to_string();
         // Lock and delete in one statement: committing the worker transaction consumes the
@@ -441,7 +463,7 @@ impl Backend for PgConnection {
         Ok(match parse_verdict(&probe.value)? {
             Verdict::NotCommitted => Claim::Gone,
             // Still running, or committed just now: look again later.
-            Verdict::Pending | Verdict::Committed => Claim::Busy,
+            Verdict::Pending | Verdict::Committed | Verdict::Visible => Claim::Busy,
         })
     }
 

@@ -146,10 +146,13 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
-    /// How many fetched jobs may wait for their transactions at once, on top of the
+    /// How many fetched jobs may wait for transactions that are still running, on top of the
     /// [`workers`](Self::workers) handler slots. Waiting costs no thread and no database
-    /// connection, but each fetch slot keeps a Faktory connection. A job that would exceed
-    /// the limit is snoozed at once, so waiting jobs never keep a ready job from being fetched.
+    /// connection, but each fetch slot keeps a Faktory connection. A job whose first check
+    /// finds its transaction running while that many already wait is handed back at once
+    /// (pushed again a second later; [`WorkerMonitor::overflowed`](crate::WorkerMonitor::overflowed)
+    /// counts them), so waiting jobs never keep a ready job from being fetched. Jobs whose
+    /// transactions have committed never count.
     ///
     /// Defaults to 32.
     pub fn max_waiting(mut self, n: usize) -> Self {
@@ -304,6 +307,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 waiter: std::sync::OnceLock::new(),
                 draining: tokio::sync::watch::channel(false).0,
                 location,
+                commits: Arc::new(super::waiter::CommitClock::new()),
             }),
             url,
             workers: self.workers,

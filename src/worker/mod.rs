@@ -52,12 +52,21 @@ struct Shared<C: BarrierConnection> {
     /// The barrier table this worker reads, as the backend names it (see
     /// `Backend::barrier_location`).
     location: Option<String>,
+    /// When the worker's own writes last committed: proofs of durability for the waiter.
+    commits: Arc<waiter::CommitClock>,
 }
 
 impl<C: BarrierConnection> Shared<C> {
     fn waiter(&self) -> &WaiterHandle {
-        self.waiter
-            .get_or_init(|| waiter::start::<C>(self.pool.clone(), Arc::clone(&self.stats.waiting)))
+        self.waiter.get_or_init(|| {
+            waiter::start::<C>(
+                self.pool.clone(),
+                Arc::clone(&self.stats.waiting),
+                self.max_waiting,
+                Arc::clone(&self.commits),
+                Arc::clone(&self.stats.running),
+            )
+        })
     }
 
     fn is_draining(&self) -> bool {

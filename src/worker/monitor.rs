@@ -28,6 +28,7 @@ pub(crate) struct Stats {
     pub(crate) aborted: AtomicU64,
     pub(crate) duplicates: AtomicU64,
     pub(crate) snoozed: AtomicU64,
+    pub(crate) overflowed: AtomicU64,
     pub(crate) timed_out: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) processed: AtomicU64,
@@ -94,6 +95,12 @@ impl WorkerMonitor {
     /// waiting, or the worker was shutting down.
     pub fn snoozed(&self) -> u64 {
         self.stats.snoozed.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries handed back because `max_waiting` jobs already waited for running
+    /// transactions (also counted in [`snoozed`](Self::snoozed)).
+    pub fn overflowed(&self) -> u64 {
+        self.stats.overflowed.load(Ordering::SeqCst)
     }
 
     /// Jobs failed with [`Error::BarrierTimeout`](crate::Error::BarrierTimeout).

@@ -7,9 +7,7 @@ use super::monitor::{Gauge, Stats};
 use super::snooze::{hand_back, snooze};
 use super::waiter::Answer;
 use super::Shared;
-use crate::backend::{
-    diesel_transaction, poison, BarrierConnection, Claim, DieselTransaction, Verdict,
-};
+use crate::backend::{diesel_transaction, poison, BarrierConnection, Claimed, DieselTransaction};
 use crate::descriptor::{BarrierRef, Descriptor};
 use crate::error::{chain, Error, Result, TimeoutInfo};
 use crate::handlers::{BarrierMode, Registration};
@@ -101,9 +99,6 @@ async fn run_barrier<C: BarrierConnection>(
         return hand_back(shared, &job, Some(&b), "shutting down");
     }
     let waiter = shared.waiter();
-    if waiter.waiting() >= shared.max_waiting {
-        return hand_back(shared, &job, Some(&b), "too many jobs waiting");
-    }
     let age = job_age(&job);
     let limit = cfg
         .block_limit
@@ -114,14 +109,19 @@ async fn run_barrier<C: BarrierConnection>(
     let answer = match tokio::time::timeout(limit, rx).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(_)) => Answer::ShuttingDown,
-        Err(_) => Answer::Verdict(Verdict::Pending),
+        // Still running when the time was up.
+        Err(_) => Answer::Pending,
     };
     drop(waiting);
     let waited = started.elapsed();
     tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, ?answer, ?waited, "barrier wait ended");
     match answer {
         Answer::ShuttingDown => hand_back(shared, &job, Some(&b), "shutting down"),
-        Answer::Verdict(Verdict::Pending) => {
+        Answer::Overflow => {
+            Stats::count(&shared.stats.overflowed);
+            hand_back(shared, &job, Some(&b), "too many jobs waiting")
+        }
+        Answer::Pending => {
             if age + waited >= cfg.deadline {
                 Stats::count(&shared.stats.timed_out);
                 return Err(timed_out(shared, &job, &b, age + waited).await);
@@ -135,7 +135,7 @@ async fn run_barrier<C: BarrierConnection>(
                 "block limit reached",
             )
         }
-        Answer::Verdict(Verdict::NotCommitted) => {
+        Answer::NotCommitted => {
             Stats::count(&shared.stats.aborted);
             tracing::info!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, "transaction did not commit (or the barrier was already consumed): job aborted");
             match cfg.abort_policy {
@@ -146,7 +146,7 @@ async fn run_barrier<C: BarrierConnection>(
                 }),
             }
         }
-        Answer::Verdict(Verdict::Committed) => run_on_pool(shared, reg, job, Some(b)).await,
+        Answer::Committed => run_on_pool(shared, reg, job, Some(b)).await,
     }
 }
 
@@ -199,19 +199,17 @@ async fn run_on_pool<C: BarrierConnection>(
     let job2 = job.clone();
     let b2 = barrier.clone();
     let slot_taken = Instant::now();
-    let outcome = tokio::task::spawn_blocking(move || {
+    let (outcome, phases) = tokio::task::spawn_blocking(move || {
         let _running = Gauge::up(&shared2.stats.running);
+        let mut phases = Phases::new(slot_taken);
         let mut conn = shared2.pool.get()?;
+        phases.checked_out = phases.since();
         let mut lost = false;
-        let result = C::worker_transaction(&mut *conn, |c| -> Result<Outcome> {
-            if let Some(b) = &b2 {
-                match c.claim_barrier(&b.id)? {
-                    Claim::Gone => return Ok(Outcome::Duplicate),
-                    Claim::Busy => return Ok(Outcome::Busy),
-                    Claim::Locked => {}
-                }
-            }
+        // The handler, and for a barrier job the check that its claim still stands.
+        let mut run = |c: &mut C| -> Result<()> {
+            phases.claimed = phases.since();
             call_handler(&reg, &job2, c)?;
+            phases.handled = phases.since();
             if let Some(b) = &b2 {
                 // The barrier's deletion must commit with the handler's writes: the handler
                 // must not have lost the transaction (a deadlock, an implicit commit, a
@@ -230,8 +228,27 @@ async fn run_on_pool<C: BarrierConnection>(
                     });
                 }
             }
-            Ok(Outcome::Ran)
-        });
+            phases.checked = phases.since();
+            Ok(())
+        };
+        let result = match &b2 {
+            Some(b) => {
+                // The claim is a write that begins after every check the waiter has made so
+                // far: once it commits, every commit those checks saw is durable.
+                let began = shared2.commits.now();
+                conn.claiming_transaction(&b.id, &mut run)
+                    .map(|claimed| match claimed {
+                        Claimed::Ran(()) => {
+                            shared2.commits.committed(began);
+                            Outcome::Ran
+                        }
+                        Claimed::Gone => Outcome::Duplicate,
+                        Claimed::Busy => Outcome::Busy,
+                    })
+            }
+            None => C::worker_transaction(&mut *conn, |c| run(c).map(|()| Outcome::Ran)),
+        };
+        phases.committed = phases.since();
         let result = if lost {
             // Whatever the rollback attempt answered, this is what happened; and the
             // connection's state no longer matches Diesel's: let the pool discard it.
@@ -249,7 +266,7 @@ async fn run_on_pool<C: BarrierConnection>(
                 tracing::warn!(barrier_id = %b.id, error = %chain(&e), "could not mark the barrier attempted");
             }
         }
-        result
+        result.map(|outcome| (outcome, phases))
     })
     .await
     .map_err(|e| Error::HandlerPanic {
@@ -263,11 +280,11 @@ async fn run_on_pool<C: BarrierConnection>(
     });
     match (outcome, &barrier) {
         (Outcome::Ran, Some(b)) => {
-            tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), "handler ran; barrier consumed");
+            tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), checkout_us = phases.checked_out, begin_claim_us = phases.claimed, handler_us = phases.handled, check_us = phases.checked, commit_us = phases.committed, "handler ran; barrier consumed");
             Ok(())
         }
         (Outcome::Ran, None) => {
-            tracing::debug!(jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), "handler ran (no barrier)");
+            tracing::debug!(jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), checkout_us = phases.checked_out, begin_us = phases.claimed, handler_us = phases.handled, commit_us = phases.committed, "handler ran (no barrier)");
             Ok(())
         }
         (Outcome::Duplicate, b) => {
@@ -281,6 +298,34 @@ async fn run_on_pool<C: BarrierConnection>(
             shared.config.snooze_delay,
             "another delivery holds the barrier",
         ),
+    }
+}
+
+/// When each step of a handler run ended, in microseconds since its handler slot was taken
+/// (for the debug event that reports a run).
+struct Phases {
+    start: Instant,
+    checked_out: u64,
+    claimed: u64,
+    handled: u64,
+    checked: u64,
+    committed: u64,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Phases {
+        Phases {
+            start,
+            checked_out: 0,
+            claimed: 0,
+            handled: 0,
+            checked: 0,
+            committed: 0,
+        }
+    }
+
+    fn since(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 }
 

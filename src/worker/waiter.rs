@@ -30,9 +30,52 @@ use tokio::sync::oneshot;
 /// What a waiting job hears back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Answer {
-    Verdict(Verdict),
+    /// The transaction committed, durably: run the handler.
+    Committed,
+    /// The transaction ended without the barrier (or the barrier was consumed).
+    NotCommitted,
+    /// The transaction is still running (the job's wait timed out; the waiter never says so).
+    Pending,
     /// The worker is shutting down: hand the job back.
     ShuttingDown,
+    /// The barrier's transaction is still running, and `max_waiting` jobs already wait for
+    /// running transactions: hand the job back, so that waiting jobs never take every fetch
+    /// slot from ready ones.
+    Overflow,
+}
+
+/// When the worker's own write commits happened, as a proof of durability for commits it saw
+/// earlier (see `Backend::fence`): the latest moment after which some write of the worker's
+/// began that has since committed. Times are microseconds since the clock was made.
+#[derive(Debug)]
+pub(crate) struct CommitClock {
+    origin: Instant,
+    proven: std::sync::atomic::AtomicU64,
+}
+
+impl CommitClock {
+    pub(crate) fn new() -> CommitClock {
+        CommitClock {
+            origin: Instant::now(),
+            proven: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Now, on this clock.
+    pub(crate) fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// A transaction whose first write came after `began` (a reading of [`now`](Self::now))
+    /// has committed: every commit seen before `began` is durable.
+    pub(crate) fn committed(&self, began: u64) {
+        self.proven.fetch_max(began, Ordering::SeqCst);
+    }
+
+    /// Whether a commit seen at `seen` is proven durable.
+    fn proves(&self, seen: u64) -> bool {
+        self.proven.load(Ordering::SeqCst) > seen
+    }
 }
 
 struct Registration {
@@ -66,11 +109,6 @@ impl WaiterHandle {
         (rx, guard)
     }
 
-    /// How many jobs are waiting right now.
-    pub(crate) fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
-
     /// Tells every waiting job to hand its job back, and stops the waiter thread.
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -81,6 +119,9 @@ impl WaiterHandle {
 pub(crate) fn start<C: BarrierConnection>(
     pool: ConnectionPool<C>,
     waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    clock: Arc<CommitClock>,
+    running: Arc<AtomicUsize>,
 ) -> WaiterHandle {
     let (tx, rx) = crossbeam_channel::unbounded();
     let stopping = Arc::new(AtomicBool::new(false));
@@ -91,7 +132,7 @@ pub(crate) fn start<C: BarrierConnection>(
     };
     std::thread::Builder::new()
         .name("dtb-waiter".into())
-        .spawn(move || Waiter::<C>::new(pool, rx, stopping).run())
+        .spawn(move || Waiter::<C>::new(pool, rx, stopping, max_waiting, clock, running).run())
         .expect("spawning the waiter thread");
     handle
 }
@@ -134,6 +175,12 @@ impl<C: BarrierConnection> Drop for Listener<C> {
 struct Entry {
     txid: Option<String>,
     since: Instant,
+    /// Whether a check found its transaction still running (until then it may well be
+    /// committed already, and does not count against `max_waiting`).
+    running: bool,
+    /// When a check saw it committed but not yet proven durable (`Verdict::Visible`), on the
+    /// commit clock.
+    seen_committed: Option<u64>,
     replies: Vec<oneshot::Sender<Answer>>,
 }
 
@@ -147,21 +194,50 @@ struct Waiter<C: BarrierConnection> {
     listener: Option<Listener<C>>,
     checker: Option<r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>>,
     next_check: Instant,
+    /// When the last check of any kind began.
+    last_check: Instant,
     retry_connect_at: Instant,
+    /// How many jobs may wait for running transactions.
+    max_waiting: usize,
+    /// Barriers registered since the last check: checked at once.
+    fresh: Vec<uuid::Uuid>,
+    clock: Arc<CommitClock>,
+    /// Handlers running now: their commits will prove durability; with none, fence at once.
+    running_handlers: Arc<AtomicUsize>,
 }
 
+/// The least time between two checks of newly registered barriers: under load, registrations
+/// arriving one by one are checked in batches, not one query each.
+const FRESH_CHECK_GAP: Duration = Duration::from_micros(500);
+
+/// How long barriers seen committed wait for a handler's commit to prove them durable before
+/// the waiter commits a fence of its own.
+const PROOF_WAIT: Duration = Duration::from_millis(2);
+
 impl<C: BarrierConnection> Waiter<C> {
-    fn new(pool: ConnectionPool<C>, rx: Receiver<Registration>, stopping: Arc<AtomicBool>) -> Self {
+    fn new(
+        pool: ConnectionPool<C>,
+        rx: Receiver<Registration>,
+        stopping: Arc<AtomicBool>,
+        max_waiting: usize,
+        clock: Arc<CommitClock>,
+        running_handlers: Arc<AtomicUsize>,
+    ) -> Self {
         let now = Instant::now();
         Waiter {
             pool,
             rx,
             stopping,
+            max_waiting,
+            fresh: Vec::new(),
+            clock,
+            running_handlers,
             pending: HashMap::new(),
             checker_state: C::Checker::default(),
             listener: None,
             checker: None,
             next_check: now,
+            last_check: now - FRESH_CHECK_GAP,
             retry_connect_at: now,
         }
     }
@@ -182,7 +258,12 @@ impl<C: BarrierConnection> Waiter<C> {
                 // server for every session of the database.
                 Duration::from_millis(10)
             } else {
-                C::HINT_POLL.min(self.next_check.saturating_duration_since(Instant::now()))
+                let now = Instant::now();
+                let mut wake = self.next_check;
+                if !self.fresh.is_empty() {
+                    wake = wake.min(self.last_check + FRESH_CHECK_GAP);
+                }
+                C::HINT_POLL.min(wake.saturating_duration_since(now))
             };
             match self.rx.recv_timeout(timeout) {
                 Ok(r) => {
@@ -205,11 +286,69 @@ impl<C: BarrierConnection> Waiter<C> {
             self.ensure_connections();
             self.take_hints();
             if self.pending.is_empty() {
+                self.fresh.clear();
                 continue;
             }
             if Instant::now() >= self.next_check {
+                self.fresh.clear();
                 self.check();
                 self.next_check = Instant::now() + C::CHECK_INTERVAL;
+            } else if !self.fresh.is_empty() && Instant::now() >= self.last_check + FRESH_CHECK_GAP
+            {
+                // New registrations are checked at once (a job fetched after its commit runs
+                // now), or, under load, with the others that arrived meanwhile.
+                let fresh = std::mem::take(&mut self.fresh);
+                self.check_ids(fresh);
+            }
+            self.prove_durable();
+        }
+    }
+
+    /// Answers the barriers seen committed whose durability is now proven; commits a fence when
+    /// no handler's commit proved them soon enough.
+    fn prove_durable(&mut self) {
+        let unproven: Vec<(uuid::Uuid, u64)> = self
+            .pending
+            .iter()
+            .filter_map(|(id, e)| e.seen_committed.map(|seen| (*id, seen)))
+            .collect();
+        if unproven.is_empty() {
+            return;
+        }
+        let mut waiting_longest = 0;
+        for &(id, seen) in &unproven {
+            if self.clock.proves(seen) {
+                self.answer(&id, Answer::Committed);
+            } else {
+                waiting_longest = waiting_longest.max(self.clock.now().saturating_sub(seen));
+            }
+        }
+        let idle = self.running_handlers.load(Ordering::SeqCst) == 0;
+        let overdue = Duration::from_micros(waiting_longest) >= PROOF_WAIT;
+        if waiting_longest == 0 || !(idle || overdue) {
+            return;
+        }
+        let Some(conn) = self.checker.as_mut() else {
+            return;
+        };
+        let ids: Vec<uuid::Uuid> = unproven
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| self.pending.contains_key(id))
+            .collect();
+        let began = self.clock.now();
+        match conn.fence(&ids) {
+            Ok(true) => {
+                self.clock.committed(began);
+                for id in ids {
+                    self.answer(&id, Answer::Committed);
+                }
+            }
+            // Every row was held by a handler, whose commit will prove it.
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "the durability fence failed; reconnecting");
+                self.checker = None;
             }
         }
     }
@@ -219,11 +358,14 @@ impl<C: BarrierConnection> Waiter<C> {
         let entry = self.pending.entry(r.id).or_insert_with(|| Entry {
             txid: r.txid.clone(),
             since: now,
+            running: false,
+            seen_committed: None,
             replies: Vec::new(),
         });
         entry.replies.push(r.reply);
-        // New registrations are checked at once: a job fetched after its commit runs now.
-        self.next_check = now;
+        if entry.replies.len() == 1 {
+            self.fresh.push(r.id);
+        }
     }
 
     fn answer(&mut self, id: &uuid::Uuid, answer: Answer) {
@@ -279,18 +421,7 @@ impl<C: BarrierConnection> Waiter<C> {
                 // A hint only says where to look now; the check decides. Hints for barriers
                 // nobody waits for are dropped: a job fetched later is checked when it
                 // registers.
-                let hinted: Vec<Pending> = ids
-                    .into_iter()
-                    .filter_map(|id| {
-                        self.pending.get(&id).map(|e| Pending {
-                            id,
-                            txid: e.txid.clone(),
-                        })
-                    })
-                    .collect();
-                if !hinted.is_empty() {
-                    self.check_batch(hinted);
-                }
+                self.check_ids(ids);
             }
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "the waiter's listening connection failed; reconnecting");
@@ -301,15 +432,30 @@ impl<C: BarrierConnection> Waiter<C> {
     }
 
     fn check(&mut self) {
-        let batch: Vec<Pending> = self
+        let ids: Vec<uuid::Uuid> = self
             .pending
             .iter()
-            .map(|(id, e)| Pending {
-                id: *id,
-                txid: e.txid.clone(),
+            .filter(|(_, e)| e.seen_committed.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        self.check_ids(ids);
+    }
+
+    /// Checks the pending barriers `ids`.
+    fn check_ids(&mut self, ids: Vec<uuid::Uuid>) {
+        let batch: Vec<Pending> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let e = self.pending.get(&id)?;
+                (e.seen_committed.is_none()).then(|| Pending {
+                    id,
+                    txid: e.txid.clone(),
+                })
             })
             .collect();
-        self.check_batch(batch);
+        if !batch.is_empty() {
+            self.check_batch(batch);
+        }
     }
 
     /// Checks `batch` and answers every barrier it decides.
@@ -318,12 +464,38 @@ impl<C: BarrierConnection> Waiter<C> {
             return;
         };
         let started = Instant::now();
+        self.last_check = started;
         match conn.check_pending(&mut self.checker_state, &batch) {
             Ok(Checked { verdicts, probed }) => {
                 tracing::trace!(batch = batch.len(), probed, took = ?started.elapsed(), "checked pending barriers");
+                let seen = self.clock.now();
+                let mut running = self.pending.values().filter(|e| e.running).count();
                 for (p, verdict) in batch.iter().zip(verdicts) {
+                    match verdict {
+                        Verdict::Committed => self.answer(&p.id, Answer::Committed),
+                        Verdict::NotCommitted => self.answer(&p.id, Answer::NotCommitted),
+                        Verdict::Visible => {
+                            if let Some(entry) = self.pending.get_mut(&p.id) {
+                                entry.seen_committed = Some(seen);
+                            }
+                        }
+                        Verdict::Pending => {}
+                    }
                     if verdict != Verdict::Pending {
-                        self.answer(&p.id, Answer::Verdict(verdict));
+                        continue;
+                    }
+                    let Some(entry) = self.pending.get_mut(&p.id) else {
+                        continue;
+                    };
+                    if entry.running {
+                        continue;
+                    }
+                    // Found running for the first time: it waits only if there is room.
+                    if running >= self.max_waiting {
+                        self.answer(&p.id, Answer::Overflow);
+                    } else {
+                        entry.running = true;
+                        running += 1;
                     }
                 }
             }

@@ -386,7 +386,13 @@ pub fn missing_migrations_are_reported<D: TestDb>() {
         .connect()
         .unwrap_err();
     assert!(
-        matches!(err, Error::PoolTooSmall { max_size: 2, needed: 3 }),
+        matches!(
+            err,
+            Error::PoolTooSmall {
+                max_size: 2,
+                needed: 3
+            }
+        ),
         "{err}"
     );
     let err = WorkerBuilder::<D::Conn>::new(db.pool(3))

@@ -12,7 +12,7 @@
 mod maintenance;
 
 use super::sealed::Backend;
-use super::{Checked, Claim, NewBarrier, Pending, ServerTransaction, Verdict};
+use super::{Checked, Claim, Claimed, NewBarrier, Pending, ServerTransaction, Verdict};
 use crate::testing::TestDatabase;
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
@@ -34,13 +34,28 @@ fn rollback<T>() -> diesel::QueryResult<T> {
     Err(diesel::result::Error::RollbackTransaction)
 }
 
-/// Checks `ids` with a fresh checker state; panics on a database error.
+/// Checks `ids` with a fresh checker state, as the waiter does: barriers seen committed but not
+/// yet proven durable are fenced, and committed once the fence wrote. Panics on a database
+/// error.
 pub(crate) fn check<C: Backend>(conn: &mut C, ids: &[uuid::Uuid]) -> Vec<Verdict> {
     let pending: Vec<Pending> = ids.iter().map(|&id| Pending { id, txid: None }).collect();
-    let Checked { verdicts, .. } = conn
+    let Checked { mut verdicts, .. } = conn
         .check_pending(&mut C::Checker::default(), &pending)
         .expect("check_pending");
     assert_eq!(verdicts.len(), ids.len(), "one verdict per barrier");
+    let visible: Vec<uuid::Uuid> = ids
+        .iter()
+        .zip(&verdicts)
+        .filter(|(_, v)| **v == Verdict::Visible)
+        .map(|(id, _)| *id)
+        .collect();
+    if !visible.is_empty() && conn.fence(&visible).expect("fence") {
+        for v in &mut verdicts {
+            if *v == Verdict::Visible {
+                *v = Verdict::Committed;
+            }
+        }
+    }
     verdicts
 }
 
@@ -173,6 +188,52 @@ pub(super) fn a_claim_consumes_once<D: TestDatabase>() {
     let again = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
     assert_eq!(again, Claim::Gone);
     assert_eq!(check(&mut db.connect(), &[id]), [Verdict::NotCommitted]);
+}
+
+/// The worker's claiming transaction runs its closure only with the barrier claimed: once
+/// (then it is gone), never while another worker holds it, and a failure restores it.
+pub(super) fn claiming_transactions_run_once<D: TestDatabase>() {
+    let db = D::create();
+    let id = uuid::Uuid::new_v4();
+    committed(&mut db.connect(), &id);
+    let mut worker = db.connect();
+    let failed: Result<Claimed<()>, diesel::result::Error> =
+        worker.claiming_transaction(&id, |_| rollback());
+    assert!(failed.is_err());
+    assert_eq!(check(&mut db.connect(), &[id]), [Verdict::Committed]);
+    if !Conn::<D>::ONE_WRITER {
+        let mut holder = db.connect();
+        holder
+            .worker_transaction(|h| {
+                assert_eq!(h.claim_barrier(&id)?, Claim::Locked);
+                let busy = worker.claiming_transaction(&id, |_| -> diesel::QueryResult<()> {
+                    panic!("ran while another worker held the barrier")
+                })?;
+                assert_eq!(busy, Claimed::Busy);
+                rollback::<()>()
+            })
+            .unwrap_err();
+    }
+    let mut runs = 0;
+    let ran = worker
+        .claiming_transaction(&id, |w| {
+            runs += 1;
+            assert!(w.claim_holds(&id)?);
+            Ok::<_, diesel::result::Error>(7)
+        })
+        .unwrap();
+    assert_eq!((ran, runs), (Claimed::Ran(7), 1));
+    let again = worker
+        .claiming_transaction(&id, |_| -> diesel::QueryResult<()> {
+            panic!("ran for a consumed barrier")
+        })
+        .unwrap();
+    assert_eq!(again, Claimed::Gone);
+    // The connection is usable afterwards, outside any transaction.
+    assert_eq!(
+        worker.server_transaction(0).unwrap(),
+        ServerTransaction::Closed
+    );
 }
 
 /// While a worker's claim is not committed, the waiter never calls the barrier "not
@@ -387,6 +448,10 @@ macro_rules! conformance {
             #[test]
             fn a_claim_consumes_once() {
                 super::a_claim_consumes_once::<Db>();
+            }
+            #[test]
+            fn claiming_transactions_run_once() {
+                super::claiming_transactions_run_once::<Db>();
             }
             #[test]
             fn a_held_claim_is_neither_gone_nor_taken() {

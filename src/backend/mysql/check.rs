@@ -1,5 +1,6 @@
-//! The MySQL waiter's check: which pending barriers committed (durably), which rolled back,
-//! which are still running — from the rows alone, without waiting for a lock.
+//! The MySQL waiter's check: which pending barriers committed, which rolled back, which are
+//! still running — from the rows alone, without waiting for a lock — and the fence that makes
+//! a commit it saw durable.
 
 use super::schema::dtb_barriers;
 use super::{in_transaction, read_committed, BEGIN_READ_UNCOMMITTED, IN_LIST_MAX};
@@ -27,36 +28,11 @@ pub(super) fn check_pending(
     // 1. Which rows have a committed version: one plain read outside any transaction, so
     //    with a snapshot taken when it starts, whatever the session's isolation level.
     let visible = existing(conn, &all)?;
-    // 2. Take the committed rows that nobody holds (a worker running the handler of
-    //    another delivery may hold one; the locking read skips it without waiting) and
-    //    fence them: the commit makes "committed" durable.
-    let taken: HashSet<String> = if visible.is_empty() {
-        HashSet::new()
-    } else {
-        read_committed(conn, |c| {
-            let mut taken = Vec::new();
-            for chunk in visible.iter().collect::<Vec<_>>().chunks(IN_LIST_MAX) {
-                let rows: Vec<String> = dtb_barriers::table
-                    .filter(dtb_barriers::id.eq_any(chunk))
-                    .select(dtb_barriers::id)
-                    .for_update()
-                    .skip_locked()
-                    .load(c)?;
-                taken.extend(rows);
-            }
-            if !taken.is_empty() {
-                fence(c, &taken)?;
-            }
-            Ok::<_, diesel::result::Error>(taken)
-        })?
-        .into_iter()
-        .collect()
-    };
     // 3. For the others: which rows exist at all, committed or not. READ UNCOMMITTED sees
     //    a running producer's insert; a rolled-back insert (or savepoint) and a committed
     //    delete leave nothing; so does a delete not yet committed, which step 4 makes up
     //    for.
-    let rest: Vec<&String> = keys.iter().filter(|k| !taken.contains(*k)).collect();
+    let rest: Vec<&String> = keys.iter().filter(|k| !visible.contains(*k)).collect();
     let exist: HashSet<String> = if rest.is_empty() {
         HashSet::new()
     } else {
@@ -69,15 +45,15 @@ pub(super) fn check_pending(
     } else {
         existing(conn, &absent)?
     };
-    // Committed: taken, fenced and (with the commit above) durable. Not committed: no
-    // version at all in step 3 and no committed one in the later step 4 — a row without
-    // any version cannot come back, except by the undoing of a delete, which step 4 would
-    // have seen. Anything else is still running, or held by another delivery's handler.
+    // Visible: committed, durable once a write of the worker's own begun after this check has
+    // committed (`fence`). Not committed: no version at all in step 3 and no committed one in
+    // the later step 4 — a row without any version cannot come back, except by the undoing of
+    // a delete, which step 4 would have seen. Anything else is still running.
     Ok(keys
         .iter()
         .map(|k| {
-            if taken.contains(k) {
-                Verdict::Committed
+            if visible.contains(k) {
+                Verdict::Visible
             } else if exist.contains(k) || still_visible.contains(k) {
                 Verdict::Pending
             } else {
@@ -88,40 +64,60 @@ pub(super) fn check_pending(
         .into())
 }
 
-/// The durability fence: a write of the worker's own to the barrier rows `keys`, which the
-/// caller holds locked and whose transactions it has seen committed, committed by the caller's
-/// transaction before any verdict of "committed" leaves this module.
+/// The durability fence: a write of the worker's own, committed, which proves that every
+/// commit the worker saw before the fence began is durable.
 ///
-/// Why it proves that the producer's commit is durable:
+/// Why:
 ///
-/// 1. The producer's commit writes its commit record to the redo log buffer, at some log
-///    sequence number L, *before* InnoDB releases the producer's row locks; only then is the
-///    log flushed up to L (with `innodb_flush_log_at_trx_commit = 1`). In the gap between the
-///    two a locking read already sees the row, and a crash would erase the commit.
-/// 2. The worker holds the row through a locking read, so the producer's locks were released,
-///    so L had been assigned. This update changes the row (`attempts + 1` always differs from
-///    `attempts`; an update that changes nothing writes no redo and would prove nothing), so
-///    its redo, and the worker's commit record, come after L in the log.
+/// 1. A producer's commit writes its commit record to the redo log buffer, at some log
+///    sequence number L, *before* InnoDB releases the producer's row locks and before the
+///    transaction becomes visible to new read views; only then is the log flushed up to L
+///    (with `innodb_flush_log_at_trx_commit = 1`). In the gap between the two the row is
+///    already visible, and a crash would erase the commit.
+/// 2. So once the worker has seen the row (a read that began after the producer's
+///    transaction became visible), L had been assigned. A write the worker makes afterwards
+///    gets a later position in the log, and so does its commit record — if the write changes
+///    something: an update that changes nothing writes no redo and would prove nothing.
 /// 3. The redo log is written and flushed in order, and with
-///    `innodb_flush_log_at_trx_commit = 1` the worker's `COMMIT` returns only once the log is
-///    flushed past its own commit record — hence past L. When the worker's commit returns,
-///    the producer's commit is on disk. (With the binary log on, commits are also ordered
-///    through it, and `sync_binlog = 1` gives the same prefix argument for the binary log.)
+///    `innodb_flush_log_at_trx_commit = 1` a `COMMIT` returns only once the log is flushed
+///    past its own commit record — hence past L. (With the binary log on, commits are also
+///    ordered through it, and `sync_binlog = 1` gives the same prefix argument for it.)
 ///
-/// The fence costs one row write and one log flush per delivery, and it counts the
-/// deliveries that found the transaction committed.
-///
-/// Under READ COMMITTED an `UPDATE ... WHERE id IN (...)` never waits for rows outside `keys`,
-/// even when it is planned as a scan: InnoDB checks a row that another transaction holds
-/// against the last committed version ("semi-consistent read") and passes over it.
-pub(super) fn fence(conn: &mut MysqlConnection, keys: &[String]) -> QueryResult<usize> {
-    let mut updated = 0;
-    for chunk in keys.chunks(IN_LIST_MAX) {
-        updated += diesel::update(dtb_barriers::table.filter(dtb_barriers::id.eq_any(chunk)))
-            .set(dtb_barriers::attempts.eq(dtb_barriers::attempts + 1))
-            .execute(conn)?;
-    }
-    Ok(updated)
+/// Any committed write of the worker's that began after the check proves it, and the worker
+/// uses the commits of its handlers' transactions (each deleted a barrier row) as such proofs
+/// while they come; this explicit fence is for when none does. It writes
+/// `attempts = attempts + 1` on those of the rows `visible` that nobody holds (taken with
+/// `FOR UPDATE SKIP LOCKED`, so it never waits for a handler that holds one), which also
+/// counts how often a barrier was seen committed, and it commits. It wrote nothing when every
+/// row was held: those rows' handlers, committing, will prove them.
+pub(super) fn fence(conn: &mut MysqlConnection, visible: &[uuid::Uuid]) -> QueryResult<bool> {
+    let keys: Vec<String> = visible
+        .iter()
+        .map(|id| id.hyphenated().to_string())
+        .collect();
+    read_committed(conn, |c| {
+        let mut wrote = false;
+        for chunk in keys.chunks(IN_LIST_MAX) {
+            let taken: Vec<String> = dtb_barriers::table
+                .filter(dtb_barriers::id.eq_any(chunk))
+                .select(dtb_barriers::id)
+                .for_update()
+                .skip_locked()
+                .load(c)?;
+            if taken.is_empty() {
+                continue;
+            }
+            // Under READ COMMITTED an `UPDATE ... WHERE id IN (...)` never waits for rows
+            // outside the list, even when planned as a scan: InnoDB checks a row another
+            // transaction holds against its last committed version and passes over it.
+            let updated =
+                diesel::update(dtb_barriers::table.filter(dtb_barriers::id.eq_any(&taken)))
+                    .set(dtb_barriers::attempts.eq(dtb_barriers::attempts + 1))
+                    .execute(c)?;
+            wrote |= updated > 0;
+        }
+        Ok(wrote)
+    })
 }
 
 /// Which of the barrier rows `keys` (distinct ids) this connection's next read sees (a plain,

@@ -14,10 +14,11 @@ mod tests;
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
 use super::{
-    Checked, Claim, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction, Unconsumed,
+    Checked, Claim, Claimed, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction,
+    Unconsumed,
 };
 use crate::error::Error;
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection};
 use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
@@ -159,20 +160,7 @@ where
     E: From<diesel::result::Error>,
 {
     AnsiTransactionManager::begin_transaction_sql(conn, begin)?;
-    match f(conn) {
-        Ok(value) => {
-            <AnsiTransactionManager as TransactionManager<MysqlConnection>>::commit_transaction(
-                conn,
-            )?;
-            Ok(value)
-        }
-        Err(error) => {
-            match <AnsiTransactionManager as TransactionManager<MysqlConnection>>::rollback_transaction(conn) {
-                Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
-                Err(rollback_error) => Err(rollback_error.into()),
-            }
-        }
-    }
+    super::finish_transaction(conn, f)
 }
 
 /// Runs `f` in a READ COMMITTED transaction, whatever the session's default isolation level.
@@ -279,6 +267,10 @@ impl Backend for MysqlConnection {
         check::check_pending(self, pending)
     }
 
+    fn fence(&mut self, visible: &[uuid::Uuid]) -> QueryResult<bool> {
+        check::fence(self, visible)
+    }
+
     fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
         read_committed(self, |c| {
             diesel::sql_query("UPDATE dtb_barriers SET attempted_at = NOW(6) WHERE id = ?")
@@ -355,6 +347,35 @@ impl Backend for MysqlConnection {
         E: From<diesel::result::Error>,
     {
         read_committed(self, f)
+    }
+
+    fn claiming_transaction<R, E, F>(&mut self, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
+    where
+        F: FnOnce(&mut Self) -> Result<R, E>,
+        E: From<diesel::result::Error>,
+    {
+        // Begin, lock without waiting and delete in one round trip, then one read of what it
+        // did (the id is a UUID this crate formats, not text from the job). A row that was not
+        // taken is held or gone: roll back and find out which, the slow way.
+        let begin = format!(
+            "{BEGIN_READ_COMMITTED}; SET @dtb_claimed = NULL; \
+             SELECT id INTO @dtb_claimed FROM dtb_barriers WHERE id = '{id}' \
+                 FOR UPDATE SKIP LOCKED; \
+             DELETE FROM dtb_barriers WHERE id = @dtb_claimed",
+            id = id.hyphenated()
+        );
+        AnsiTransactionManager::begin_transaction_sql(self, &begin)?;
+        let deleted: QueryResult<i64> =
+            diesel::select(sql::<BigInt>("ROW_COUNT()")).get_result(self);
+        if let Ok(1) = deleted {
+            return super::finish_transaction(self, f).map(Claimed::Ran);
+        }
+        // Nothing was written: the rollback undoes nothing.
+        <AnsiTransactionManager as diesel::connection::TransactionManager<Self>>::rollback_transaction(
+            self,
+        )?;
+        deleted?;
+        self.worker_transaction(|c| super::claim_then(c, id, f))
     }
 
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
