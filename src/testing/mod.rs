@@ -77,13 +77,13 @@ mod protocol;
 mod server;
 mod state;
 
-#[cfg(feature = "mysql")]
-pub use db::MysqlTestDatabase;
 #[cfg(feature = "postgres")]
 pub use db::PgTestSchema;
 #[cfg(feature = "sqlite")]
 pub use db::SqliteTestFile;
 pub use db::TestDatabase;
+#[cfg(feature = "mysql")]
+pub use db::{MysqlRestrictedTestDatabase, MysqlTestDatabase};
 pub use env::TestFaktory;
 pub use protocol::password_hash;
 pub use server::{TestServer, TestServerBuilder};
