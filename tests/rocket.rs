@@ -8,19 +8,14 @@
 #[allow(dead_code)]
 mod app;
 
-#[path = "common/pg_schema.rs"]
-mod pg_schema;
-
 use crossbeam_channel::{unbounded, Receiver};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::BigInt;
-use diesel_transaction_barrier::testing::TestFaktory;
+use diesel_transaction_barrier::testing::{PgTestSchema, TestDatabase, TestFaktory};
 use diesel_transaction_barrier::{
     BoxError, Job, Producer, ShutdownHandle, StopReason, WorkerBuilder, WorkerMonitor,
 };
-use pg_schema::PgSchema;
 use rocket::http::{ContentType, Status};
 use rocket::local::blocking::Client;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -31,33 +26,13 @@ use std::time::{Duration, Instant};
 const EVENTUALLY: Duration = Duration::from_secs(20);
 
 /// A schema of its own, with the barrier table and the shop's tables; dropped at the end.
-struct Schema {
-    inner: PgSchema,
-}
+struct Schema(PgTestSchema);
 
 impl Schema {
     fn create() -> Schema {
-        let schema = Schema {
-            inner: PgSchema::create("dtb_rocket"),
-        };
+        let schema = PgTestSchema::create_unmigrated();
         app::setup(&mut schema.connect()).expect("migrations and tables");
-        schema
-    }
-
-    fn url(&self) -> String {
-        self.inner.url()
-    }
-
-    fn connect(&self) -> PgConnection {
-        self.inner.connect()
-    }
-
-    fn pool(&self, size: u32) -> app::DbPool {
-        Pool::builder()
-            .max_size(size)
-            .connection_timeout(Duration::from_secs(10))
-            .build(ConnectionManager::new(self.url()))
-            .expect("pool")
+        Schema(schema)
     }
 
     fn count(&self, sql: &str) -> i64 {
@@ -67,7 +42,7 @@ impl Schema {
             n: i64,
         }
         diesel::sql_query(format!("SELECT ({sql})::bigint AS n"))
-            .get_result::<Count>(&mut self.connect())
+            .get_result::<Count>(&mut self.0.connect())
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
             .n
     }
@@ -133,12 +108,12 @@ impl Shop {
             cli_colors: false,
             ..rocket::Config::debug_default()
         };
-        let rocket = app::rocket(db.pool(4), producer, queue.clone()).configure(config);
+        let rocket = app::rocket(db.0.pool(4), producer, queue.clone()).configure(config);
         let client = Client::tracked(rocket).expect("the application ignites");
 
         // The worker's handler is the example's, reporting each receipt to the test.
         let (tx, receipts) = unbounded();
-        let mut worker = WorkerBuilder::new(db.pool(6))
+        let mut worker = WorkerBuilder::new(db.0.pool(6))
             .url(faktory.url())
             .workers(1)
             .reconnect_backoff(Duration::from_millis(200))

@@ -1,59 +1,107 @@
-//! Scenario bodies shared by every backend's integration tests (`tests/{postgres,mysql,sqlite}.rs`).
+//! What the integration tests of every backend share (`tests/{postgres,mysql,sqlite}.rs`).
 //!
-//! Each backend file implements [`TestDb`] (an isolated schema or database per test, and the
-//! few statements that differ between backends) and calls the same scenarios, so every backend
-//! is held to the same contract. Jobs go through a real Faktory protocol server: the one named
-//! by `FAKTORY_URL` when set, else the in-process test server.
+//! Each backend wraps the crate's [`TestDatabase`] in a [`TestDb`] (the few statements that
+//! differ between backends) and runs the shared scenarios through one
+//! [`scenario_tests!`](suite::scenario_tests) call, so every backend is held to the same
+//! contract. Jobs go through a real Faktory protocol server: the one named by `FAKTORY_URL`
+//! when set, else the in-process test server.
 #![allow(dead_code)]
 
 use crossbeam_channel::{Receiver, Sender};
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::Connection;
-use diesel_transaction_barrier::testing::TestFaktory;
+use diesel::connection::{LoadConnection, SimpleConnection};
+use diesel::query_builder::SqlQuery;
+use diesel::query_dsl::LoadQuery;
+use diesel::r2d2::R2D2Connection;
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+use diesel_transaction_barrier::testing::{JobEventKind, TestDatabase, TestFaktory};
 use diesel_transaction_barrier::{
-    BarrierConnection, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle, StopReason,
-    WorkerBuilder, WorkerMonitor,
+    BarrierConnection, ConnectionPool, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle,
+    StopReason, WorkerBuilder, WorkerMonitor,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod child;
 pub mod faults;
 pub mod mysql;
 pub mod pg;
-pub mod pg_schema;
 pub mod restart;
 pub mod scenarios;
 pub mod soak;
+pub mod sqlite;
+pub mod suite;
 
 /// How long a test waits for something that must happen.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
 /// How long a test watches for something that must NOT happen.
 pub const NOT_YET: Duration = Duration::from_millis(400);
 
-/// One isolated database (a schema or a database of its own) with the barrier migrations and
-/// the test application's tables.
+/// One test's database (the crate's [`TestDatabase`]) with the test application's tables,
+/// and what differs between backends.
 pub trait TestDb: Sized + Send + Sync + 'static {
     /// The connection type under test.
-    type Conn: BarrierConnection + diesel::r2d2::R2D2Connection + Connection;
+    type Conn: BarrierConnection + R2D2Connection + Connection + LoadOne;
+    /// The crate's test database underneath.
+    type Database: TestDatabase<Conn = Self::Conn>;
 
-    /// A fresh, isolated database with migrations applied and the app tables created.
-    fn create() -> Self;
-    /// A fresh database without the barrier migrations.
-    fn create_unmigrated() -> Self;
+    /// The SQL types `query_i64` and `query_string` cast to.
+    const INTEGER: &'static str;
+    const TEXT: &'static str;
+    /// What the backend's barrier-timeout message carries about the open transaction.
+    const TIMEOUT_DEBUG_INFO: &'static [&'static str];
+
+    /// Wraps a database created for this test.
+    fn wrap(database: Self::Database) -> Self;
+    /// The database underneath.
+    fn database(&self) -> &Self::Database;
+
+    /// A fresh database with the barrier migrations and the app tables.
+    fn create() -> Self {
+        Self::wrap(Self::Database::create()).with_app_tables()
+    }
+    /// A fresh database with the app tables, without the barrier migrations.
+    fn create_unmigrated() -> Self {
+        Self::wrap(Self::Database::create_unmigrated()).with_app_tables()
+    }
+    /// Creates the test application's tables.
+    fn with_app_tables(self) -> Self {
+        create_app_tables::<Self>(&mut self.connect());
+        self
+    }
     /// A new connection to it.
-    fn connect(&self) -> Self::Conn;
+    fn connect(&self) -> Self::Conn {
+        self.database().connect()
+    }
     /// Its URL (so a child process can connect).
-    fn url(&self) -> String;
+    fn url(&self) -> String {
+        self.database().url()
+    }
+    /// A pool for the worker.
+    fn pool(&self, size: u32) -> ConnectionPool<Self::Conn> {
+        self.database().pool(size)
+    }
 
-    /// Runs a statement.
-    fn exec(conn: &mut Self::Conn, sql: &str);
+    /// Runs a statement (or several).
+    fn exec(conn: &mut Self::Conn, sql: &str) {
+        conn.batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
     /// Runs a statement, returning its error instead of panicking.
-    fn try_exec(conn: &mut Self::Conn, sql: &str) -> Result<(), diesel::result::Error>;
+    fn try_exec(conn: &mut Self::Conn, sql: &str) -> Result<(), diesel::result::Error> {
+        conn.batch_execute(sql)
+    }
     /// Runs a query returning one integer (or none).
-    fn query_i64(conn: &mut Self::Conn, sql: &str) -> Option<i64>;
+    fn query_i64(conn: &mut Self::Conn, sql: &str) -> Option<i64> {
+        conn.load_i64(&format!("SELECT CAST(({sql}) AS {}) AS v", Self::INTEGER))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
     /// Runs a query returning one string (or none).
-    fn query_string(conn: &mut Self::Conn, sql: &str) -> Option<String>;
+    fn query_string(conn: &mut Self::Conn, sql: &str) -> Option<String> {
+        conn.load_text(&format!("SELECT CAST(({sql}) AS {}) AS v", Self::TEXT))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
 
     /// The server-side id of a connection's session (PostgreSQL backend pid, MySQL thread id).
     fn session_id(conn: &mut Self::Conn) -> i64;
@@ -68,19 +116,48 @@ pub trait TestDb: Sized + Send + Sync + 'static {
         None
     }
 
-    /// A pool for the worker.
-    fn pool(&self, size: u32) -> Pool<ConnectionManager<Self::Conn>> {
-        Pool::builder()
-            .max_size(size)
-            .connection_timeout(Duration::from_secs(10))
-            .build(ConnectionManager::new(self.url()))
-            .expect("pool")
-    }
-
     /// Rows in the barrier table.
     fn barrier_rows(&self) -> i64 {
         let mut c = self.connect();
         Self::query_i64(&mut c, "SELECT COUNT(*) FROM dtb_barriers").unwrap()
+    }
+}
+
+/// A row of one nullable integer named `v`.
+#[derive(QueryableByName)]
+pub struct I64Row {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub v: Option<i64>,
+}
+
+/// A row of one nullable string named `v`.
+#[derive(QueryableByName)]
+pub struct TextRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    pub v: Option<String>,
+}
+
+/// Loads the one row of a query whose one column is `v`, on any backend.
+pub trait LoadOne {
+    fn load_i64(&mut self, sql: &str) -> diesel::QueryResult<Option<i64>>;
+    fn load_text(&mut self, sql: &str) -> diesel::QueryResult<Option<String>>;
+}
+
+impl<C> LoadOne for C
+where
+    C: LoadConnection,
+    SqlQuery: for<'a> LoadQuery<'a, C, I64Row> + for<'a> LoadQuery<'a, C, TextRow>,
+{
+    fn load_i64(&mut self, sql: &str) -> diesel::QueryResult<Option<i64>> {
+        diesel::sql_query(sql)
+            .get_result::<I64Row>(self)
+            .map(|r| r.v)
+    }
+
+    fn load_text(&mut self, sql: &str) -> diesel::QueryResult<Option<String>> {
+        diesel::sql_query(sql)
+            .get_result::<TextRow>(self)
+            .map(|r| r.v)
     }
 }
 
@@ -238,7 +315,7 @@ impl<D: TestDb> Env<D> {
 
     pub fn start_worker_on(
         &self,
-        pool: Pool<ConnectionManager<D::Conn>>,
+        pool: ConnectionPool<D::Conn>,
         handlers: Handlers<D::Conn>,
         configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
     ) -> RunningWorker {
@@ -341,4 +418,44 @@ pub fn drain_with_sentinel<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>) -> Vec<R
         }
         others.push(ran);
     }
+}
+
+/// With the in-process server: job `jid` was acknowledged and never failed.
+pub fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
+    match env.faktory.server() {
+        Some(server) => {
+            let events = server.history(jid);
+            assert!(
+                events.iter().any(|e| e.kind() == JobEventKind::Acked),
+                "job {jid} should have been acknowledged: {events:?}"
+            );
+            assert!(
+                !events.iter().any(|e| e.kind() == JobEventKind::Failed),
+                "job {jid} should not have failed: {events:?}"
+            );
+        }
+        None => eprintln!("real Faktory: skipping the job-history inspection of {jid}"),
+    }
+}
+
+/// Job `jid`, whose transaction did not commit, was aborted: acknowledged without running,
+/// and nothing of it is left.
+pub fn assert_aborted<D: TestDb>(
+    env: &Env<D>,
+    worker: &RunningWorker,
+    rx: &Receiver<Ran>,
+    id: i64,
+    jid: &str,
+) {
+    wait_until("the job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    if let Some(server) = env.faktory.server() {
+        assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
+    }
+    let others = drain_with_sentinel(env, rx);
+    assert!(others.is_empty(), "an aborted job ran: {others:?}");
+    assert_eq!(runs_of(&env.db, id), 0);
+    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
+    expect_acked_without_failure(env, jid);
 }

@@ -1,27 +1,15 @@
-//! The barrier contract, scenario by scenario. Each function is one test body, generic over the
-//! backend.
+//! The barrier contract, scenario by scenario. Each public function is one test body, generic
+//! over the backend; `suite.rs` lists them all, and a backend's `scenario_tests!` call makes a
+//! test of each.
 
 use super::*;
 use crossbeam_channel::unbounded;
 use diesel_transaction_barrier::testing::{JobEvent, JobEventKind};
 use diesel_transaction_barrier::{Error, CUSTOM_KEY};
 
-fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
-    match env.faktory.server() {
-        Some(server) => {
-            let events = server.history(jid);
-            assert!(
-                events.iter().any(|e| e.kind() == JobEventKind::Acked),
-                "job {jid} should have been acknowledged: {events:?}"
-            );
-            assert!(
-                !events.iter().any(|e| e.kind() == JobEventKind::Failed),
-                "job {jid} should not have failed: {events:?}"
-            );
-        }
-        None => eprintln!("real Faktory: skipping the job-history inspection of {jid}"),
-    }
-}
+// Scenarios of their own files; unused in the binaries that make no scenario tests.
+#[allow(unused_imports)]
+pub use super::{faults::worker_killed_mid_wait_and_mid_handler, soak::soak_with_oracle};
 
 /// Scenario 1: The handler runs once, after commit, and sees the transaction's writes; while the
 /// transaction is open and the worker already holds the job, it has not run.
@@ -70,26 +58,6 @@ fn enqueue_then<D: TestDb>(
         end(c, session)
     });
     (result, jid.expect("enqueued").as_str().to_string())
-}
-
-pub fn assert_aborted<D: TestDb>(
-    env: &Env<D>,
-    worker: &RunningWorker,
-    rx: &Receiver<Ran>,
-    id: i64,
-    jid: &str,
-) {
-    wait_until("the job to be aborted", EVENTUALLY, || {
-        worker.monitor.aborted() >= 1
-    });
-    if let Some(server) = env.faktory.server() {
-        assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
-    }
-    let others = drain_with_sentinel(env, rx);
-    assert!(others.is_empty(), "an aborted job ran: {others:?}");
-    assert_eq!(runs_of(&env.db, id), 0);
-    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
-    expect_acked_without_failure(env, jid);
 }
 
 /// Scenario 2: The closure returns `Err`: the handler never runs, the job is acknowledged as aborted.
@@ -386,7 +354,13 @@ pub fn missing_migrations_are_reported<D: TestDb>() {
         .connect()
         .unwrap_err();
     assert!(
-        matches!(err, Error::PoolTooSmall { max_size: 2, needed: 3 }),
+        matches!(
+            err,
+            Error::PoolTooSmall {
+                max_size: 2,
+                needed: 3
+            }
+        ),
         "{err}"
     );
     let err = WorkerBuilder::<D::Conn>::new(db.pool(3))
@@ -504,8 +478,9 @@ pub fn snoozed_after_block_limit<D: TestDb>() {
 }
 
 /// Scale (c): Past the deadline the job fails with `BarrierTimeout`, whose message carries the debug
-/// information (`debug_info`: what the backend's message must contain); nothing runs.
-pub fn barrier_timeout_after_deadline<D: TestDb>(debug_info: &[&str]) {
+/// information (`TestDb::TIMEOUT_DEBUG_INFO`: what the backend's message must contain); nothing
+/// runs.
+pub fn barrier_timeout_after_deadline<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
     let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
@@ -537,7 +512,7 @@ pub fn barrier_timeout_after_deadline<D: TestDb>(debug_info: &[&str]) {
                 .unwrap_or_default()
                 .to_string();
             assert!(message.contains("still open"), "{message}");
-            for part in debug_info {
+            for part in D::TIMEOUT_DEBUG_INFO {
                 assert!(
                     message.contains(part),
                     "the message carries the debug info ({part}): {message}"

@@ -65,7 +65,7 @@ struct Oracle {
     shapes: HashMap<String, usize>,
 }
 
-pub fn soak<D: TestDb>() {
+pub fn soak_with_oracle<D: TestDb>() {
     let transactions = env_usize("DTB_SOAK_TRANSACTIONS", 1500);
     let threads = env_usize("DTB_SOAK_THREADS", 4).max(1);
     let seed = std::env::var("DTB_SOAK_SEED")
