@@ -502,12 +502,8 @@ fn autocommit_off_is_a_transaction() {
     worker.wait_for_waiting(1);
     expect_no_run(&rx, "autocommit is off: the transaction is open");
     Root::exec(&mut conn, "COMMIT");
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, committed);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    assert!(drain_with_sentinel(&env, &rx).is_empty());
+    expect_ran_once(&env, &rx, committed);
     assert_eq!(runs_of(&env.db, rolled_back), 0);
-    assert_eq!(env.db.barrier_rows(), 0);
 }
 
 /// Creates `locks` (rows 1 and 2) and `ballast` in the test's database.
@@ -639,13 +635,7 @@ fn handler_deadlock_victim_is_not_reported_as_run() {
     let (victim_tx, victim_rx) = unbounded::<bool>();
     let handlers = Handlers::new().register(PAID, move |job: &Job, c: &mut MysqlConnection| {
         let order_id = job.args()[0].as_i64().expect("order id");
-        Root::exec(
-            c,
-            &format!(
-                "INSERT INTO handler_runs (jid, order_id) VALUES ('{}', {order_id})",
-                job.id().as_str()
-            ),
-        );
+        insert_run::<Root>(c, job, order_id, None);
         Root::exec(c, "UPDATE locks SET v = v + 1 WHERE id = 1");
         ready_rx.recv().unwrap();
         go_tx.send(()).unwrap();
@@ -685,13 +675,7 @@ fn handler_implicit_commit_is_not_reported_as_run() {
     let env = Env::<Root>::new();
     let handlers = Handlers::new().register(PAID, |job: &Job, c: &mut MysqlConnection| {
         let order_id = job.args()[0].as_i64().expect("order id");
-        Root::exec(
-            c,
-            &format!(
-                "INSERT INTO handler_runs (jid, order_id) VALUES ('{}', {order_id})",
-                job.id().as_str()
-            ),
-        );
+        insert_run::<Root>(c, job, order_id, None);
         Root::exec(c, "CREATE TABLE IF NOT EXISTS handler_scratch (a INT)");
         Ok::<(), std::io::Error>(())
     });

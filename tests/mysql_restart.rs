@@ -7,12 +7,12 @@
 mod common;
 
 use common::mysql::Root;
-use common::{LoadOne, TestDb};
+use common::{poll_until, LoadOne, TestDb};
 use diesel::mysql::MysqlConnection;
 use diesel::{Connection, QueryResult};
 use diesel_transaction_barrier::testing::MysqlTestDatabase;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The server's pid (from its pid file), and its uptime in seconds, as `conn` sees them.
 fn pid_and_uptime(conn: &mut MysqlConnection) -> (Option<String>, QueryResult<Option<i64>>) {
@@ -48,38 +48,35 @@ fn kill_and_restart_server() {
         .expect("kill");
     assert!(status.success(), "killing the server (pid {pid}) failed");
     // Gone: no connection succeeds any more.
-    let start = Instant::now();
-    while MysqlConnection::establish(&server_url).is_ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the server did not die"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        "the server to die",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || MysqlConnection::establish(&server_url).is_err(),
+    );
     let status = Command::new("start-stop-daemon")
         .args(["--start", "--oknodo", "--background", "--exec", &server])
         .status()
         .expect("start-stop-daemon");
     assert!(status.success(), "starting {server} failed");
-    let start = Instant::now();
-    loop {
-        if let Ok(mut conn) = MysqlConnection::establish(&server_url) {
-            let (new_pid, new_uptime) = pid_and_uptime(&mut conn);
-            let new_uptime = new_uptime.ok().flatten();
-            // Uptime has a one-second resolution: a server killed within a second of its start
-            // and its successor can both say 0; the pid tells them apart.
-            assert!(
-                new_pid.as_deref() != Some(pid.as_str()) || new_uptime < uptime,
-                "a new server runs"
-            );
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the server did not come back"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut conn = None;
+    poll_until(
+        "the server to come back",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || {
+            conn = MysqlConnection::establish(&server_url).ok();
+            conn.is_some()
+        },
+    );
+    let (new_pid, new_uptime) = pid_and_uptime(conn.as_mut().unwrap());
+    let new_uptime = new_uptime.ok().flatten();
+    // Uptime has a one-second resolution: a server killed within a second of its start and
+    // its successor can both say 0; the pid tells them apart.
+    assert!(
+        new_pid.as_deref() != Some(pid.as_str()) || new_uptime < uptime,
+        "a new server runs"
+    );
 }
 
 #[test]

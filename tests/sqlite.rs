@@ -11,8 +11,8 @@ use common::child::ChildTest;
 use common::faults::{self, WorkerProcess, SLOW};
 use common::sqlite::Lite;
 use common::{
-    assert_aborted, expect_no_run, expect_run, handlers, insert_order, next_id, wait_until, Env,
-    TestDb, EVENTUALLY, PAID,
+    assert_aborted, expect_each_ran_once, expect_no_run, handlers, insert_order, next_id,
+    wait_until, Env, TestDb, EVENTUALLY, PAID,
 };
 use crossbeam_channel::unbounded;
 use diesel::connection::SimpleConnection;
@@ -71,12 +71,7 @@ fn many_waiting_jobs_hold_few_connections_behind_one_writer() {
         held <= 3,
         "the worker held {held} connections while {waiting} jobs waited"
     );
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < waiting {
-        let ran = expect_run(&rx);
-        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
-    }
-    assert!(ids.iter().all(|id| seen.contains(id)));
+    expect_each_ran_once(&rx, &ids, EVENTUALLY);
     wait_until("all barriers consumed", EVENTUALLY, || {
         env.db.barrier_rows() == 0
     });

@@ -11,7 +11,6 @@ use crossbeam_channel::unbounded;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel_transaction_barrier::testing::{TestFaktory, TestServer};
 use diesel_transaction_barrier::Error;
-use std::collections::HashSet;
 use std::io::{BufRead, Write};
 
 const CHILD_QUEUE: &str = "DTB_CHILD_QUEUE";
@@ -34,13 +33,7 @@ pub fn worker_child_main<D: TestDb>() {
         |job: &Job, conn: &mut D::Conn| -> Result<(), std::io::Error> {
             // Record the run inside the consuming transaction, then hang: the kill comes now.
             let id = job.args()[0].as_i64().unwrap();
-            D::exec(
-                conn,
-                &format!(
-                    "INSERT INTO handler_runs (jid, order_id, seen_status) VALUES ('{}', {id}, 'slow')",
-                    job.id().as_str()
-                ),
-            );
+            insert_run::<D>(conn, job, id, Some("slow"));
             std::thread::sleep(Duration::from_secs(3600));
             Ok(())
         },
@@ -137,15 +130,7 @@ pub fn expect_each_runs_once<D: TestDb>(
     ids: &[i64],
     reserve_for: u64,
 ) {
-    let redelivery = Duration::from_secs(reserve_for + 60);
-    let mut seen = HashSet::new();
-    while seen.len() < ids.len() {
-        let ran = rx
-            .recv_timeout(redelivery)
-            .expect("every committed job completes after the restart");
-        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
-    }
-    assert_eq!(seen, ids.iter().copied().collect::<HashSet<i64>>());
+    expect_each_ran_once(rx, ids, Duration::from_secs(reserve_for + 60));
     for id in ids {
         wait_until("the run to commit", EVENTUALLY, || {
             runs_of(&env.db, *id) == 1

@@ -19,6 +19,7 @@ use diesel_transaction_barrier::{
     BarrierConnection, ConnectionPool, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle,
     StopReason, WorkerBuilder, WorkerMonitor,
 };
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -234,17 +235,7 @@ pub fn recording_handler<D: TestDb>(
             conn,
             &format!("SELECT status FROM orders WHERE id = {order_id}"),
         );
-        let seen_sql = match &seen {
-            Some(s) => format!("'{s}'"),
-            None => "NULL".into(),
-        };
-        D::exec(
-            conn,
-            &format!(
-                "INSERT INTO handler_runs (jid, order_id, seen_status) VALUES ('{}', {order_id}, {seen_sql})",
-                job.id().as_str()
-            ),
-        );
+        insert_run::<D>(conn, job, order_id, seen.as_deref());
         let _ = tx.send(Ran {
             jid: job.id().as_str().to_string(),
             order_id,
@@ -253,6 +244,18 @@ pub fn recording_handler<D: TestDb>(
         });
         Ok(())
     }
+}
+
+/// Records a run of `job` for order `order_id` in `handler_runs`, with the status it saw.
+pub fn insert_run<D: TestDb>(conn: &mut D::Conn, job: &Job, order_id: i64, seen: Option<&str>) {
+    let seen = seen.map_or("NULL".to_string(), |s| format!("'{s}'"));
+    D::exec(
+        conn,
+        &format!(
+            "INSERT INTO handler_runs (jid, order_id, seen_status) VALUES ('{}', {order_id}, {seen})",
+            job.id().as_str()
+        ),
+    );
 }
 
 /// The job kinds of the test application.
@@ -366,12 +369,17 @@ impl Drop for RunningWorker {
     }
 }
 
+/// Waits until `cond` holds, checking it again every 5 ms.
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    poll_until(what, timeout, Duration::from_millis(5), cond);
+}
+
 /// Waits until `cond` holds, checking it again whenever `step` has passed.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn poll_until(what: &str, timeout: Duration, step: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(step);
     }
 }
 
@@ -386,6 +394,67 @@ pub fn expect_no_run(rx: &Receiver<Ran>, why: &str) {
     if let Ok(ran) = rx.recv_timeout(NOT_YET) {
         panic!("the handler ran but should not have ({why}): {ran:?}");
     }
+}
+
+/// The handler ran job `id` once, after its transaction committed, and saw its writes
+/// (status `paid`); nothing else ran and nothing is left. Returns the run.
+pub fn expect_ran_once<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64) -> Ran {
+    let ran = expect_run(rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    let others = drain_with_sentinel(env, rx);
+    assert!(others.is_empty(), "unexpected runs: {others:?}");
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
+    ran
+}
+
+/// Receives a run of every job of `ids`, none twice and no other, waiting at most `timeout`
+/// for each.
+pub fn expect_each_ran_once(rx: &Receiver<Ran>, ids: &[i64], timeout: Duration) {
+    let mut seen = HashSet::new();
+    while seen.len() < ids.len() {
+        let ran = rx
+            .recv_timeout(timeout)
+            .expect("every committed job should have run");
+        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
+    }
+    assert_eq!(seen, ids.iter().copied().collect::<HashSet<i64>>());
+}
+
+/// Inserts order `id` as new, enqueues its job in a savepoint that is released, then marks
+/// the order paid.
+pub fn enqueue_in_released_savepoint<D: TestDb>(
+    env: &Env<D>,
+    conn: &mut D::Conn,
+    id: i64,
+) -> Result<(), diesel_transaction_barrier::Error> {
+    insert_order::<D>(conn, id, "new");
+    conn.transaction(|c| {
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, id))
+            .map(|_| ())
+    })?;
+    set_status::<D>(conn, id, "paid");
+    Ok(())
+}
+
+/// Inserts order `id` as paid and enqueues its job in a savepoint that rolls back; returns
+/// the job's id.
+pub fn enqueue_in_rolled_back_savepoint<D: TestDb>(
+    env: &Env<D>,
+    conn: &mut D::Conn,
+    id: i64,
+) -> Result<String, diesel_transaction_barrier::Error> {
+    insert_order::<D>(conn, id, "paid");
+    let mut jid = None;
+    let inner = conn.transaction(|c| {
+        jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
+        Err::<(), _>(diesel_transaction_barrier::Error::Database(
+            diesel::result::Error::RollbackTransaction,
+        ))
+    });
+    assert!(inner.is_err());
+    Ok(jid.expect("enqueued").as_str().to_string())
 }
 
 /// Enqueues `job` in a committed transaction that first inserts order `order_id`.

@@ -30,14 +30,8 @@ pub fn commit_runs_after_commit<D: TestDb>() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    let ran = expect_run(&rx);
+    let ran = expect_ran_once(&env, &rx, id);
     assert_eq!(ran.jid, jid.unwrap().as_str());
-    assert_eq!(ran.order_id, id);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    let others = drain_with_sentinel(&env, &rx);
-    assert!(others.is_empty(), "unexpected runs: {others:?}");
-    assert_eq!(runs_of(&env.db, id), 1);
-    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
     expect_acked_without_failure(&env, &ran.jid);
 }
 
@@ -127,18 +121,10 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
     let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let mut conn = env.db.connect();
-    let mut jid = None;
-    conn.transaction(|c| {
-        insert_order::<D>(c, id, "paid");
-        let inner = c.transaction(|c| {
-            jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
-            Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
-        });
-        assert!(inner.is_err());
-        Ok::<_, Error>(())
-    })
-    .unwrap();
-    assert_aborted(&env, &worker, &rx, id, jid.unwrap().as_str());
+    let jid = conn
+        .transaction(|c| enqueue_in_rolled_back_savepoint(&env, c, id))
+        .unwrap();
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// Scenario 5b: Enqueued inside a savepoint that is released, then the outer transaction commits.
@@ -149,22 +135,13 @@ pub fn released_savepoint_runs<D: TestDb>() {
     let id = next_id();
     let mut conn = env.db.connect();
     conn.transaction(|c| {
-        insert_order::<D>(c, id, "new");
-        c.transaction(|c| {
-            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))
-                .map(|_| ())
-        })?;
-        set_status::<D>(c, id, "paid");
+        enqueue_in_released_savepoint(&env, c, id)?;
         worker.wait_for_waiting(1);
         expect_no_run(&rx, "the outer transaction is still open");
         Ok::<_, Error>(())
     })
     .unwrap();
-    let ran = expect_run(&rx);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    assert!(drain_with_sentinel(&env, &rx).is_empty());
-    assert_eq!(runs_of(&env.db, id), 1);
-    assert_eq!(env.db.barrier_rows(), 0);
+    expect_ran_once(&env, &rx, id);
 }
 
 /// Scenario 6: Outside a transaction nothing is written and the job runs at once, even for a kind that
@@ -432,12 +409,7 @@ pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
         "the worker held {held} connections while {waiting} jobs waited"
     );
     let _ = ready_ran;
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < waiting {
-        let ran = expect_run(&rx);
-        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
-    }
-    assert!(ids.iter().all(|id| seen.contains(id)));
+    expect_each_ran_once(&rx, &ids, EVENTUALLY);
     wait_until("all barriers consumed", EVENTUALLY, || {
         env.db.barrier_rows() == 0
     });
@@ -462,10 +434,7 @@ pub fn snoozed_after_block_limit<D: TestDb>() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, id);
-    assert!(drain_with_sentinel(&env, &rx).is_empty());
-    assert_eq!(runs_of(&env.db, id), 1);
+    expect_ran_once(&env, &rx, id);
     assert_eq!(worker.monitor.timed_out(), 0);
     if let Some(server) = env.faktory.server() {
         let events = server.history(jid.unwrap().as_str());
@@ -589,11 +558,7 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     .unwrap();
     expect_no_run(&rx, "the worker is stopped");
     let _worker = env.start_worker(handlers::<D>(&tx), 2);
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < ids.len() {
-        let ran = expect_run(&rx);
-        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
-    }
+    expect_each_ran_once(&rx, &ids, EVENTUALLY);
     assert!(drain_with_sentinel(&env, &rx).is_empty());
     wait_until("all barriers consumed", EVENTUALLY, || {
         env.db.barrier_rows() == 0
@@ -904,12 +869,7 @@ pub fn manual_transaction_committed_runs_after_commit<D: TestDb>() {
     worker.wait_for_waiting(1);
     expect_no_run(&rx, "the manual transaction is still open");
     D::exec(&mut conn, "COMMIT");
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, id);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    assert!(drain_with_sentinel(&env, &rx).is_empty());
-    assert_eq!(runs_of(&env.db, id), 1);
-    assert_eq!(env.db.barrier_rows(), 0);
+    expect_ran_once(&env, &rx, id);
 }
 
 /// A pooled connection given back inside a transaction Diesel did not open passes the pool's

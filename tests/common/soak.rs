@@ -267,12 +267,7 @@ fn one_transaction<D: TestDb>(
         }
         Shape::RolledBackSavepoint => {
             conn.transaction(|c| {
-                insert_order::<D>(c, id, "paid");
-                let inner = c.transaction(|c| {
-                    c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
-                    Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
-                });
-                assert!(inner.is_err());
+                enqueue_in_rolled_back_savepoint(env, c, id)?;
                 std::thread::sleep(delay);
                 Ok::<_, Error>(())
             })
@@ -281,12 +276,7 @@ fn one_transaction<D: TestDb>(
         }
         Shape::ReleasedSavepoint => {
             conn.transaction(|c| {
-                insert_order::<D>(c, id, "new");
-                c.transaction(|c| {
-                    c.enqueue_with_barrier(&env.producer, env.job(PAID, id))
-                        .map(|_| ())
-                })?;
-                set_status::<D>(c, id, "paid");
+                enqueue_in_released_savepoint(env, c, id)?;
                 std::thread::sleep(delay);
                 Ok::<_, Error>(())
             })
