@@ -426,7 +426,10 @@ fn stale_innodb_trx_cache_changes_nothing() {
         0,
         "no job was snoozed (so each delivery processed was one of these jobs)"
     );
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("every job's history without a failure")
+    {
         assert_eq!(acked, Some(true), "every job was acknowledged");
         for jid in &all_jids {
             assert!(

@@ -14,7 +14,9 @@ use diesel::query_dsl::LoadQuery;
 use diesel::r2d2::R2D2Connection;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::{Connection, QueryableByName, RunQueryDsl};
-use diesel_transaction_barrier::testing::{JobEventKind, TestDatabase, TestFaktory};
+use diesel_transaction_barrier::testing::{
+    JobEvent, JobEventKind, TestDatabase, TestFaktory, TestServer,
+};
 use diesel_transaction_barrier::{
     BarrierConnection, ConnectionPool, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle,
     StopReason, WorkerBuilder, WorkerMonitor,
@@ -491,20 +493,28 @@ pub fn drain_with_sentinel<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>) -> Vec<R
 
 /// With the in-process server: job `jid` was acknowledged and never failed.
 pub fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
-    match env.faktory.server() {
-        Some(server) => {
-            let events = server.history(jid);
-            assert!(
-                events.iter().any(|e| e.kind() == JobEventKind::Acked),
-                "job {jid} should have been acknowledged: {events:?}"
-            );
-            assert!(
-                !events.iter().any(|e| e.kind() == JobEventKind::Failed),
-                "job {jid} should not have failed: {events:?}"
-            );
-        }
-        None => eprintln!("real Faktory: skipping the job-history inspection of {jid}"),
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the job's history: acknowledged, never failed")
+    {
+        let events = server.history(jid);
+        assert!(
+            events.iter().any(|e| e.kind() == JobEventKind::Acked),
+            "job {jid} should have been acknowledged: {events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| e.kind() == JobEventKind::Failed),
+            "job {jid} should not have failed: {events:?}"
+        );
     }
+}
+
+/// The message of the first failure in job `jid`'s history.
+pub fn failure_message(server: &TestServer, jid: &str) -> Option<String> {
+    server.history(jid).iter().find_map(|e| match e {
+        JobEvent::Failed { message, .. } => Some(message.clone()),
+        _ => None,
+    })
 }
 
 /// Job `jid`, whose transaction did not commit, was aborted: acknowledged without running,
@@ -519,7 +529,10 @@ pub fn assert_aborted<D: TestDb>(
     wait_until("the job to be aborted", EVENTUALLY, || {
         worker.monitor.aborted() >= 1
     });
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the aborted job's acknowledgement")
+    {
         assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
     }
     let others = drain_with_sentinel(env, rx);

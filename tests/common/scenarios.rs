@@ -4,7 +4,7 @@
 
 use super::*;
 use crossbeam_channel::unbounded;
-use diesel_transaction_barrier::testing::{JobEvent, JobEventKind};
+use diesel_transaction_barrier::testing::JobEventKind;
 use diesel_transaction_barrier::{Error, CUSTOM_KEY};
 
 // Scenarios of their own files; unused in the binaries that make no scenario tests.
@@ -189,22 +189,15 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
     assert_eq!(others.len(), 1, "only the opt-out job ran: {others:?}");
     assert_eq!(others[0].order_id, optional);
     assert_eq!(runs_of(&env.db, required), 0);
-    match env.faktory.server() {
-        Some(server) => {
-            let failure = server
-                .history(&bare_jid)
-                .iter()
-                .find_map(|e| match e {
-                    JobEvent::Failed { message, .. } => Some(message.clone()),
-                    _ => None,
-                })
-                .expect("the bare job failed");
-            assert!(
-                failure.contains("requires a transaction barrier"),
-                "failure message names the problem: {failure}"
-            );
-        }
-        None => eprintln!("real Faktory: skipping the failure-message inspection"),
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the failure message of a bare job")
+    {
+        let failure = failure_message(server, &bare_jid).expect("the bare job failed");
+        assert!(
+            failure.contains("requires a transaction barrier"),
+            "failure message names the problem: {failure}"
+        );
     }
 }
 
@@ -436,7 +429,7 @@ pub fn snoozed_after_block_limit<D: TestDb>() {
     .unwrap();
     expect_ran_once(&env, &rx, id);
     assert_eq!(worker.monitor.timed_out(), 0);
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env.faktory.server_or_skip("the snoozed job's history") {
         let events = server.history(jid.unwrap().as_str());
         assert!(
             events.iter().any(|e| e.kind() == JobEventKind::Acked)
@@ -471,24 +464,24 @@ pub fn barrier_timeout_after_deadline<D: TestDb>() {
     });
     assert!(result.is_err());
     expect_no_run(&rx, "timed out");
-    match env.faktory.server() {
-        Some(server) => {
-            let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
-            assert!(failed, "the job failed and waits for its retry");
-            let job = &server.retry_jobs()[0];
-            let message = job["failure"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            assert!(message.contains("still open"), "{message}");
-            for part in D::TIMEOUT_DEBUG_INFO {
-                assert!(
-                    message.contains(part),
-                    "the message carries the debug info ({part}): {message}"
-                );
-            }
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the barrier timeout's failure message")
+    {
+        let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
+        assert!(failed, "the job failed and waits for its retry");
+        let job = &server.retry_jobs()[0];
+        let message = job["failure"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(message.contains("still open"), "{message}");
+        for part in D::TIMEOUT_DEBUG_INFO {
+            assert!(
+                message.contains(part),
+                "the message carries the debug info ({part}): {message}"
+            );
         }
-        None => eprintln!("real Faktory: skipping the failure-message inspection"),
     }
 }
 
@@ -625,17 +618,13 @@ pub fn bad_input_fails_cleanly<D: TestDb>() {
     // The worker still serves.
     let others = drain_with_sentinel(&env, &rx);
     assert!(others.is_empty(), "nothing else ran: {others:?}");
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the failure messages of malformed and panicking jobs")
+    {
         for (i, jid) in &jids {
             assert!(server.wait_until_history(jid, JobEventKind::Failed, EVENTUALLY));
-            let message = server
-                .history(jid)
-                .iter()
-                .find_map(|e| match e {
-                    JobEvent::Failed { message, .. } => Some(message.clone()),
-                    _ => None,
-                })
-                .unwrap();
+            let message = failure_message(server, jid).unwrap();
             assert!(
                 message.contains("malformed barrier"),
                 "descriptor #{i}: {message}"
@@ -647,17 +636,8 @@ pub fn bad_input_fails_cleanly<D: TestDb>() {
             );
         }
         assert!(server.wait_until_history(&boom_jid, JobEventKind::Failed, EVENTUALLY));
-        let message = server
-            .history(&boom_jid)
-            .iter()
-            .find_map(|e| match e {
-                JobEvent::Failed { message, .. } => Some(message.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let message = failure_message(server, &boom_jid).unwrap();
         assert!(message.contains("the handler blew up"), "{message}");
-    } else {
-        eprintln!("real Faktory: skipping the failure-message inspections");
     }
 }
 
@@ -712,8 +692,10 @@ pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
     std::thread::sleep(Duration::from_millis(1800));
     drop(reconciler);
     let elapsed = started.elapsed();
-    let copies = match env.faktory.server() {
-        Some(server) => {
+    let copies = env
+        .faktory
+        .server_or_skip("the count of the backlog job's copies")
+        .map(|server| {
             let copies = server.queue_size(&backlog);
             let bound = (elapsed.as_millis() / grace.as_millis()) as usize + 1;
             assert!(
@@ -724,13 +706,8 @@ pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
                 copies <= bound,
                 "{copies} copies in {elapsed:?}: more than one per grace period"
             );
-            Some(copies)
-        }
-        None => {
-            eprintln!("real Faktory: skipping the copy count");
-            None
-        }
-    };
+            copies
+        });
     // A consumer for the backlog: one copy runs, the others are duplicates.
     let mut consumer = WorkerBuilder::new(env.db.pool(8))
         .handlers(handlers::<D>(&tx))
@@ -919,16 +896,12 @@ pub fn barrier_in_another_table_is_refused<D: TestDb>() {
         1,
         "the committed barrier is still there"
     );
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the failure message of a barrier in another table")
+    {
         assert!(server.wait_until_history(&jid, JobEventKind::Failed, EVENTUALLY));
-        let message = server
-            .history(&jid)
-            .iter()
-            .find_map(|e| match e {
-                JobEvent::Failed { message, .. } => Some(message.clone()),
-                _ => None,
-            })
-            .expect("a failure");
+        let message = failure_message(server, &jid).expect("a failure");
         assert!(message.contains("search_path"), "{message}");
     }
 }
