@@ -67,6 +67,7 @@ pub trait TestDatabase: Sized + Send + Sync + 'static {
 }
 
 /// A unique, lowercase name starting with `prefix`.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }

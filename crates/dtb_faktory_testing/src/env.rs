@@ -1,6 +1,6 @@
 //! [`TestFaktory`]: a real Faktory named by `FAKTORY_URL`, or a [`TestServer`].
 
-use super::server::{TestServer, TestServerBuilder};
+use crate::server::{TestServer, TestServerBuilder};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use std::fmt;
@@ -16,7 +16,7 @@ use std::io;
 /// sharing one real server never take each other's jobs.
 ///
 /// ```
-/// use diesel_transaction_barrier::testing::TestFaktory;
+/// use dtb_faktory_testing::TestFaktory;
 ///
 /// let faktory = TestFaktory::from_env_or_start()?;
 /// let queue = faktory.unique_queue("emails");
@@ -57,7 +57,7 @@ impl TestFaktory {
     /// (short retry delays or reservations, say) and a real Faktory as it is.
     ///
     /// ```
-    /// use diesel_transaction_barrier::testing::{TestFaktory, TestServer};
+    /// use dtb_faktory_testing::{TestFaktory, TestServer};
     /// use std::time::Duration;
     ///
     /// let faktory = TestFaktory::from_env_or_start_with(
