@@ -1,46 +1,5 @@
-//! An in-process Faktory server for tests.
-//!
-//! [`TestServer`] speaks the Faktory Work Protocol (FWP) on a loopback port, so the real
-//! `faktory` client and worker talk to it as they would to Faktory. It keeps jobs in memory
-//! and follows the real server's rules for queues, scheduled jobs (`at`), reservations
-//! (`reserve_for`), failures, retries and the dead set, and lets a test look inside:
-//! queue sizes, the sets, each job's payload and [history](TestServer::history), and
-//! [waits](TestServer::wait_for) that wake on every state change instead of sleeping.
-//!
-//! [`TestFaktory`] picks a real Faktory from `FAKTORY_URL` when it is set, and starts a
-//! `TestServer` otherwise, so the same tests can run against both.
-//!
-//! `diesel_transaction_barrier` re-exports this crate under its `testing` feature
-//! (`diesel_transaction_barrier::testing`).
-//!
-//! # Example
-//!
-//! ```
-//! use dtb_faktory_testing::{JobEventKind, TestServer};
-//! use faktory::{Client, Job};
-//!
-//! let server = TestServer::start()?;
-//! let url = server.url();
-//!
-//! // The faktory client is async; drive it from a multi-thread runtime (its `Drop`
-//! // needs one).
-//! let runtime = tokio::runtime::Builder::new_multi_thread()
-//!     .worker_threads(1)
-//!     .enable_all()
-//!     .build()?;
-//! let job = Job::new("send_email", vec!["user@example.com"]).on_queue("mail");
-//! let jid = job.id().to_string();
-//! runtime.block_on(async {
-//!     let mut client = Client::connect_to(&url).await.expect("connect");
-//!     client.enqueue(job).await.expect("enqueue");
-//! });
-//!
-//! assert_eq!(server.queue_size("mail"), 1);
-//! let kinds: Vec<_> = server.history(&jid).iter().map(|e| e.kind()).collect();
-//! assert_eq!(kinds, [JobEventKind::Pushed]);
-//! assert_eq!(server.job(&jid).unwrap()["args"][0], "user@example.com");
-//! # Ok::<(), std::io::Error>(())
-//! ```
+// The crate's documentation begins with its README, whose example is compiled as a doctest.
+#![doc = include_str!("../README.md")]
 //!
 //! # Differences from the real server
 //!
