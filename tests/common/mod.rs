@@ -19,7 +19,7 @@ use diesel_transaction_barrier::testing::{
 };
 use diesel_transaction_barrier::{
     BarrierConnection, ConnectionPool, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle,
-    StopReason, WorkerBuilder, WorkerMonitor,
+    StopReason, Worker, WorkerBuilder, WorkerMonitor,
 };
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,8 +49,9 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     /// The crate's test database underneath.
     type Database: TestDatabase<Conn = Self::Conn>;
 
-    /// The SQL types `query_i64` and `query_string` cast to.
+    /// The SQL type `query_i64` casts to.
     const INTEGER: &'static str;
+    /// The SQL type `query_string` casts to.
     const TEXT: &'static str;
     /// What the backend's barrier-timeout message carries about the open transaction.
     const TIMEOUT_DEBUG_INFO: &'static [&'static str];
@@ -328,16 +329,8 @@ impl<D: TestDb> Env<D> {
             .handlers(handlers)
             .url(self.faktory.url())
             .reconnect_backoff(Duration::from_millis(200));
-        let mut worker = configure(builder).connect().expect("worker connects");
-        let handle = worker.shutdown_handle();
-        let monitor = worker.monitor();
-        let queue = self.queue.clone();
-        let thread = std::thread::spawn(move || worker.run(&[queue]).expect("worker runs"));
-        RunningWorker {
-            handle,
-            monitor,
-            thread: Some(thread),
-        }
+        let worker = configure(builder).connect().expect("worker connects");
+        RunningWorker::spawn(worker, self.queue.clone())
     }
 }
 
@@ -349,6 +342,21 @@ pub struct RunningWorker {
 }
 
 impl RunningWorker {
+    /// Runs `worker` on `queue`, on a thread of its own.
+    pub fn spawn<C: BarrierConnection + R2D2Connection>(
+        mut worker: Worker<C>,
+        queue: String,
+    ) -> RunningWorker {
+        let handle = worker.shutdown_handle();
+        let monitor = worker.monitor();
+        let thread = std::thread::spawn(move || worker.run(&[queue]).expect("worker runs"));
+        RunningWorker {
+            handle,
+            monitor,
+            thread: Some(thread),
+        }
+    }
+
     /// Waits until the worker holds `n` jobs waiting for their transactions.
     pub fn wait_for_waiting(&self, n: usize) {
         wait_until("the worker to wait on the barrier", EVENTUALLY, || {
@@ -356,9 +364,11 @@ impl RunningWorker {
         });
     }
 
-    pub fn stop(mut self) -> StopReason {
+    /// Shuts the worker down and waits for its thread.
+    pub fn stop(&mut self) -> StopReason {
         self.handle.shutdown();
-        self.thread.take().unwrap().join().expect("worker thread")
+        let thread = self.thread.take().expect("the worker runs");
+        thread.join().expect("worker thread")
     }
 }
 

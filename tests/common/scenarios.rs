@@ -529,7 +529,7 @@ pub fn reaper_deletes_old_barriers<D: TestDb>() {
 pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let worker = env.start_worker(handlers::<D>(&tx), 2);
+    let mut worker = env.start_worker(handlers::<D>(&tx), 2);
     let mut conn = env.db.connect();
     let ids: Vec<i64> = (0..5).map(|_| next_id()).collect();
     conn.transaction(|c| {
