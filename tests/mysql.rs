@@ -1,7 +1,7 @@
 //! The barrier contract on real MariaDB / MySQL (`MYSQL_DATABASE_URL`, default
 //! `mysql://root@127.0.0.1:3306/test`, an account that may create databases and users). Each
-//! test gets a database of its own; the `no_process_*` tests also get an account of their own
-//! that lacks the PROCESS privilege.
+//! test gets a database of its own; the tests of `no_process` and the `no_process_*` tests
+//! reach it through an account of its own that lacks the PROCESS privilege.
 #![cfg(feature = "mysql")]
 
 mod common;
