@@ -6,43 +6,36 @@
 
 mod common;
 
-use common::mysql::{admin, admin_url, I64Row, Root};
+use common::mysql::Root;
+use common::{poll_until, LoadOne, TestDb};
 use diesel::mysql::MysqlConnection;
-use diesel::prelude::*;
-use diesel::sql_types::Text;
+use diesel::{Connection, QueryResult};
+use diesel_transaction_barrier::testing::MysqlTestDatabase;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-#[derive(QueryableByName)]
-struct TextRow {
-    #[diesel(sql_type = Text)]
-    v: String,
-}
-
-fn text(conn: &mut MysqlConnection, sql: &str) -> String {
-    diesel::sql_query(sql)
-        .get_result::<TextRow>(conn)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .v
+/// The server's pid (from its pid file), and its uptime in seconds, as `conn` sees them.
+fn pid_and_uptime(conn: &mut MysqlConnection) -> (Option<String>, QueryResult<Option<i64>>) {
+    let pid = conn
+        .load_text("SELECT CAST(@@pid_file AS CHAR) AS v")
+        .ok()
+        .flatten()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|p| p.trim().to_string());
+    let uptime = conn.load_i64(
+        "SELECT CAST(VARIABLE_VALUE AS SIGNED) AS v FROM information_schema.GLOBAL_STATUS \
+         WHERE VARIABLE_NAME = 'UPTIME'",
+    );
+    (pid, uptime)
 }
 
 fn kill_and_restart_server() {
-    let mut conn = admin();
-    let pid = diesel::sql_query("SELECT CAST(@@pid_file AS CHAR) AS v")
-        .get_result::<TextRow>(&mut conn)
-        .map(|r| r.v)
-        .ok()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .map(|p| p.trim().to_string())
-        .expect("the server's pid file");
-    let basedir = text(&mut conn, "SELECT CAST(@@basedir AS CHAR) AS v");
-    let uptime = diesel::sql_query(
-        "SELECT CAST(VARIABLE_VALUE AS SIGNED) AS v FROM information_schema.GLOBAL_STATUS \
-         WHERE VARIABLE_NAME = 'UPTIME'",
-    )
-    .get_result::<I64Row>(&mut conn)
-    .expect("uptime")
-    .v;
+    let server_url = MysqlTestDatabase::server_url();
+    let mut conn = MysqlConnection::establish(&server_url).expect("MariaDB is reachable");
+    let (pid, uptime) = pid_and_uptime(&mut conn);
+    let pid = pid.expect("the server's pid file");
+    let uptime = uptime.expect("uptime");
+    let basedir = Root::query_string(&mut conn, "SELECT @@basedir").expect("the base directory");
     drop(conn);
     let server = ["mariadbd", "mysqld"]
         .iter()
@@ -55,48 +48,35 @@ fn kill_and_restart_server() {
         .expect("kill");
     assert!(status.success(), "killing the server (pid {pid}) failed");
     // Gone: no connection succeeds any more.
-    let start = Instant::now();
-    while MysqlConnection::establish(&admin_url()).is_ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the server did not die"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        "the server to die",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || MysqlConnection::establish(&server_url).is_err(),
+    );
     let status = Command::new("start-stop-daemon")
         .args(["--start", "--oknodo", "--background", "--exec", &server])
         .status()
         .expect("start-stop-daemon");
     assert!(status.success(), "starting {server} failed");
-    let start = Instant::now();
-    loop {
-        if let Ok(mut conn) = MysqlConnection::establish(&admin_url()) {
-            let new_uptime = diesel::sql_query(
-                "SELECT CAST(VARIABLE_VALUE AS SIGNED) AS v FROM information_schema.GLOBAL_STATUS \
-                 WHERE VARIABLE_NAME = 'UPTIME'",
-            )
-            .get_result::<I64Row>(&mut conn)
-            .ok()
-            .and_then(|r| r.v);
-            let new_pid = diesel::sql_query("SELECT CAST(@@pid_file AS CHAR) AS v")
-                .get_result::<TextRow>(&mut conn)
-                .ok()
-                .and_then(|r| std::fs::read_to_string(r.v).ok())
-                .map(|p| p.trim().to_string());
-            // Uptime has a one-second resolution: a server killed within a second of its start
-            // and its successor can both say 0; the pid tells them apart.
-            assert!(
-                new_pid.as_deref() != Some(pid.as_str()) || new_uptime < uptime,
-                "a new server runs"
-            );
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the server did not come back"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut conn = None;
+    poll_until(
+        "the server to come back",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || {
+            conn = MysqlConnection::establish(&server_url).ok();
+            conn.is_some()
+        },
+    );
+    let (new_pid, new_uptime) = pid_and_uptime(conn.as_mut().unwrap());
+    let new_uptime = new_uptime.ok().flatten();
+    // Uptime has a one-second resolution: a server killed within a second of its start and
+    // its successor can both say 0; the pid tells them apart.
+    assert!(
+        new_pid.as_deref() != Some(pid.as_str()) || new_uptime < uptime,
+        "a new server runs"
+    );
 }
 
 #[test]

@@ -5,8 +5,9 @@
 mod common;
 
 use common::pg::Pg;
+use common::poll_until;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn restart_postgres() {
     let version = std::fs::read_dir("/etc/postgresql")
@@ -27,18 +28,17 @@ fn restart_postgres() {
         .status()
         .expect("pg_ctlcluster");
     assert!(status.success(), "restarting PostgreSQL failed");
-    let start = Instant::now();
-    while !Command::new("pg_isready")
-        .args(["-h", "127.0.0.1", "-p", "5432", "-q"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "PostgreSQL did not come back"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_until(
+        "PostgreSQL to come back",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            Command::new("pg_isready")
+                .args(["-h", "127.0.0.1", "-p", "5432", "-q"])
+                .status()
+                .is_ok_and(|s| s.success())
+        },
+    );
 }
 
 #[test]

@@ -6,9 +6,8 @@ use diesel_transaction_barrier::{Error, Job, Producer};
 use std::time::Duration;
 
 fn count_in_queue(faktory: &TestFaktory, queue: &str, expected: usize) {
-    match faktory.server() {
-        Some(server) => assert_eq!(server.queue_size(queue), expected),
-        None => eprintln!("real Faktory: skipping the queue-size inspection"),
+    if let Some(server) = faktory.server_or_skip("the queue size") {
+        assert_eq!(server.queue_size(queue), expected);
     }
 }
 

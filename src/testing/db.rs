@@ -67,6 +67,7 @@ pub trait TestDatabase: Sized + Send + Sync + 'static {
 }
 
 /// A unique, lowercase name starting with `prefix`.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
@@ -151,7 +152,7 @@ mod postgres {
 }
 
 #[cfg(feature = "mysql")]
-pub use self::mysql::MysqlTestDatabase;
+pub use self::mysql::{MysqlRestrictedTestDatabase, MysqlTestDatabase};
 
 #[cfg(feature = "mysql")]
 mod mysql {
@@ -214,6 +215,75 @@ mod mysql {
         fn drop(&mut self) {
             if let Ok(mut admin) = MysqlConnection::establish(&self.admin) {
                 let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {}", self.name));
+            }
+        }
+    }
+
+    /// A [`MysqlTestDatabase`] reached through an account of its own that has every privilege
+    /// on that database and none beyond: no `PROCESS`, so it cannot read
+    /// `information_schema.INNODB_TRX`, as an application's account often cannot. Its
+    /// [`url`](TestDatabase::url), connections and pools use that account, and so does
+    /// [`create`](TestDatabase::create) to run the migrations; the account is dropped with the
+    /// database.
+    #[derive(Debug)]
+    pub struct MysqlRestrictedTestDatabase {
+        database: MysqlTestDatabase,
+        user: String,
+        url: String,
+    }
+
+    impl MysqlRestrictedTestDatabase {
+        /// The database itself: its name, and connections as the administrative account.
+        pub fn database(&self) -> &MysqlTestDatabase {
+            &self.database
+        }
+
+        /// The account's user name (`dtb_test_` and 12 random hexadecimal digits).
+        pub fn user(&self) -> &str {
+            &self.user
+        }
+
+        /// The account as `GRANT` spells it: `'user'@'%'`.
+        pub fn account(&self) -> String {
+            format!("'{}'@'%'", self.user)
+        }
+    }
+
+    impl TestDatabase for MysqlRestrictedTestDatabase {
+        type Conn = MysqlConnection;
+
+        fn create_unmigrated() -> Self {
+            let database = MysqlTestDatabase::create_unmigrated();
+            // MySQL 8 allows user names of at most 32 characters.
+            let random = uuid::Uuid::new_v4().simple().to_string();
+            let user = format!("dtb_test_{}", &random[..12]);
+            let password = uuid::Uuid::new_v4().simple().to_string();
+            database
+                .admin()
+                .batch_execute(&format!(
+                    "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'; \
+                     GRANT ALL PRIVILEGES ON {}.* TO '{user}'@'%'",
+                    database.name
+                ))
+                .expect("create user");
+            let url = database.url_as(&user, &password);
+            MysqlRestrictedTestDatabase {
+                database,
+                user,
+                url,
+            }
+        }
+
+        fn url(&self) -> String {
+            self.url.clone()
+        }
+    }
+
+    impl Drop for MysqlRestrictedTestDatabase {
+        fn drop(&mut self) {
+            // The database itself is dropped next, with the field.
+            if let Ok(mut admin) = MysqlConnection::establish(&self.database.admin) {
+                let _ = admin.batch_execute(&format!("DROP USER IF EXISTS {}", self.account()));
             }
         }
     }
@@ -305,13 +375,13 @@ mod sqlite {
             self.path().to_string_lossy().into_owned()
         }
 
-        /// A connection as an application opens one: with a busy timeout (10 s), which
+        /// A connection as an application opens one: with a busy timeout (60 s), which
         /// every SQLite database with more than one connection needs.
         fn connect(&self) -> SqliteConnection {
             use diesel::connection::SimpleConnection;
             let mut conn = <SqliteConnection as diesel::Connection>::establish(&self.url())
                 .unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
-            conn.batch_execute("PRAGMA busy_timeout = 10000")
+            conn.batch_execute("PRAGMA busy_timeout = 60000")
                 .expect("a busy timeout");
             conn
         }

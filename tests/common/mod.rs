@@ -1,59 +1,111 @@
-//! Scenario bodies shared by every backend's integration tests (`tests/{postgres,mysql,sqlite}.rs`).
+//! What the integration tests of every backend share (`tests/{postgres,mysql,sqlite}.rs`).
 //!
-//! Each backend file implements [`TestDb`] (an isolated schema or database per test, and the
-//! few statements that differ between backends) and calls the same scenarios, so every backend
-//! is held to the same contract. Jobs go through a real Faktory protocol server: the one named
-//! by `FAKTORY_URL` when set, else the in-process test server.
+//! Each backend wraps the crate's [`TestDatabase`] in a [`TestDb`] (the few statements that
+//! differ between backends) and runs the shared scenarios through one
+//! [`scenario_tests!`](suite::scenario_tests) call, so every backend is held to the same
+//! contract. Jobs go through a real Faktory protocol server: the one named by `FAKTORY_URL`
+//! when set, else the in-process test server.
 #![allow(dead_code)]
 
 use crossbeam_channel::{Receiver, Sender};
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::Connection;
-use diesel_transaction_barrier::testing::TestFaktory;
-use diesel_transaction_barrier::{
-    BarrierConnection, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle, StopReason,
-    WorkerBuilder, WorkerMonitor,
+use diesel::connection::{LoadConnection, SimpleConnection};
+use diesel::query_builder::SqlQuery;
+use diesel::query_dsl::LoadQuery;
+use diesel::r2d2::R2D2Connection;
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+use diesel_transaction_barrier::testing::{
+    JobEvent, JobEventKind, TestDatabase, TestFaktory, TestServer,
 };
+use diesel_transaction_barrier::{
+    BarrierConnection, ConnectionPool, EnqueueWithBarrier, Handlers, Job, Producer, ShutdownHandle,
+    StopReason, Worker, WorkerBuilder, WorkerMonitor,
+};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod child;
 pub mod faults;
 pub mod mysql;
 pub mod pg;
-pub mod pg_schema;
 pub mod restart;
 pub mod scenarios;
 pub mod soak;
+pub mod sqlite;
+pub mod suite;
 
 /// How long a test waits for something that must happen.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
 /// How long a test watches for something that must NOT happen.
 pub const NOT_YET: Duration = Duration::from_millis(400);
 
-/// One isolated database (a schema or a database of its own) with the barrier migrations and
-/// the test application's tables.
+/// One test's database (the crate's [`TestDatabase`]) with the test application's tables,
+/// and what differs between backends.
 pub trait TestDb: Sized + Send + Sync + 'static {
     /// The connection type under test.
-    type Conn: BarrierConnection + diesel::r2d2::R2D2Connection + Connection;
+    type Conn: BarrierConnection + R2D2Connection + Connection + LoadOne;
+    /// The crate's test database underneath.
+    type Database: TestDatabase<Conn = Self::Conn>;
 
-    /// A fresh, isolated database with migrations applied and the app tables created.
-    fn create() -> Self;
-    /// A fresh database without the barrier migrations.
-    fn create_unmigrated() -> Self;
+    /// The SQL type `query_i64` casts to.
+    const INTEGER: &'static str;
+    /// The SQL type `query_string` casts to.
+    const TEXT: &'static str;
+    /// What the backend's barrier-timeout message carries about the open transaction.
+    const TIMEOUT_DEBUG_INFO: &'static [&'static str];
+
+    /// Wraps a database created for this test.
+    fn wrap(database: Self::Database) -> Self;
+    /// The database underneath.
+    fn database(&self) -> &Self::Database;
+
+    /// A fresh database with the barrier migrations and the app tables.
+    fn create() -> Self {
+        Self::wrap(Self::Database::create()).with_app_tables()
+    }
+    /// A fresh database with the app tables, without the barrier migrations.
+    fn create_unmigrated() -> Self {
+        Self::wrap(Self::Database::create_unmigrated()).with_app_tables()
+    }
+    /// Creates the test application's tables.
+    fn with_app_tables(self) -> Self {
+        create_app_tables::<Self>(&mut self.connect());
+        self
+    }
     /// A new connection to it.
-    fn connect(&self) -> Self::Conn;
+    fn connect(&self) -> Self::Conn {
+        self.database().connect()
+    }
     /// Its URL (so a child process can connect).
-    fn url(&self) -> String;
+    fn url(&self) -> String {
+        self.database().url()
+    }
+    /// A pool for the worker.
+    fn pool(&self, size: u32) -> ConnectionPool<Self::Conn> {
+        self.database().pool(size)
+    }
 
-    /// Runs a statement.
-    fn exec(conn: &mut Self::Conn, sql: &str);
+    /// Runs a statement (or several).
+    fn exec(conn: &mut Self::Conn, sql: &str) {
+        conn.batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
     /// Runs a statement, returning its error instead of panicking.
-    fn try_exec(conn: &mut Self::Conn, sql: &str) -> Result<(), diesel::result::Error>;
+    fn try_exec(conn: &mut Self::Conn, sql: &str) -> Result<(), diesel::result::Error> {
+        conn.batch_execute(sql)
+    }
     /// Runs a query returning one integer (or none).
-    fn query_i64(conn: &mut Self::Conn, sql: &str) -> Option<i64>;
+    fn query_i64(conn: &mut Self::Conn, sql: &str) -> Option<i64> {
+        conn.load_i64(&format!("SELECT CAST(({sql}) AS {}) AS v", Self::INTEGER))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
     /// Runs a query returning one string (or none).
-    fn query_string(conn: &mut Self::Conn, sql: &str) -> Option<String>;
+    fn query_string(conn: &mut Self::Conn, sql: &str) -> Option<String> {
+        conn.load_text(&format!("SELECT CAST(({sql}) AS {}) AS v", Self::TEXT))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
 
     /// The server-side id of a connection's session (PostgreSQL backend pid, MySQL thread id).
     fn session_id(conn: &mut Self::Conn) -> i64;
@@ -68,19 +120,48 @@ pub trait TestDb: Sized + Send + Sync + 'static {
         None
     }
 
-    /// A pool for the worker.
-    fn pool(&self, size: u32) -> Pool<ConnectionManager<Self::Conn>> {
-        Pool::builder()
-            .max_size(size)
-            .connection_timeout(Duration::from_secs(10))
-            .build(ConnectionManager::new(self.url()))
-            .expect("pool")
-    }
-
     /// Rows in the barrier table.
     fn barrier_rows(&self) -> i64 {
         let mut c = self.connect();
         Self::query_i64(&mut c, "SELECT COUNT(*) FROM dtb_barriers").unwrap()
+    }
+}
+
+/// A row of one nullable integer named `v`.
+#[derive(QueryableByName)]
+pub struct I64Row {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub v: Option<i64>,
+}
+
+/// A row of one nullable string named `v`.
+#[derive(QueryableByName)]
+pub struct TextRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    pub v: Option<String>,
+}
+
+/// Loads the one row of a query whose one column is `v`, on any backend.
+pub trait LoadOne {
+    fn load_i64(&mut self, sql: &str) -> diesel::QueryResult<Option<i64>>;
+    fn load_text(&mut self, sql: &str) -> diesel::QueryResult<Option<String>>;
+}
+
+impl<C> LoadOne for C
+where
+    C: LoadConnection,
+    SqlQuery: for<'a> LoadQuery<'a, C, I64Row> + for<'a> LoadQuery<'a, C, TextRow>,
+{
+    fn load_i64(&mut self, sql: &str) -> diesel::QueryResult<Option<i64>> {
+        diesel::sql_query(sql)
+            .get_result::<I64Row>(self)
+            .map(|r| r.v)
+    }
+
+    fn load_text(&mut self, sql: &str) -> diesel::QueryResult<Option<String>> {
+        diesel::sql_query(sql)
+            .get_result::<TextRow>(self)
+            .map(|r| r.v)
     }
 }
 
@@ -157,17 +238,7 @@ pub fn recording_handler<D: TestDb>(
             conn,
             &format!("SELECT status FROM orders WHERE id = {order_id}"),
         );
-        let seen_sql = match &seen {
-            Some(s) => format!("'{s}'"),
-            None => "NULL".into(),
-        };
-        D::exec(
-            conn,
-            &format!(
-                "INSERT INTO handler_runs (jid, order_id, seen_status) VALUES ('{}', {order_id}, {seen_sql})",
-                job.id().as_str()
-            ),
-        );
+        insert_run::<D>(conn, job, order_id, seen.as_deref());
         let _ = tx.send(Ran {
             jid: job.id().as_str().to_string(),
             order_id,
@@ -176,6 +247,18 @@ pub fn recording_handler<D: TestDb>(
         });
         Ok(())
     }
+}
+
+/// Records a run of `job` for order `order_id` in `handler_runs`, with the status it saw.
+pub fn insert_run<D: TestDb>(conn: &mut D::Conn, job: &Job, order_id: i64, seen: Option<&str>) {
+    let seen = seen.map_or("NULL".to_string(), |s| format!("'{s}'"));
+    D::exec(
+        conn,
+        &format!(
+            "INSERT INTO handler_runs (jid, order_id, seen_status) VALUES ('{}', {order_id}, {seen})",
+            job.id().as_str()
+        ),
+    );
 }
 
 /// The job kinds of the test application.
@@ -238,7 +321,7 @@ impl<D: TestDb> Env<D> {
 
     pub fn start_worker_on(
         &self,
-        pool: Pool<ConnectionManager<D::Conn>>,
+        pool: ConnectionPool<D::Conn>,
         handlers: Handlers<D::Conn>,
         configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
     ) -> RunningWorker {
@@ -246,16 +329,8 @@ impl<D: TestDb> Env<D> {
             .handlers(handlers)
             .url(self.faktory.url())
             .reconnect_backoff(Duration::from_millis(200));
-        let mut worker = configure(builder).connect().expect("worker connects");
-        let handle = worker.shutdown_handle();
-        let monitor = worker.monitor();
-        let queue = self.queue.clone();
-        let thread = std::thread::spawn(move || worker.run(&[queue]).expect("worker runs"));
-        RunningWorker {
-            handle,
-            monitor,
-            thread: Some(thread),
-        }
+        let worker = configure(builder).connect().expect("worker connects");
+        RunningWorker::spawn(worker, self.queue.clone())
     }
 }
 
@@ -267,6 +342,21 @@ pub struct RunningWorker {
 }
 
 impl RunningWorker {
+    /// Runs `worker` on `queue`, on a thread of its own.
+    pub fn spawn<C: BarrierConnection + R2D2Connection>(
+        mut worker: Worker<C>,
+        queue: String,
+    ) -> RunningWorker {
+        let handle = worker.shutdown_handle();
+        let monitor = worker.monitor();
+        let thread = std::thread::spawn(move || worker.run(&[queue]).expect("worker runs"));
+        RunningWorker {
+            handle,
+            monitor,
+            thread: Some(thread),
+        }
+    }
+
     /// Waits until the worker holds `n` jobs waiting for their transactions.
     pub fn wait_for_waiting(&self, n: usize) {
         wait_until("the worker to wait on the barrier", EVENTUALLY, || {
@@ -274,9 +364,11 @@ impl RunningWorker {
         });
     }
 
-    pub fn stop(mut self) -> StopReason {
+    /// Shuts the worker down and waits for its thread.
+    pub fn stop(&mut self) -> StopReason {
         self.handle.shutdown();
-        self.thread.take().unwrap().join().expect("worker thread")
+        let thread = self.thread.take().expect("the worker runs");
+        thread.join().expect("worker thread")
     }
 }
 
@@ -289,12 +381,17 @@ impl Drop for RunningWorker {
     }
 }
 
+/// Waits until `cond` holds, checking it again every 5 ms.
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    poll_until(what, timeout, Duration::from_millis(5), cond);
+}
+
 /// Waits until `cond` holds, checking it again whenever `step` has passed.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn poll_until(what: &str, timeout: Duration, step: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(step);
     }
 }
 
@@ -309,6 +406,67 @@ pub fn expect_no_run(rx: &Receiver<Ran>, why: &str) {
     if let Ok(ran) = rx.recv_timeout(NOT_YET) {
         panic!("the handler ran but should not have ({why}): {ran:?}");
     }
+}
+
+/// The handler ran job `id` once, after its transaction committed, and saw its writes
+/// (status `paid`); nothing else ran and nothing is left. Returns the run.
+pub fn expect_ran_once<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64) -> Ran {
+    let ran = expect_run(rx);
+    assert_eq!(ran.order_id, id);
+    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
+    let others = drain_with_sentinel(env, rx);
+    assert!(others.is_empty(), "unexpected runs: {others:?}");
+    assert_eq!(runs_of(&env.db, id), 1);
+    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
+    ran
+}
+
+/// Receives a run of every job of `ids`, none twice and no other, waiting at most `timeout`
+/// for each.
+pub fn expect_each_ran_once(rx: &Receiver<Ran>, ids: &[i64], timeout: Duration) {
+    let mut seen = HashSet::new();
+    while seen.len() < ids.len() {
+        let ran = rx
+            .recv_timeout(timeout)
+            .expect("every committed job should have run");
+        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
+    }
+    assert_eq!(seen, ids.iter().copied().collect::<HashSet<i64>>());
+}
+
+/// Inserts order `id` as new, enqueues its job in a savepoint that is released, then marks
+/// the order paid.
+pub fn enqueue_in_released_savepoint<D: TestDb>(
+    env: &Env<D>,
+    conn: &mut D::Conn,
+    id: i64,
+) -> Result<(), diesel_transaction_barrier::Error> {
+    insert_order::<D>(conn, id, "new");
+    conn.transaction(|c| {
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, id))
+            .map(|_| ())
+    })?;
+    set_status::<D>(conn, id, "paid");
+    Ok(())
+}
+
+/// Inserts order `id` as paid and enqueues its job in a savepoint that rolls back; returns
+/// the job's id.
+pub fn enqueue_in_rolled_back_savepoint<D: TestDb>(
+    env: &Env<D>,
+    conn: &mut D::Conn,
+    id: i64,
+) -> Result<String, diesel_transaction_barrier::Error> {
+    insert_order::<D>(conn, id, "paid");
+    let mut jid = None;
+    let inner = conn.transaction(|c| {
+        jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
+        Err::<(), _>(diesel_transaction_barrier::Error::Database(
+            diesel::result::Error::RollbackTransaction,
+        ))
+    });
+    assert!(inner.is_err());
+    Ok(jid.expect("enqueued").as_str().to_string())
 }
 
 /// Enqueues `job` in a committed transaction that first inserts order `order_id`.
@@ -341,4 +499,55 @@ pub fn drain_with_sentinel<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>) -> Vec<R
         }
         others.push(ran);
     }
+}
+
+/// With the in-process server: job `jid` was acknowledged and never failed.
+pub fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the job's history: acknowledged, never failed")
+    {
+        let events = server.history(jid);
+        assert!(
+            events.iter().any(|e| e.kind() == JobEventKind::Acked),
+            "job {jid} should have been acknowledged: {events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| e.kind() == JobEventKind::Failed),
+            "job {jid} should not have failed: {events:?}"
+        );
+    }
+}
+
+/// The message of the first failure in job `jid`'s history.
+pub fn failure_message(server: &TestServer, jid: &str) -> Option<String> {
+    server.history(jid).iter().find_map(|e| match e {
+        JobEvent::Failed { message, .. } => Some(message.clone()),
+        _ => None,
+    })
+}
+
+/// Job `jid`, whose transaction did not commit, was aborted: acknowledged without running,
+/// and nothing of it is left.
+pub fn assert_aborted<D: TestDb>(
+    env: &Env<D>,
+    worker: &RunningWorker,
+    rx: &Receiver<Ran>,
+    id: i64,
+    jid: &str,
+) {
+    wait_until("the job to be aborted", EVENTUALLY, || {
+        worker.monitor.aborted() >= 1
+    });
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the aborted job's acknowledgement")
+    {
+        assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
+    }
+    let others = drain_with_sentinel(env, rx);
+    assert!(others.is_empty(), "an aborted job ran: {others:?}");
+    assert_eq!(runs_of(&env.db, id), 0);
+    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
+    expect_acked_without_failure(env, jid);
 }

@@ -1,52 +1,20 @@
-//! The MySQL / MariaDB `TestDb`: a database of its own per test (`MYSQL_DATABASE_URL`, default
-//! `mysql://root@127.0.0.1:3306/test`, an account that may create databases and users), and,
-//! for [`NoProcess`], an account of its own without the PROCESS privilege. Also a recorder of
-//! the warnings the crate logs.
+//! The MySQL / MariaDB `TestDb`: the crate's `MysqlTestDatabase` (`MYSQL_DATABASE_URL`, default
+//! `mysql://root@127.0.0.1:3306/test`, an account that may create databases and users), a
+//! database of its own per test, reached as that account ([`Root`]) or as an account of its
+//! own without the PROCESS privilege ([`NoProcess`]). Also a recorder of the warnings the
+//! crate logs.
 #![cfg(feature = "mysql")]
 
-use super::{create_app_tables, TestDb};
+use super::{I64Row, TestDb};
 use diesel::connection::SimpleConnection;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::Text;
+use diesel_transaction_barrier::testing::{
+    MysqlRestrictedTestDatabase, MysqlTestDatabase, TestDatabase,
+};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-
-pub fn admin_url() -> String {
-    std::env::var("MYSQL_DATABASE_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_string())
-}
-
-/// `url` with its database replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> String {
-    let authority = url.find("://").map_or(0, |i| i + 3);
-    let (base, query) = match url.find('?') {
-        Some(q) => (&url[..q], &url[q..]),
-        None => (url, ""),
-    };
-    let base = match base[authority..].find('/') {
-        Some(slash) => &base[..authority + slash],
-        None => base,
-    };
-    format!("{base}/{name}{query}")
-}
-
-/// `url` with its user and password replaced.
-pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
-    let authority = url.find("://").map_or(0, |i| i + 3);
-    let end = url[authority..]
-        .find('/')
-        .map_or(url.len(), |i| authority + i);
-    let host = match url[authority..end].rfind('@') {
-        Some(at) => &url[authority + at + 1..],
-        None => &url[authority..],
-    };
-    format!("{}{user}:{password}@{host}", &url[..authority])
-}
-
-pub fn admin() -> MysqlConnection {
-    MysqlConnection::establish(&admin_url()).expect("MariaDB is reachable")
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tests that read information_schema.innodb_trx.
@@ -120,130 +88,75 @@ static INNODB_TRX_READ: Mutex<()> = Mutex::new(());
 // ---------------------------------------------------------------------------------------------
 // The test databases.
 
-#[derive(QueryableByName)]
-pub struct I64Row {
-    #[diesel(sql_type = Nullable<BigInt>)]
-    pub v: Option<i64>,
+/// The crate's MySQL test databases: one reached as the administrative account, one as an
+/// account of its own.
+pub trait MysqlDatabase: TestDatabase<Conn = MysqlConnection> {
+    /// The database itself.
+    fn mysql(&self) -> &MysqlTestDatabase;
 }
 
-#[derive(QueryableByName)]
-struct TextRow {
-    #[diesel(sql_type = Nullable<Text>)]
-    v: Option<String>,
+impl MysqlDatabase for MysqlTestDatabase {
+    fn mysql(&self) -> &MysqlTestDatabase {
+        self
+    }
 }
 
-/// A database of its own. With `RESTRICTED`, producers and workers connect as an account of
-/// its own that has every privilege on that database and none beyond (so no PROCESS).
-pub struct Maria<const RESTRICTED: bool> {
-    admin: String,
-    name: String,
-    url: String,
-    user: Option<String>,
+impl MysqlDatabase for MysqlRestrictedTestDatabase {
+    fn mysql(&self) -> &MysqlTestDatabase {
+        self.database()
+    }
+}
+
+/// A database of its own, and, unless the test runs alone, a shared ticket for as long as it
+/// lives.
+pub struct Maria<T> {
+    database: T,
     _ticket: Option<SharedTicket>,
 }
 
 /// Connects as the administrative account (root: PROCESS included).
-pub type Root = Maria<false>;
-/// Connects as an account without the PROCESS privilege.
-pub type NoProcess = Maria<true>;
+pub type Root = Maria<MysqlTestDatabase>;
+/// Connects as an account of its own with every privilege on the database and none beyond
+/// (so no PROCESS).
+pub type NoProcess = Maria<MysqlRestrictedTestDatabase>;
 
-impl<const RESTRICTED: bool> Maria<RESTRICTED> {
-    pub fn new(migrate: bool, ticket: Option<SharedTicket>) -> Self {
+impl<T> Maria<T> {
+    /// For a test that holds an [`ExclusiveTicket`]: no shared ticket.
+    pub fn alone(database: T) -> Self {
+        record_warnings();
+        Maria {
+            database,
+            _ticket: None,
+        }
+    }
+}
+
+impl NoProcess {
+    /// The restricted account as `GRANT` spells it.
+    pub fn account(&self) -> String {
+        self.database.account()
+    }
+}
+
+impl<T: MysqlDatabase> TestDb for Maria<T> {
+    type Conn = MysqlConnection;
+    type Database = T;
+
+    const INTEGER: &'static str = "SIGNED";
+    const TEXT: &'static str = "CHAR";
+    const TIMEOUT_DEBUG_INFO: &'static [&'static str] = &["txid", "transaction:"];
+
+    fn wrap(database: T) -> Self {
         // Before the scenario's environment would install a subscriber of its own.
         record_warnings();
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!("dtb_test_{suffix}");
-        let admin_url = admin_url();
-        let mut admin = admin();
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create database");
-        let mut url = with_database(&admin_url, &name);
-        let mut user = None;
-        if RESTRICTED {
-            let account = format!("dtb_np_{}", &suffix[..12]);
-            let password = uuid::Uuid::new_v4().simple().to_string();
-            admin
-                .batch_execute(&format!(
-                    "CREATE USER '{account}'@'%' IDENTIFIED BY '{password}'; \
-                     GRANT ALL PRIVILEGES ON {name}.* TO '{account}'@'%'"
-                ))
-                .expect("create user");
-            url = with_credentials(&url, &account, &password);
-            user = Some(account);
-        }
-        let db = Maria {
-            admin: admin_url,
-            name,
-            url,
-            user,
-            _ticket: ticket,
-        };
-        let mut conn = db.connect();
-        if migrate {
-            diesel_transaction_barrier::run_migrations(&mut conn).expect("migrations");
-        }
-        create_app_tables::<Self>(&mut conn);
-        db
-    }
-
-    /// The restricted account as `GRANT` spells it.
-    pub fn account(&self) -> Option<String> {
-        self.user.as_ref().map(|u| format!("'{u}'@'%'"))
-    }
-}
-
-impl<const RESTRICTED: bool> Drop for Maria<RESTRICTED> {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = MysqlConnection::establish(&self.admin) {
-            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {}", self.name));
-            if let Some(user) = &self.user {
-                let _ = admin.batch_execute(&format!("DROP USER IF EXISTS '{user}'@'%'"));
-            }
+        Maria {
+            database,
+            _ticket: Some(SharedTicket::acquire()),
         }
     }
-}
 
-impl<const RESTRICTED: bool> TestDb for Maria<RESTRICTED> {
-    type Conn = MysqlConnection;
-
-    fn create() -> Self {
-        Self::new(true, Some(SharedTicket::acquire()))
-    }
-
-    fn create_unmigrated() -> Self {
-        Self::new(false, Some(SharedTicket::acquire()))
-    }
-
-    fn connect(&self) -> MysqlConnection {
-        MysqlConnection::establish(&self.url).expect("connect")
-    }
-
-    fn url(&self) -> String {
-        self.url.clone()
-    }
-
-    fn exec(conn: &mut MysqlConnection, sql: &str) {
-        conn.batch_execute(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    fn try_exec(conn: &mut MysqlConnection, sql: &str) -> Result<(), diesel::result::Error> {
-        conn.batch_execute(sql)
-    }
-
-    fn query_i64(conn: &mut MysqlConnection, sql: &str) -> Option<i64> {
-        diesel::sql_query(format!("SELECT CAST(({sql}) AS SIGNED) AS v"))
-            .get_result::<I64Row>(conn)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .v
-    }
-
-    fn query_string(conn: &mut MysqlConnection, sql: &str) -> Option<String> {
-        diesel::sql_query(format!("SELECT CAST(({sql}) AS CHAR) AS v"))
-            .get_result::<TextRow>(conn)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .v
+    fn database(&self) -> &T {
+        &self.database
     }
 
     fn session_id(conn: &mut MysqlConnection) -> i64 {
@@ -256,7 +169,7 @@ impl<const RESTRICTED: bool> TestDb for Maria<RESTRICTED> {
             .unwrap_or_else(PoisonError::into_inner);
         // Let the cache go unread for more than 100 ms, so that this read refreshes it.
         std::thread::sleep(Duration::from_millis(150));
-        let mut admin = admin();
+        let mut admin = self.database.mysql().admin();
         Self::query_i64(
             &mut admin,
             &format!(
@@ -269,7 +182,9 @@ impl<const RESTRICTED: bool> TestDb for Maria<RESTRICTED> {
     }
 
     fn kill(&self, session: i64) {
-        admin()
+        self.database
+            .mysql()
+            .admin()
             .batch_execute(&format!("KILL {session}"))
             .expect("kill");
     }
@@ -278,7 +193,7 @@ impl<const RESTRICTED: bool> TestDb for Maria<RESTRICTED> {
         // A waiter's connection is idle between checks, and the process list shows a
         // connection's statement only while it runs: watch for the check's count query (which
         // nothing else runs) for a while and kill every connection caught running it.
-        let mut admin = admin();
+        let mut admin = self.database.mysql().admin();
         let mut killed = std::collections::HashSet::new();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(2) {
@@ -287,7 +202,7 @@ impl<const RESTRICTED: bool> TestDb for Maria<RESTRICTED> {
                  WHERE DB = ? AND ID <> CONNECTION_ID() \
                    AND INFO LIKE 'SELECT COUNT(*) FROM `dtb_barriers` WHERE%IN (%'",
             )
-            .bind::<Text, _>(&self.name)
+            .bind::<Text, _>(self.database.mysql().name())
             .load(&mut admin)
             .expect("process list");
             for id in ids.into_iter().filter_map(|r| r.v) {

@@ -29,15 +29,10 @@ pub fn database_restart_mid_wait<D: TestDb>(restart: impl FnOnce()) {
     use diesel_transaction_barrier::testing::{TestFaktory, TestServer};
     // A handler whose consuming transaction the restart kills fails, and Faktory retries it:
     // soon on the test server, after 15-45 s on a real one.
-    let faktory = match std::env::var("FAKTORY_URL") {
-        Ok(url) if !url.is_empty() => TestFaktory::from_env_or_start().unwrap(),
-        _ => TestFaktory::local(
-            TestServer::builder()
-                .retry_delay(Duration::from_millis(200))
-                .start()
-                .unwrap(),
-        ),
-    };
+    let faktory = TestFaktory::from_env_or_start_with(
+        TestServer::builder().retry_delay(Duration::from_millis(200)),
+    )
+    .unwrap();
     let env = Env::<D>::with_db_and_faktory(D::create(), faktory);
     let (tx, rx) = unbounded();
     let worker = env.start_worker(handlers::<D>(&tx), 2);

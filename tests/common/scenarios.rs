@@ -1,27 +1,15 @@
-//! The barrier contract, scenario by scenario. Each function is one test body, generic over the
-//! backend.
+//! The barrier contract, scenario by scenario. Each public function is one test body, generic
+//! over the backend; `suite.rs` lists them all, and a backend's `scenario_tests!` call makes a
+//! test of each.
 
 use super::*;
 use crossbeam_channel::unbounded;
-use diesel_transaction_barrier::testing::{JobEvent, JobEventKind};
+use diesel_transaction_barrier::testing::JobEventKind;
 use diesel_transaction_barrier::{Error, CUSTOM_KEY};
 
-fn expect_acked_without_failure<D: TestDb>(env: &Env<D>, jid: &str) {
-    match env.faktory.server() {
-        Some(server) => {
-            let events = server.history(jid);
-            assert!(
-                events.iter().any(|e| e.kind() == JobEventKind::Acked),
-                "job {jid} should have been acknowledged: {events:?}"
-            );
-            assert!(
-                !events.iter().any(|e| e.kind() == JobEventKind::Failed),
-                "job {jid} should not have failed: {events:?}"
-            );
-        }
-        None => eprintln!("real Faktory: skipping the job-history inspection of {jid}"),
-    }
-}
+// Scenarios of their own files; unused in the binaries that make no scenario tests.
+#[allow(unused_imports)]
+pub use super::{faults::worker_killed_mid_wait_and_mid_handler, soak::soak_with_oracle};
 
 /// Scenario 1: The handler runs once, after commit, and sees the transaction's writes; while the
 /// transaction is open and the worker already holds the job, it has not run.
@@ -42,14 +30,8 @@ pub fn commit_runs_after_commit<D: TestDb>() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    let ran = expect_run(&rx);
+    let ran = expect_ran_once(&env, &rx, id);
     assert_eq!(ran.jid, jid.unwrap().as_str());
-    assert_eq!(ran.order_id, id);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    let others = drain_with_sentinel(&env, &rx);
-    assert!(others.is_empty(), "unexpected runs: {others:?}");
-    assert_eq!(runs_of(&env.db, id), 1);
-    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
     expect_acked_without_failure(&env, &ran.jid);
 }
 
@@ -70,26 +52,6 @@ fn enqueue_then<D: TestDb>(
         end(c, session)
     });
     (result, jid.expect("enqueued").as_str().to_string())
-}
-
-pub fn assert_aborted<D: TestDb>(
-    env: &Env<D>,
-    worker: &RunningWorker,
-    rx: &Receiver<Ran>,
-    id: i64,
-    jid: &str,
-) {
-    wait_until("the job to be aborted", EVENTUALLY, || {
-        worker.monitor.aborted() >= 1
-    });
-    if let Some(server) = env.faktory.server() {
-        assert!(server.wait_until_history(jid, JobEventKind::Acked, EVENTUALLY));
-    }
-    let others = drain_with_sentinel(env, rx);
-    assert!(others.is_empty(), "an aborted job ran: {others:?}");
-    assert_eq!(runs_of(&env.db, id), 0);
-    assert_eq!(env.db.barrier_rows(), 0, "no barrier row is left");
-    expect_acked_without_failure(env, jid);
 }
 
 /// Scenario 2: The closure returns `Err`: the handler never runs, the job is acknowledged as aborted.
@@ -159,18 +121,10 @@ pub fn rolled_back_savepoint_never_runs<D: TestDb>() {
     let worker = env.start_worker(handlers::<D>(&tx), 1);
     let id = next_id();
     let mut conn = env.db.connect();
-    let mut jid = None;
-    conn.transaction(|c| {
-        insert_order::<D>(c, id, "paid");
-        let inner = c.transaction(|c| {
-            jid = Some(c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?);
-            Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
-        });
-        assert!(inner.is_err());
-        Ok::<_, Error>(())
-    })
-    .unwrap();
-    assert_aborted(&env, &worker, &rx, id, jid.unwrap().as_str());
+    let jid = conn
+        .transaction(|c| enqueue_in_rolled_back_savepoint(&env, c, id))
+        .unwrap();
+    assert_aborted(&env, &worker, &rx, id, &jid);
 }
 
 /// Scenario 5b: Enqueued inside a savepoint that is released, then the outer transaction commits.
@@ -181,22 +135,13 @@ pub fn released_savepoint_runs<D: TestDb>() {
     let id = next_id();
     let mut conn = env.db.connect();
     conn.transaction(|c| {
-        insert_order::<D>(c, id, "new");
-        c.transaction(|c| {
-            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))
-                .map(|_| ())
-        })?;
-        set_status::<D>(c, id, "paid");
+        enqueue_in_released_savepoint(&env, c, id)?;
         worker.wait_for_waiting(1);
         expect_no_run(&rx, "the outer transaction is still open");
         Ok::<_, Error>(())
     })
     .unwrap();
-    let ran = expect_run(&rx);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    assert!(drain_with_sentinel(&env, &rx).is_empty());
-    assert_eq!(runs_of(&env.db, id), 1);
-    assert_eq!(env.db.barrier_rows(), 0);
+    expect_ran_once(&env, &rx, id);
 }
 
 /// Scenario 6: Outside a transaction nothing is written and the job runs at once, even for a kind that
@@ -244,22 +189,15 @@ pub fn barrier_required_and_opt_out<D: TestDb>() {
     assert_eq!(others.len(), 1, "only the opt-out job ran: {others:?}");
     assert_eq!(others[0].order_id, optional);
     assert_eq!(runs_of(&env.db, required), 0);
-    match env.faktory.server() {
-        Some(server) => {
-            let failure = server
-                .history(&bare_jid)
-                .iter()
-                .find_map(|e| match e {
-                    JobEvent::Failed { message, .. } => Some(message.clone()),
-                    _ => None,
-                })
-                .expect("the bare job failed");
-            assert!(
-                failure.contains("requires a transaction barrier"),
-                "failure message names the problem: {failure}"
-            );
-        }
-        None => eprintln!("real Faktory: skipping the failure-message inspection"),
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the failure message of a bare job")
+    {
+        let failure = failure_message(server, &bare_jid).expect("the bare job failed");
+        assert!(
+            failure.contains("requires a transaction barrier"),
+            "failure message names the problem: {failure}"
+        );
     }
 }
 
@@ -464,12 +402,7 @@ pub fn many_waiting_jobs_hold_few_connections<D: TestDb>() {
         "the worker held {held} connections while {waiting} jobs waited"
     );
     let _ = ready_ran;
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < waiting {
-        let ran = expect_run(&rx);
-        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
-    }
-    assert!(ids.iter().all(|id| seen.contains(id)));
+    expect_each_ran_once(&rx, &ids, EVENTUALLY);
     wait_until("all barriers consumed", EVENTUALLY, || {
         env.db.barrier_rows() == 0
     });
@@ -494,12 +427,9 @@ pub fn snoozed_after_block_limit<D: TestDb>() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, id);
-    assert!(drain_with_sentinel(&env, &rx).is_empty());
-    assert_eq!(runs_of(&env.db, id), 1);
+    expect_ran_once(&env, &rx, id);
     assert_eq!(worker.monitor.timed_out(), 0);
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env.faktory.server_or_skip("the snoozed job's history") {
         let events = server.history(jid.unwrap().as_str());
         assert!(
             events.iter().any(|e| e.kind() == JobEventKind::Acked)
@@ -510,8 +440,9 @@ pub fn snoozed_after_block_limit<D: TestDb>() {
 }
 
 /// Scale (c): Past the deadline the job fails with `BarrierTimeout`, whose message carries the debug
-/// information (`debug_info`: what the backend's message must contain); nothing runs.
-pub fn barrier_timeout_after_deadline<D: TestDb>(debug_info: &[&str]) {
+/// information (`TestDb::TIMEOUT_DEBUG_INFO`: what the backend's message must contain); nothing
+/// runs.
+pub fn barrier_timeout_after_deadline<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
     let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
@@ -533,24 +464,24 @@ pub fn barrier_timeout_after_deadline<D: TestDb>(debug_info: &[&str]) {
     });
     assert!(result.is_err());
     expect_no_run(&rx, "timed out");
-    match env.faktory.server() {
-        Some(server) => {
-            let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
-            assert!(failed, "the job failed and waits for its retry");
-            let job = &server.retry_jobs()[0];
-            let message = job["failure"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            assert!(message.contains("still open"), "{message}");
-            for part in debug_info {
-                assert!(
-                    message.contains(part),
-                    "the message carries the debug info ({part}): {message}"
-                );
-            }
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the barrier timeout's failure message")
+    {
+        let failed = server.wait_for(|s| !s.retry_jobs().is_empty(), EVENTUALLY);
+        assert!(failed, "the job failed and waits for its retry");
+        let job = &server.retry_jobs()[0];
+        let message = job["failure"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(message.contains("still open"), "{message}");
+        for part in D::TIMEOUT_DEBUG_INFO {
+            assert!(
+                message.contains(part),
+                "the message carries the debug info ({part}): {message}"
+            );
         }
-        None => eprintln!("real Faktory: skipping the failure-message inspection"),
     }
 }
 
@@ -598,7 +529,7 @@ pub fn reaper_deletes_old_barriers<D: TestDb>() {
 pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let worker = env.start_worker(handlers::<D>(&tx), 2);
+    let mut worker = env.start_worker(handlers::<D>(&tx), 2);
     let mut conn = env.db.connect();
     let ids: Vec<i64> = (0..5).map(|_| next_id()).collect();
     conn.transaction(|c| {
@@ -620,11 +551,7 @@ pub fn graceful_shutdown_loses_nothing<D: TestDb>() {
     .unwrap();
     expect_no_run(&rx, "the worker is stopped");
     let _worker = env.start_worker(handlers::<D>(&tx), 2);
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < ids.len() {
-        let ran = expect_run(&rx);
-        assert!(seen.insert(ran.order_id), "ran twice: {ran:?}");
-    }
+    expect_each_ran_once(&rx, &ids, EVENTUALLY);
     assert!(drain_with_sentinel(&env, &rx).is_empty());
     wait_until("all barriers consumed", EVENTUALLY, || {
         env.db.barrier_rows() == 0
@@ -691,17 +618,13 @@ pub fn bad_input_fails_cleanly<D: TestDb>() {
     // The worker still serves.
     let others = drain_with_sentinel(&env, &rx);
     assert!(others.is_empty(), "nothing else ran: {others:?}");
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the failure messages of malformed and panicking jobs")
+    {
         for (i, jid) in &jids {
             assert!(server.wait_until_history(jid, JobEventKind::Failed, EVENTUALLY));
-            let message = server
-                .history(jid)
-                .iter()
-                .find_map(|e| match e {
-                    JobEvent::Failed { message, .. } => Some(message.clone()),
-                    _ => None,
-                })
-                .unwrap();
+            let message = failure_message(server, jid).unwrap();
             assert!(
                 message.contains("malformed barrier"),
                 "descriptor #{i}: {message}"
@@ -713,17 +636,8 @@ pub fn bad_input_fails_cleanly<D: TestDb>() {
             );
         }
         assert!(server.wait_until_history(&boom_jid, JobEventKind::Failed, EVENTUALLY));
-        let message = server
-            .history(&boom_jid)
-            .iter()
-            .find_map(|e| match e {
-                JobEvent::Failed { message, .. } => Some(message.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let message = failure_message(server, &boom_jid).unwrap();
         assert!(message.contains("the handler blew up"), "{message}");
-    } else {
-        eprintln!("real Faktory: skipping the failure-message inspections");
     }
 }
 
@@ -778,8 +692,10 @@ pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
     std::thread::sleep(Duration::from_millis(1800));
     drop(reconciler);
     let elapsed = started.elapsed();
-    let copies = match env.faktory.server() {
-        Some(server) => {
+    let copies = env
+        .faktory
+        .server_or_skip("the count of the backlog job's copies")
+        .map(|server| {
             let copies = server.queue_size(&backlog);
             let bound = (elapsed.as_millis() / grace.as_millis()) as usize + 1;
             assert!(
@@ -790,13 +706,8 @@ pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
                 copies <= bound,
                 "{copies} copies in {elapsed:?}: more than one per grace period"
             );
-            Some(copies)
-        }
-        None => {
-            eprintln!("real Faktory: skipping the copy count");
-            None
-        }
-    };
+            copies
+        });
     // A consumer for the backlog: one copy runs, the others are duplicates.
     let mut consumer = WorkerBuilder::new(env.db.pool(8))
         .handlers(handlers::<D>(&tx))
@@ -935,12 +846,7 @@ pub fn manual_transaction_committed_runs_after_commit<D: TestDb>() {
     worker.wait_for_waiting(1);
     expect_no_run(&rx, "the manual transaction is still open");
     D::exec(&mut conn, "COMMIT");
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, id);
-    assert_eq!(ran.seen_status.as_deref(), Some("paid"));
-    assert!(drain_with_sentinel(&env, &rx).is_empty());
-    assert_eq!(runs_of(&env.db, id), 1);
-    assert_eq!(env.db.barrier_rows(), 0);
+    expect_ran_once(&env, &rx, id);
 }
 
 /// A pooled connection given back inside a transaction Diesel did not open passes the pool's
@@ -990,16 +896,12 @@ pub fn barrier_in_another_table_is_refused<D: TestDb>() {
         1,
         "the committed barrier is still there"
     );
-    if let Some(server) = env.faktory.server() {
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the failure message of a barrier in another table")
+    {
         assert!(server.wait_until_history(&jid, JobEventKind::Failed, EVENTUALLY));
-        let message = server
-            .history(&jid)
-            .iter()
-            .find_map(|e| match e {
-                JobEvent::Failed { message, .. } => Some(message.clone()),
-                _ => None,
-            })
-            .expect("a failure");
+        let message = failure_message(server, &jid).expect("a failure");
         assert!(message.contains("search_path"), "{message}");
     }
 }

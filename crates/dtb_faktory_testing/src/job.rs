@@ -5,7 +5,7 @@
 //! Only the fields the server itself manages (`queue`, `retry`, `created_at`, `enqueued_at`,
 //! `failure`) are ever rewritten, as the real server rewrites them.
 
-use super::protocol::{format_time, parse_time};
+use crate::protocol::{format_time, parse_time};
 use chrono::{DateTime, Utc};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};

@@ -184,7 +184,7 @@ pub(crate) fn printable(bytes: &[u8]) -> String {
 /// Faktory) can authenticate.
 ///
 /// ```
-/// use diesel_transaction_barrier::testing::password_hash;
+/// use dtb_faktory_testing::password_hash;
 ///
 /// // One round is plain SHA-256 of password + salt: here SHA-256("abc").
 /// assert_eq!(

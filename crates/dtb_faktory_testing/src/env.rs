@@ -1,6 +1,6 @@
 //! [`TestFaktory`]: a real Faktory named by `FAKTORY_URL`, or a [`TestServer`].
 
-use super::server::TestServer;
+use crate::server::{TestServer, TestServerBuilder};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use std::fmt;
@@ -16,7 +16,7 @@ use std::io;
 /// sharing one real server never take each other's jobs.
 ///
 /// ```
-/// use diesel_transaction_barrier::testing::TestFaktory;
+/// use dtb_faktory_testing::TestFaktory;
 ///
 /// let faktory = TestFaktory::from_env_or_start()?;
 /// let queue = faktory.unique_queue("emails");
@@ -49,11 +49,28 @@ impl TestFaktory {
     /// Uses `FAKTORY_URL` when it is set and not empty; otherwise starts a [`TestServer`]
     /// with the default settings.
     pub fn from_env_or_start() -> io::Result<TestFaktory> {
+        TestFaktory::from_env_or_start_with(TestServer::builder())
+    }
+
+    /// Uses `FAKTORY_URL` when it is set and not empty; otherwise starts a [`TestServer`]
+    /// from `builder`, for tests that want the in-process server configured their own way
+    /// (short retry delays or reservations, say) and a real Faktory as it is.
+    ///
+    /// ```
+    /// use dtb_faktory_testing::{TestFaktory, TestServer};
+    /// use std::time::Duration;
+    ///
+    /// let faktory = TestFaktory::from_env_or_start_with(
+    ///     TestServer::builder().retry_delay(Duration::from_millis(100)),
+    /// )?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn from_env_or_start_with(builder: TestServerBuilder) -> io::Result<TestFaktory> {
         match std::env::var("FAKTORY_URL") {
             Ok(url) if !url.trim().is_empty() => Ok(TestFaktory {
                 target: Target::External(url.trim().to_string()),
             }),
-            _ => Ok(TestFaktory::local(TestServer::start()?)),
+            _ => Ok(TestFaktory::local(builder.start()?)),
         }
     }
 

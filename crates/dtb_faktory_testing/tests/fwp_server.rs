@@ -6,10 +6,9 @@
 //! checks that look inside the test server). Tests of test-server-only behaviour (short
 //! retry delays and reservations, passwords, BEAT instructions, FLUSH, raw protocol errors)
 //! start their own `TestServer`.
-#![cfg(feature = "testing")]
 
 use chrono::{DateTime, Utc};
-use diesel_transaction_barrier::testing::{
+use dtb_faktory_testing::{
     password_hash, JobEvent, JobEventKind, TestFaktory, TestServer, WorkerState,
 };
 use faktory::{Client, Job, JobId, StopReason, Worker, WorkerId};
