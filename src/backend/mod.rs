@@ -391,11 +391,13 @@ pub(crate) fn poison<C: Connection>(conn: &mut C) {
         .set_in_error();
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 /// The longest age handed to a database (a hundred years): date arithmetic beyond it fails or
 /// overflows on every backend, and no barrier lives that long.
 const MAX_AGE: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
 /// `age`, at most a hundred years: what "older than `age`" can mean to a database.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) fn bounded_age(age: Duration) -> Duration {
     age.min(MAX_AGE)
 }
@@ -403,6 +405,7 @@ pub(crate) fn bounded_age(age: Duration) -> Duration {
 /// Runs `f` in the transaction just begun on `conn` (with
 /// `AnsiTransactionManager::begin_transaction_sql`), then commits it when `f` returns `Ok` and
 /// rolls it back otherwise, as Diesel's own `transaction` does.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn finish_transaction<C, R, E, F>(conn: &mut C, f: F) -> Result<R, E>
 where
     C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager>,

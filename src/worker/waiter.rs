@@ -212,7 +212,7 @@ const FRESH_CHECK_GAP: Duration = Duration::from_micros(500);
 
 /// How long barriers seen committed wait for a handler's commit to prove them durable before
 /// the waiter commits a fence of its own.
-const PROOF_WAIT: Duration = Duration::from_millis(2);
+const PROOF_WAIT: Duration = Duration::from_millis(5);
 
 impl<C: BarrierConnection> Waiter<C> {
     fn new(
@@ -337,7 +337,9 @@ impl<C: BarrierConnection> Waiter<C> {
             .filter(|id| self.pending.contains_key(id))
             .collect();
         let began = self.clock.now();
-        match conn.fence(&ids) {
+        let fenced = conn.fence(&ids);
+        tracing::trace!(barriers = ids.len(), ?fenced, "durability fence");
+        match fenced {
             Ok(true) => {
                 self.clock.committed(began);
                 for id in ids {

@@ -3,10 +3,11 @@
 //! a commit it saw durable.
 
 use super::schema::dtb_barriers;
-use super::{in_transaction, read_committed, BEGIN_READ_UNCOMMITTED, IN_LIST_MAX};
+use super::{in_transaction, read_committed, IN_LIST_MAX, SET_READ_UNCOMMITTED};
 use crate::backend::{Checked, Pending, Verdict};
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
+use diesel::sql_types::Text;
 use std::collections::HashSet;
 
 /// Decides every pending barrier without waiting for any lock (see `docs/design/mysql.md`).
@@ -36,7 +37,7 @@ pub(super) fn check_pending(
     let exist: HashSet<String> = if rest.is_empty() {
         HashSet::new()
     } else {
-        in_transaction(conn, BEGIN_READ_UNCOMMITTED, |c| existing(c, &rest))?
+        in_transaction(conn, SET_READ_UNCOMMITTED, |c| existing(c, &rest))?
     };
     // 4. For the rows step 3 did not find: is there a committed version now, after step 3?
     let absent: Vec<&String> = rest.into_iter().filter(|k| !exist.contains(*k)).collect();
@@ -86,10 +87,10 @@ pub(super) fn check_pending(
 /// Any committed write of the worker's that began after the check proves it, and the worker
 /// uses the commits of its handlers' transactions (each deleted a barrier row) as such proofs
 /// while they come; this explicit fence is for when none does. It writes
-/// `attempts = attempts + 1` on those of the rows `visible` that nobody holds (taken with
-/// `FOR UPDATE SKIP LOCKED`, so it never waits for a handler that holds one), which also
-/// counts how often a barrier was seen committed, and it commits. It wrote nothing when every
-/// row was held: those rows' handlers, committing, will prove them.
+/// `attempts = attempts + 1` on one of the rows `visible` that nobody holds (taken with
+/// `FOR UPDATE SKIP LOCKED`, so it never waits for a handler that holds one), and it commits.
+/// It wrote nothing when every row was held: those rows' handlers, committing, will prove
+/// them.
 pub(super) fn fence(conn: &mut MysqlConnection, visible: &[uuid::Uuid]) -> QueryResult<bool> {
     let keys: Vec<String> = visible
         .iter()
@@ -98,26 +99,39 @@ pub(super) fn fence(conn: &mut MysqlConnection, visible: &[uuid::Uuid]) -> Query
     read_committed(conn, |c| {
         let mut wrote = false;
         for chunk in keys.chunks(IN_LIST_MAX) {
-            let taken: Vec<String> = dtb_barriers::table
-                .filter(dtb_barriers::id.eq_any(chunk))
-                .select(dtb_barriers::id)
-                .for_update()
-                .skip_locked()
-                .load(c)?;
-            if taken.is_empty() {
-                continue;
+            // Through the primary key only: a locking read planned as an index scan (which the
+            // optimizer picks for small tables) would lock, for a moment, every row it passes,
+            // and handlers claiming those rows would skip them as held.
+            let list = vec!["?"; chunk.len()].join(", ");
+            let mut take = diesel::sql_query(format!(
+                "SELECT id AS value FROM dtb_barriers FORCE INDEX (PRIMARY) \
+                 WHERE id IN ({list}) LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ))
+            .into_boxed();
+            for key in chunk {
+                take = take.bind::<Text, _>(key.as_str());
             }
-            // Under READ COMMITTED an `UPDATE ... WHERE id IN (...)` never waits for rows
-            // outside the list, even when planned as a scan: InnoDB checks a row another
-            // transaction holds against its last committed version and passes over it.
-            let updated =
-                diesel::update(dtb_barriers::table.filter(dtb_barriers::id.eq_any(&taken)))
-                    .set(dtb_barriers::attempts.eq(dtb_barriers::attempts + 1))
-                    .execute(c)?;
-            wrote |= updated > 0;
+            let taken: Vec<IdRow> = take.load(c)?;
+            // One changed row is enough: any write of the worker's proves every commit seen
+            // before it (one primary-key update, for the same reason as above).
+            if let Some(row) = taken.first() {
+                let updated = diesel::sql_query(
+                    "UPDATE dtb_barriers SET attempts = attempts + 1 WHERE id = ?",
+                )
+                .bind::<Text, _>(&row.value)
+                .execute(c)?;
+                wrote = updated > 0;
+                break;
+            }
         }
         Ok(wrote)
     })
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = Text)]
+    value: String,
 }
 
 /// Which of the barrier rows `keys` (distinct ids) this connection's next read sees (a plain,

@@ -18,7 +18,9 @@ use super::{
     Unconsumed,
 };
 use crate::error::Error;
-use diesel::connection::{AnsiTransactionManager, SimpleConnection};
+use diesel::connection::{
+    AnsiTransactionManager, SimpleConnection, TransactionDepthChange, TransactionManager,
+};
 use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
@@ -145,22 +147,65 @@ fn with_in_transaction<T: QueryableByName<diesel::mysql::Mysql> + 'static>(
 }
 
 /// How a worker transaction begins. `SET TRANSACTION ISOLATION LEVEL` (without `SESSION`)
-/// applies to the next transaction only, so it comes right before `BEGIN`, in the same round
-/// trip; the session's own default (REPEATABLE READ unless configured otherwise) is untouched.
-const BEGIN_READ_COMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN";
-/// See [`BEGIN_READ_COMMITTED`].
-pub(super) const BEGIN_READ_UNCOMMITTED: &str =
-    "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED; BEGIN";
+/// applies to the next transaction only, so it comes right before `BEGIN`; the session's own
+/// default (REPEATABLE READ unless configured otherwise) is untouched.
+const SET_READ_COMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
+/// See [`SET_READ_COMMITTED`].
+pub(super) const SET_READ_UNCOMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED";
 
-/// Runs `f` in a transaction begun with `begin`, which commits when `f` returns `Ok` and rolls
-/// back otherwise.
-pub(super) fn in_transaction<R, E, F>(conn: &mut MysqlConnection, begin: &str, f: F) -> Result<R, E>
+/// Runs `f` in a transaction at the isolation level `set_level` sets, which commits when `f`
+/// returns `Ok` and rolls back otherwise.
+///
+/// Every statement is a prepared one: the client sends a batch of several statements between
+/// two switches of its multi-statement mode, each a round trip of its own, so a batched
+/// `BEGIN` or `COMMIT` would cost three round trips instead of one. Diesel's count of open
+/// transactions is kept in step, as its own transaction manager would.
+pub(super) fn in_transaction<R, E, F>(
+    conn: &mut MysqlConnection,
+    set_level: &str,
+    f: F,
+) -> Result<R, E>
 where
     F: FnOnce(&mut MysqlConnection) -> Result<R, E>,
     E: From<diesel::result::Error>,
 {
-    AnsiTransactionManager::begin_transaction_sql(conn, begin)?;
-    super::finish_transaction(conn, f)
+    if super::diesel_transaction(conn) != super::DieselTransaction::None {
+        return Err(diesel::result::Error::AlreadyInTransaction.into());
+    }
+    diesel::sql_query(set_level).execute(conn)?;
+    diesel::sql_query("BEGIN").execute(conn)?;
+    count_transaction(conn, TransactionDepthChange::IncreaseDepth)?;
+    let result = f(conn);
+    end_transaction(conn, result)
+}
+
+/// Commits the transaction when `result` is `Ok`, rolls it back otherwise, and returns
+/// `result` (or the commit's error).
+fn end_transaction<R, E>(conn: &mut MysqlConnection, result: Result<R, E>) -> Result<R, E>
+where
+    E: From<diesel::result::Error>,
+{
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let ended = diesel::sql_query(end).execute(conn);
+    if ended.is_err() && result.is_ok() {
+        // A failed COMMIT leaves the transaction to roll back.
+        let _ = diesel::sql_query("ROLLBACK").execute(conn);
+    }
+    count_transaction(conn, TransactionDepthChange::DecreaseDepth)?;
+    ended?;
+    result
+}
+
+/// Tells Diesel's transaction manager that a transaction began or ended.
+fn count_transaction(
+    conn: &mut MysqlConnection,
+    change: TransactionDepthChange,
+) -> QueryResult<()> {
+    <AnsiTransactionManager as TransactionManager<MysqlConnection>>::transaction_manager_status_mut(
+        conn,
+    )
+    .transaction_state()?
+    .change_transaction_depth(change)
 }
 
 /// Runs `f` in a READ COMMITTED transaction, whatever the session's default isolation level.
@@ -169,7 +214,7 @@ where
     F: FnOnce(&mut MysqlConnection) -> Result<R, E>,
     E: From<diesel::result::Error>,
 {
-    in_transaction(conn, BEGIN_READ_COMMITTED, f)
+    in_transaction(conn, SET_READ_COMMITTED, f)
 }
 
 /// The error number of the statement that just failed on `conn`, read with
@@ -301,9 +346,10 @@ impl Backend for MysqlConnection {
         .bind::<BigInt, _>(micros(max_age))
         .bind::<BigInt, _>(limit.clamp(0, IN_LIST_MAX as i64))
         .load(self)?;
-        if !rows.is_empty() {
-            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-            diesel::update(dtb_barriers::table.filter(dtb_barriers::id.eq_any(ids)))
+        // Row by row on the primary key: an `IN (...)` list planned as a scan would lock, for a
+        // moment, rows that handlers are claiming.
+        for row in &rows {
+            diesel::update(dtb_barriers::table.find(&row.id))
                 .set(dtb_barriers::pushed_at.eq(sql::<Timestamp>("NOW(6)")))
                 .execute(self)?;
         }
@@ -354,27 +400,30 @@ impl Backend for MysqlConnection {
         F: FnOnce(&mut Self) -> Result<R, E>,
         E: From<diesel::result::Error>,
     {
-        // Begin, lock without waiting and delete in one round trip, then one read of what it
-        // did (the id is a UUID this crate formats, not text from the job). A row that was not
+        // Begin, lock without waiting and delete in one batch, then one read of what it did
+        // (the id is a UUID this crate formats, not text from the job). A row that was not
         // taken is held or gone: roll back and find out which, the slow way.
         let begin = format!(
-            "{BEGIN_READ_COMMITTED}; SET @dtb_claimed = NULL; \
+            "{SET_READ_COMMITTED}; BEGIN; SET @dtb_claimed = NULL; \
              SELECT id INTO @dtb_claimed FROM dtb_barriers WHERE id = '{id}' \
                  FOR UPDATE SKIP LOCKED; \
              DELETE FROM dtb_barriers WHERE id = @dtb_claimed",
             id = id.hyphenated()
         );
         AnsiTransactionManager::begin_transaction_sql(self, &begin)?;
-        let deleted: QueryResult<i64> =
-            diesel::select(sql::<BigInt>("ROW_COUNT()")).get_result(self);
-        if let Ok(1) = deleted {
-            return super::finish_transaction(self, f).map(Claimed::Ran);
+        // (Not `ROW_COUNT()`: the client's switch back from multi-statement mode resets it.)
+        let taken: QueryResult<i64> =
+            diesel::select(sql::<BigInt>("CAST(@dtb_claimed IS NOT NULL AS SIGNED)"))
+                .get_result(self);
+        if let Ok(1) = taken {
+            let result = f(self);
+            return end_transaction(self, result).map(Claimed::Ran);
         }
         // Nothing was written: the rollback undoes nothing.
-        <AnsiTransactionManager as diesel::connection::TransactionManager<Self>>::rollback_transaction(
-            self,
-        )?;
-        deleted?;
+        let rolled_back = diesel::sql_query("ROLLBACK").execute(self);
+        count_transaction(self, TransactionDepthChange::DecreaseDepth)?;
+        rolled_back?;
+        taken?;
         self.worker_transaction(|c| super::claim_then(c, id, f))
     }
 
