@@ -405,7 +405,7 @@ pub(crate) fn bounded_age(age: Duration) -> Duration {
 /// Runs `f` in the transaction just begun on `conn` (with
 /// `AnsiTransactionManager::begin_transaction_sql`), then commits it when `f` returns `Ok` and
 /// rolls it back otherwise, as Diesel's own `transaction` does.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg(feature = "postgres")]
 pub(crate) fn finish_transaction<C, R, E, F>(conn: &mut C, f: F) -> Result<R, E>
 where
     C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager>,

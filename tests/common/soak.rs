@@ -4,7 +4,8 @@
 //! run, every handler must have seen its transaction's writes, and nothing may be left behind.
 //!
 //! `DTB_SOAK_TRANSACTIONS` sets the number of transactions (default 1500: the CI-sized run);
-//! `DTB_SOAK_THREADS` the producer threads (default 4).
+//! `DTB_SOAK_THREADS` the producer threads (default 4), `DTB_SOAK_WORKERS` the workers that
+//! share the queue (default 1).
 
 use super::*;
 use crossbeam_channel::unbounded;
@@ -75,11 +76,18 @@ pub fn soak_with_oracle<D: TestDb>() {
     eprintln!("soak: {transactions} transactions on {threads} threads, seed {seed}");
     let env = Env::<D>::new();
     let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
-        b.workers(4)
-            .max_waiting(64)
-            .block_limit(Duration::from_millis(1500))
-    });
+    let workers: Vec<_> = (0..env_usize("DTB_SOAK_WORKERS", 1).max(1))
+        .map(|_| {
+            env.start_worker_with(handlers::<D>(&tx), |b| {
+                b.workers(4)
+                    .max_waiting(64)
+                    .block_limit(Duration::from_millis(1500))
+            })
+        })
+        .collect();
+    let total = |count: fn(&diesel_transaction_barrier::WorkerMonitor) -> u64| {
+        workers.iter().map(|w| count(&w.monitor)).sum::<u64>()
+    };
     let oracle = Mutex::new(Oracle::default());
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -139,7 +147,9 @@ pub fn soak_with_oracle<D: TestDb>() {
     }
     // Let aborted and duplicate deliveries finish, then look at the final state.
     wait_until("every delivery to settle", EVENTUALLY, || {
-        worker.monitor.waiting() == 0 && worker.monitor.running() == 0
+        workers
+            .iter()
+            .all(|w| w.monitor.waiting() == 0 && w.monitor.running() == 0)
     });
     for r in rx.try_iter() {
         *ran.entry(r.order_id).or_default() += 1;
@@ -196,13 +206,15 @@ pub fn soak_with_oracle<D: TestDb>() {
         }
     }
     eprintln!(
-        "soak: {transactions} transactions, {} jobs ran, monitor: ran {} aborted {} duplicates {} snoozed {} failed {}; violations: {}",
+        "soak: {transactions} transactions, {} jobs ran, {} workers: ran {} aborted {} duplicates {} snoozed {} (overflowed {}) failed {}; violations: {}",
         ran.len(),
-        worker.monitor.ran(),
-        worker.monitor.aborted(),
-        worker.monitor.duplicates(),
-        worker.monitor.snoozed(),
-        worker.monitor.failed(),
+        workers.len(),
+        total(|m| m.ran()),
+        total(|m| m.aborted()),
+        total(|m| m.duplicates()),
+        total(|m| m.snoozed()),
+        total(|m| m.overflowed()),
+        total(|m| m.failed()),
         violations.len()
     );
     assert!(violations.is_empty(), "violations: {violations:#?}");

@@ -14,8 +14,7 @@ mod tests;
 use super::rows::{ReapedRow, UnconsumedRow};
 use super::sealed::Backend;
 use super::{
-    Checked, Claim, Claimed, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction,
-    Unconsumed,
+    Checked, Claim, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction, Unconsumed,
 };
 use crate::error::Error;
 use diesel::connection::{
@@ -393,38 +392,6 @@ impl Backend for MysqlConnection {
         E: From<diesel::result::Error>,
     {
         read_committed(self, f)
-    }
-
-    fn claiming_transaction<R, E, F>(&mut self, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
-    where
-        F: FnOnce(&mut Self) -> Result<R, E>,
-        E: From<diesel::result::Error>,
-    {
-        // Begin, lock without waiting and delete in one batch, then one read of what it did
-        // (the id is a UUID this crate formats, not text from the job). A row that was not
-        // taken is held or gone: roll back and find out which, the slow way.
-        let begin = format!(
-            "{SET_READ_COMMITTED}; BEGIN; SET @dtb_claimed = NULL; \
-             SELECT id INTO @dtb_claimed FROM dtb_barriers WHERE id = '{id}' \
-                 FOR UPDATE SKIP LOCKED; \
-             DELETE FROM dtb_barriers WHERE id = @dtb_claimed",
-            id = id.hyphenated()
-        );
-        AnsiTransactionManager::begin_transaction_sql(self, &begin)?;
-        // (Not `ROW_COUNT()`: the client's switch back from multi-statement mode resets it.)
-        let taken: QueryResult<i64> =
-            diesel::select(sql::<BigInt>("CAST(@dtb_claimed IS NOT NULL AS SIGNED)"))
-                .get_result(self);
-        if let Ok(1) = taken {
-            let result = f(self);
-            return end_transaction(self, result).map(Claimed::Ran);
-        }
-        // Nothing was written: the rollback undoes nothing.
-        let rolled_back = diesel::sql_query("ROLLBACK").execute(self);
-        count_transaction(self, TransactionDepthChange::DecreaseDepth)?;
-        rolled_back?;
-        taken?;
-        self.worker_transaction(|c| super::claim_then(c, id, f))
     }
 
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
