@@ -8,7 +8,7 @@ use diesel::Connection;
 use std::time::Duration;
 
 #[cfg(all(test, feature = "testing"))]
-mod conformance;
+pub(crate) mod conformance;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]

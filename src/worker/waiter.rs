@@ -346,8 +346,17 @@ impl<C: BarrierConnection> Waiter<C> {
                     self.answer(&id, Answer::Committed);
                 }
             }
-            // Every row was held by a handler, whose commit will prove it.
-            Ok(false) => {}
+            // Nothing written: every row is held by a handler (another delivery of the same
+            // barrier) or already gone, consumed by one. Neither needs a proof any longer, and
+            // no commit of the worker's is bound to come after them: check them again, on the
+            // regular schedule, and let that check decide.
+            Ok(false) => {
+                for id in ids {
+                    if let Some(entry) = self.pending.get_mut(&id) {
+                        entry.seen_committed = None;
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "the durability fence failed; reconnecting");
                 self.checker = None;
@@ -584,5 +593,67 @@ mod tests {
         let mut conn = pool.get().unwrap();
         assert_ne!(pid(&mut conn), before, "a new connection");
         assert_eq!(listening(&mut conn), 0);
+    }
+}
+
+#[cfg(all(test, feature = "mysql", feature = "testing"))]
+mod mysql_tests {
+    use super::*;
+    use crate::backend::conformance::new_barrier;
+    use crate::backend::sealed::Backend;
+    use crate::testing::{MysqlTestDatabase, TestDatabase};
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    use diesel::sql_types::Text;
+
+    /// The answer to `rx` within `limit`, if any.
+    fn answer_within(rx: &mut oneshot::Receiver<Answer>, limit: Duration) -> Option<Answer> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match rx.try_recv() {
+                Ok(answer) => return Some(answer),
+                Err(oneshot::error::TryRecvError::Closed) => panic!("the waiter dropped the job"),
+                Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+            }
+        }
+    }
+
+    /// A barrier seen committed while another delivery's handler holds its row, which that
+    /// handler then consumes, is still answered, although no commit of this worker's ever
+    /// proves it (the fence writes nothing to a held row, then nothing to a gone one).
+    #[test]
+    fn a_visible_barrier_that_another_delivery_consumes_is_answered() {
+        let db = MysqlTestDatabase::create();
+        let id = uuid::Uuid::new_v4();
+        let mut producer = db.connect();
+        let inserted = producer
+            .transaction(|c| c.insert_barrier(&new_barrier(&id)))
+            .unwrap();
+        // The other delivery's handler: the row deleted, not yet committed.
+        let mut handler = db.connect();
+        handler.batch_execute("BEGIN").unwrap();
+        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
+            .bind::<Text, _>(id.hyphenated().to_string())
+            .execute(&mut handler)
+            .unwrap();
+        let running = Arc::new(AtomicUsize::new(1));
+        let clock = Arc::new(CommitClock::new());
+        let waiter = start(
+            db.pool(2),
+            Arc::new(AtomicUsize::new(0)),
+            8,
+            clock,
+            Arc::clone(&running),
+        );
+        let (mut rx, _gauge) = waiter.register(id, inserted.txid);
+        // No verdict while the row is held: long enough for several checks and fences.
+        assert_eq!(answer_within(&mut rx, Duration::from_millis(200)), None);
+        handler.batch_execute("COMMIT").unwrap();
+        let answer = answer_within(&mut rx, Duration::from_secs(10));
+        waiter.stop();
+        assert_eq!(answer, Some(Answer::NotCommitted));
     }
 }
