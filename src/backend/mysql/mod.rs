@@ -51,6 +51,12 @@ const VARIABLE_UNKNOWN: u8 = 0;
 const VARIABLE_PRESENT: u8 = 1;
 const VARIABLE_ABSENT: u8 = 2;
 
+/// Whether the server takes MariaDB's `SET STATEMENT ... FOR` (MySQL does not): not tried
+/// yet, yes, no. Learnt as [`IN_TRANSACTION_VARIABLE`] is.
+static SET_STATEMENT: AtomicU8 = AtomicU8::new(VARIABLE_UNKNOWN);
+/// MySQL's error number for a syntax error.
+const ER_PARSE_ERROR: i32 = 1064;
+
 /// How often, in milliseconds, the waiter checks pending barriers.
 const CHECK_INTERVAL_MS: u64 = 2;
 /// The most ids in one `IN (...)` list.
@@ -229,6 +235,72 @@ pub(super) fn last_errno(conn: &mut MysqlConnection) -> QueryResult<Option<i32>>
     Ok(errno)
 }
 
+/// MariaDB's claim, in one statement: the delete takes the row's lock without waiting for it
+/// (a lock wait timeout of 0 fails at once where it would wait). One row deleted is ours, none
+/// is gone, a lock wait timeout means held. `None` where the server does not know
+/// `SET STATEMENT` (MySQL).
+pub(super) fn claim_in_one_statement(
+    conn: &mut MysqlConnection,
+    key: &str,
+) -> QueryResult<Option<Claim>> {
+    let deleted = diesel::sql_query(
+        "SET STATEMENT innodb_lock_wait_timeout = 0 FOR DELETE FROM dtb_barriers WHERE id = ?",
+    )
+    .bind::<Text, _>(key)
+    .execute(conn);
+    match deleted {
+        Ok(n) => {
+            SET_STATEMENT.store(VARIABLE_PRESENT, Ordering::Relaxed);
+            Ok(Some(if n == 1 { Claim::Locked } else { Claim::Gone }))
+        }
+        Err(e) => match last_errno(conn)? {
+            Some(ER_LOCK_WAIT_TIMEOUT) => Ok(Some(Claim::Busy)),
+            Some(ER_PARSE_ERROR) => {
+                SET_STATEMENT.store(VARIABLE_ABSENT, Ordering::Relaxed);
+                Ok(None)
+            }
+            _ => Err(e),
+        },
+    }
+}
+
+/// MySQL's claim: a locking read that skips what is held, then the delete.
+pub(super) fn claim_with_locking_read(conn: &mut MysqlConnection, key: &str) -> QueryResult<Claim> {
+    // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate (or, were
+    // the waiter ever wrong, by its running producer) simply does not come back.
+    let locked = dtb_barriers::table
+        .find(key)
+        .select(dtb_barriers::id)
+        .for_update()
+        .skip_locked()
+        .get_result::<String>(conn)
+        .optional()?;
+    if locked.is_none() {
+        // Held, or gone? A second locking read that refuses to wait tells them apart: one that
+        // meets a lock fails at once, and only an absent row comes back empty. A row let go of
+        // in between is simply taken.
+        let again = dtb_barriers::table
+            .find(key)
+            .select(dtb_barriers::id)
+            .for_update()
+            .no_wait()
+            .get_result::<String>(conn)
+            .optional();
+        match again {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(Claim::Gone),
+            Err(e) => {
+                return match last_errno(conn)? {
+                    Some(ER_LOCK_WAIT_TIMEOUT | ER_LOCK_NOWAIT) => Ok(Claim::Busy),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+    diesel::delete(dtb_barriers::table.find(key)).execute(conn)?;
+    Ok(Claim::Locked)
+}
+
 impl Backend for MysqlConnection {
     const NAME: &'static str = "mysql";
 
@@ -395,43 +467,16 @@ impl Backend for MysqlConnection {
     }
 
     fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
-        let key = id.hyphenated().to_string();
-        // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate (or,
-        // were the waiter ever wrong, by its running producer) simply does not come back.
-        let locked = dtb_barriers::table
-            .find(&key)
-            .select(dtb_barriers::id)
-            .for_update()
-            .skip_locked()
-            .get_result::<String>(self)
-            .optional()?;
-        if locked.is_none() {
-            // Held, or gone? A second locking read that refuses to wait tells them apart: one
-            // that meets a lock fails at once, and only an absent row comes back empty. A row
-            // let go of in between is simply taken.
-            let again = dtb_barriers::table
-                .find(&key)
-                .select(dtb_barriers::id)
-                .for_update()
-                .no_wait()
-                .get_result::<String>(self)
-                .optional();
-            match again {
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(Claim::Gone),
-                Err(e) => {
-                    return match last_errno(self)? {
-                        Some(ER_LOCK_WAIT_TIMEOUT | ER_LOCK_NOWAIT) => Ok(Claim::Busy),
-                        _ => Err(e),
-                    }
-                }
-            }
-        }
         // Deleted now, inside the worker transaction: its commit consumes the barrier together
         // with the handler's writes, its rollback restores it. `claim_holds` checks afterwards
         // that the server did not end the transaction meanwhile.
-        diesel::delete(dtb_barriers::table.find(&key)).execute(self)?;
-        Ok(Claim::Locked)
+        let key = id.hyphenated().to_string();
+        if SET_STATEMENT.load(Ordering::Relaxed) != VARIABLE_ABSENT {
+            if let Some(claim) = claim_in_one_statement(self, &key)? {
+                return Ok(claim);
+            }
+        }
+        claim_with_locking_read(self, &key)
     }
 
     fn claim_holds(&mut self, id: &uuid::Uuid) -> QueryResult<bool> {

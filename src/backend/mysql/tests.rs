@@ -129,3 +129,48 @@ fn transaction_info_reads_innodb_trx_and_the_process_list() {
     producer.join().unwrap();
     assert_eq!(conn.transaction_info(&id, None).unwrap(), None);
 }
+
+/// Both ways of claiming — MariaDB's one statement and MySQL's locking reads — tell a free row
+/// (taken and deleted), a held one (busy) and a gone one apart, without waiting.
+#[test]
+fn both_claims_tell_free_held_and_gone_apart() {
+    type ClaimFn = fn(&mut MysqlConnection, &str) -> QueryResult<Claim>;
+    let one_statement: ClaimFn = |c, key| {
+        Ok(claim_in_one_statement(c, key)?.expect("MariaDB knows SET STATEMENT"))
+    };
+    let db = MysqlTestDatabase::create();
+    for (name, claim) in [
+        ("one statement", one_statement),
+        ("locking reads", claim_with_locking_read as ClaimFn),
+    ] {
+        let id = uuid::Uuid::new_v4();
+        let key = id.hyphenated().to_string();
+        let mut producer = db.connect();
+        producer
+            .transaction(|c| c.insert_barrier(&new_barrier(&id)).map(|_| ()))
+            .unwrap();
+        let mut holder = db.connect();
+        let mut other = db.connect();
+        let held = holder.worker_transaction(|h| {
+            assert_eq!(claim(h, &key)?, Claim::Locked, "{name}: a free row");
+            let started = std::time::Instant::now();
+            let busy = other.worker_transaction(|o| claim(o, &key))?;
+            assert_eq!(busy, Claim::Busy, "{name}: a held row");
+            assert!(started.elapsed() < std::time::Duration::from_millis(500));
+            Err::<(), _>(diesel::result::Error::RollbackTransaction)
+        });
+        assert!(held.is_err());
+        // The holder rolled back: the row is there again, and free.
+        let taken = other.worker_transaction(|o| claim(o, &key)).unwrap();
+        assert_eq!(taken, Claim::Locked, "{name}: a row let go of");
+        let gone = other.worker_transaction(|o| claim(o, &key)).unwrap();
+        assert_eq!(gone, Claim::Gone, "{name}: a consumed row");
+        assert_eq!(
+            i64_of(
+                &mut other,
+                &format!("(SELECT COUNT(*) FROM dtb_barriers WHERE id = '{key}')")
+            ),
+            0
+        );
+    }
+}
