@@ -1,7 +1,8 @@
 //! The Rocket example (`examples/rocket_app.rs`) over HTTP, through Rocket's local client,
 //! against PostgreSQL (`PG_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`,
-//! a schema of its own per test) and Faktory (`FAKTORY_URL`, else the in-process test server),
-//! with a real worker running `send_receipt` on a thread.
+//! a schema of its own per test, reached through the application's `rocket_sync_db_pools`
+//! pool) and Faktory (`FAKTORY_URL`, else the in-process test server), with a real worker
+//! running `send_receipt` on a thread.
 #![cfg(all(feature = "postgres", feature = "testing"))]
 
 #[path = "../examples/rocket_app.rs"]
@@ -20,14 +21,6 @@ use rocket::http::{ContentType, Status};
 use rocket::local::blocking::Client;
 use std::time::Duration;
 
-/// A schema of its own with the barrier table and the shop's tables (not the scenarios'
-/// ones); dropped at the end.
-fn shop_schema() -> Pg {
-    let db = Pg::wrap(PgTestSchema::create_unmigrated());
-    app::setup(&mut db.connect()).expect("migrations and tables");
-    db
-}
-
 /// The shop behind Rocket's local client, and its worker on a thread of its own.
 struct Shop {
     client: Client,
@@ -40,18 +33,41 @@ struct Shop {
 
 impl Shop {
     fn open() -> Shop {
-        let db = shop_schema();
+        // An empty schema of its own: the application creates its tables when it ignites.
+        let db = Pg::wrap(PgTestSchema::create_unmigrated());
         let faktory = TestFaktory::from_env_or_start().expect("faktory");
         let queue = faktory.unique_queue("shop");
         let producer = Producer::connect(&faktory.url()).expect("producer");
 
-        let config = rocket::Config {
-            log_level: rocket::config::LogLevel::Off,
-            cli_colors: false,
-            ..rocket::Config::debug_default()
-        };
-        let rocket = app::rocket(db.pool(4), producer, queue.clone()).configure(config);
-        let client = Client::tracked(rocket).expect("the application ignites");
+        // The application as its `main` builds it, with this test's database URL (the schema
+        // is chosen by the URL's `options=-csearch_path%3D...`); the test only quiets the logs
+        // and keeps the pool small.
+        let rocket = app::rocket(&db.url(), producer, queue.clone());
+        let figment = rocket
+            .figment()
+            .clone()
+            .merge((rocket::Config::LOG_LEVEL, rocket::config::LogLevel::Off))
+            .merge((rocket::Config::CLI_COLORS, false))
+            .merge((format!("databases.{}.pool_size", app::DATABASE), 4));
+        let client = Client::tracked(rocket.configure(figment)).expect("the application ignites");
+
+        // rocket_sync_db_pools passed the URL to r2d2 and Diesel as it was: the tables were
+        // created in this test's schema.
+        let url: String = client
+            .rocket()
+            .figment()
+            .extract_inner(&format!("databases.{}.url", app::DATABASE))
+            .expect("the database URL is configured");
+        assert_eq!(url, db.url());
+        let tables = Pg::query_i64(
+            &mut db.connect(),
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{}' \
+                 AND table_name IN ('orders', 'receipts', 'dtb_barriers')",
+                db.database().name()
+            ),
+        );
+        assert_eq!(tables, Some(3), "the application's tables are in the test's schema");
 
         // The worker's handler is the example's, reporting each receipt to the test.
         let (tx, receipts) = unbounded();
@@ -193,6 +209,15 @@ fn committed_payment_sends_its_receipt_after_commit() {
 fn payment_refused_after_enqueue_rolls_back_and_its_job_never_runs() {
     let mut shop = Shop::open();
     let id = next_id();
+    let pending = app::Order {
+        id,
+        status: "pending".into(),
+        amount: 0,
+    };
+    Pg::exec(
+        &mut shop.db.connect(),
+        &format!("INSERT INTO orders (id, status, amount) VALUES ({id}, 'pending', 0)"),
+    );
 
     let pushed_before = shop.pushed();
     let (status, body) = shop.pay(id, -5);
@@ -210,9 +235,12 @@ fn payment_refused_after_enqueue_rolls_back_and_its_job_never_runs() {
         );
     }
 
-    // Nothing of the transaction is visible.
+    // Nothing of the transaction is visible: the order is still unpaid.
     let (status, body) = shop.get_order(id);
-    assert_eq!(status, Status::NotFound, "{body}");
+    assert_eq!(status, Status::Ok, "{body}");
+    let order: app::Order = serde_json::from_str(&body).expect("an Order body");
+    assert_eq!(order, pending);
+    assert_eq!(shop.db.barrier_rows(), 0, "the barrier row was rolled back");
 
     // The job reached the worker, which found its transaction rolled back.
     let others = shop.drain_with_sentinel();
