@@ -93,7 +93,18 @@ pub fn database_url() -> String {
 }
 
 /// Creates the barrier table and the application's tables if they are missing.
+///
+/// The application and its worker may start together, and PostgreSQL's `CREATE ... IF NOT
+/// EXISTS` is not safe against a concurrent creation: an advisory lock makes the second one
+/// wait for the first.
 pub fn setup(conn: &mut PgConnection) -> Result<(), BoxError> {
+    conn.batch_execute("SELECT pg_advisory_lock(hashtext('rocket_app setup'))")?;
+    let created = create_tables(conn);
+    conn.batch_execute("SELECT pg_advisory_unlock(hashtext('rocket_app setup'))")?;
+    created
+}
+
+fn create_tables(conn: &mut PgConnection) -> Result<(), BoxError> {
     diesel_transaction_barrier::run_migrations(conn)?;
     conn.batch_execute(
         "CREATE TABLE IF NOT EXISTS orders (
@@ -251,7 +262,7 @@ async fn order(db: Db, id: i64) -> Answer<Order> {
 }
 
 /// Runs [`setup`] on one of the pool's connections before the application launches.
-async fn create_tables(rocket: Rocket<Build>) -> fairing::Result {
+async fn setup_on_ignite(rocket: Rocket<Build>) -> fairing::Result {
     let Some(db) = Db::get_one(&rocket).await else {
         rocket::error!("no connection to database {DATABASE}");
         return Err(rocket);
@@ -272,7 +283,7 @@ pub fn rocket(database_url: &str, producer: Producer, queue: impl Into<String>) 
         rocket::Config::figment().merge((format!("databases.{DATABASE}.url"), database_url));
     rocket::custom(figment)
         .attach(Db::fairing())
-        .attach(AdHoc::try_on_ignite("create the tables", create_tables))
+        .attach(AdHoc::try_on_ignite("create the tables", setup_on_ignite))
         .manage(Receipts {
             producer,
             queue: queue.into(),
