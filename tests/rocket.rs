@@ -67,7 +67,11 @@ impl Shop {
                 db.database().name()
             ),
         );
-        assert_eq!(tables, Some(3), "the application's tables are in the test's schema");
+        assert_eq!(
+            tables,
+            Some(3),
+            "the application's tables are in the test's schema"
+        );
 
         // The worker's handler is the example's, reporting each receipt to the test.
         let (tx, receipts) = unbounded();
