@@ -190,7 +190,7 @@ impl PayError {
 /// What the routes share besides the database: the Faktory producer and the queue that receipt
 /// jobs go to. Cheap to clone (the producer is a handle on a shared pool).
 #[derive(Debug, Clone)]
-pub struct Receipts {
+pub struct ReceiptJobs {
     producer: Producer,
     queue: String,
 }
@@ -209,11 +209,11 @@ fn problem(status: Status, error: impl ToString) -> Custom<Json<Problem>> {
 /// Pays order `<id>`: one transaction that writes the order, enqueues its receipt, and
 /// validates the amount last.
 #[rocket::post("/orders/<id>/pay", format = "json", data = "<payment>")]
-async fn pay(db: Db, receipts: &State<Receipts>, id: i64, payment: Json<Payment>) -> Answer<Paid> {
+async fn pay(db: Db, jobs: &State<ReceiptJobs>, id: i64, payment: Json<Payment>) -> Answer<Paid> {
     let amount = payment.amount;
-    // The closure runs on another thread, after this borrow of the managed state has ended:
-    // it takes a handle of its own on the producer.
-    let Receipts { producer, queue } = receipts.inner().clone();
+    // `run` sends the closure to a blocking thread, so the closure owns what it uses: clones of
+    // the producer (a handle on a shared pool) and of the queue's name.
+    let ReceiptJobs { producer, queue } = jobs.inner().clone();
     db.run(move |c| {
         c.transaction(|c| {
             let order: Order = diesel::insert_into(orders::table)
@@ -284,7 +284,7 @@ pub fn rocket(database_url: &str, producer: Producer, queue: impl Into<String>) 
     rocket::custom(figment)
         .attach(Db::fairing())
         .attach(AdHoc::try_on_ignite("create the tables", setup_on_ignite))
-        .manage(Receipts {
+        .manage(ReceiptJobs {
             producer,
             queue: queue.into(),
         })
