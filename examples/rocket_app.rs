@@ -6,9 +6,28 @@
 //! transaction back — the order is not paid, and the receipt job, already in Faktory, finds no
 //! barrier and never runs. `GET /orders/<id>` shows what was committed.
 //!
-//! Diesel is synchronous, so the handler runs the transaction on Tokio's blocking pool
-//! (`spawn_blocking`) with a connection from an r2d2 pool kept in Rocket's managed state; the
-//! [`Producer`] is synchronous too and is meant to be called from such a thread.
+//! The database is reached the way Rocket applications reach a synchronous database, through
+//! `rocket_sync_db_pools` (feature `diesel_postgres_pool`):
+//!
+//! ```rust,ignore
+//! #[database("orders_db")]
+//! pub struct Db(PgConnection);
+//!
+//! // In a route that takes `db: Db` and `producer: Producer` (cloned from managed state):
+//! db.run(move |c| {
+//!     c.transaction(|c| {
+//!         // ... the order's writes ...
+//!         c.enqueue_with_barrier(&producer, Job::new(SEND_RECEIPT, vec![id]))
+//!     })
+//! })
+//! .await
+//! ```
+//!
+//! `run` hands the closure a pooled connection on Tokio's blocking pool; the [`Producer`] is
+//! synchronous too, and cheap to clone. The pool's URL is Rocket configuration,
+//! `databases.orders_db.url`: `main` passes `DATABASE_URL` (else the local test database) to
+//! `rocket()`, which merges it into Rocket's figment; `Rocket.toml` or `ROCKET_DATABASES` can
+//! set the pool's other keys (`pool_size`, `timeout`).
 //!
 //! Run it with the worker (`examples/rocket_worker.rs`) beside it:
 //!
@@ -18,6 +37,7 @@
 //! cargo run --example rocket_app
 //! curl -X POST -H 'Content-Type: application/json' -d '{"amount": 42}' localhost:8000/orders/1/pay
 //! curl -X POST -H 'Content-Type: application/json' -d '{"amount": -1}' localhost:8000/orders/2/pay
+//! curl localhost:8000/orders/1
 //! ```
 //!
 //! `tests/rocket.rs` drives the same application through Rocket's local client.
@@ -25,13 +45,14 @@
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool, PoolError};
 use diesel_transaction_barrier::{BoxError, EnqueueWithBarrier, Job, Producer};
+use rocket::fairing::{self, AdHoc};
 use rocket::http::Status;
 use rocket::response::status::Custom;
 use rocket::serde::json::Json;
 use rocket::serde::{Deserialize, Serialize};
 use rocket::{Build, Rocket, State};
+use rocket_sync_db_pools::database;
 
 /// The job kind that the worker registers.
 pub const SEND_RECEIPT: &str = "send_receipt";
@@ -39,8 +60,13 @@ pub const SEND_RECEIPT: &str = "send_receipt";
 /// The queue the application pushes to and the worker reads.
 pub const QUEUE: &str = "default";
 
-/// The application's database pool.
-pub type DbPool = Pool<ConnectionManager<PgConnection>>;
+/// The name of the application's database in Rocket's configuration (`databases.orders_db`).
+pub const DATABASE: &str = "orders_db";
+
+/// A connection from the application's pool: a request guard that waits for a free
+/// connection (`503 Service Unavailable` after the pool's `timeout`).
+#[database("orders_db")]
+pub struct Db(PgConnection);
 
 diesel::table! {
     orders (id) {
@@ -67,7 +93,18 @@ pub fn database_url() -> String {
 }
 
 /// Creates the barrier table and the application's tables if they are missing.
+///
+/// The application and its worker may start together, and PostgreSQL's `CREATE ... IF NOT
+/// EXISTS` is not safe against a concurrent creation: an advisory lock makes the second one
+/// wait for the first.
 pub fn setup(conn: &mut PgConnection) -> Result<(), BoxError> {
+    conn.batch_execute("SELECT pg_advisory_lock(hashtext('rocket_app setup'))")?;
+    let created = create_tables(conn);
+    conn.batch_execute("SELECT pg_advisory_unlock(hashtext('rocket_app setup'))")?;
+    created
+}
+
+fn create_tables(conn: &mut PgConnection) -> Result<(), BoxError> {
     diesel_transaction_barrier::run_migrations(conn)?;
     conn.batch_execute(
         "CREATE TABLE IF NOT EXISTS orders (
@@ -134,9 +171,6 @@ pub enum PayError {
     /// A query failed (500).
     #[error("database error: {0}")]
     Database(#[from] diesel::result::Error),
-    /// No database connection could be had in time (503).
-    #[error("no database connection: {0}")]
-    Pool(#[from] PoolError),
 }
 
 impl PayError {
@@ -147,61 +181,18 @@ impl PayError {
             PayError::Enqueue(
                 diesel_transaction_barrier::Error::Faktory(_)
                 | diesel_transaction_barrier::Error::FaktoryTimeout(_),
-            )
-            | PayError::Pool(_) => Status::ServiceUnavailable,
+            ) => Status::ServiceUnavailable,
             _ => Status::InternalServerError,
         }
     }
 }
 
-/// The application's state: its database pool, its Faktory producer and the queue it pushes
-/// to. Cheap to clone (each part is shared).
+/// What the routes share besides the database: the Faktory producer and the queue that receipt
+/// jobs go to. Cheap to clone (the producer is a handle on a shared pool).
 #[derive(Debug, Clone)]
-pub struct App {
-    pool: DbPool,
+pub struct ReceiptJobs {
     producer: Producer,
     queue: String,
-}
-
-impl App {
-    /// Pays order `id` with `amount`: one transaction that writes the order, enqueues its
-    /// receipt, and validates the amount last. Blocks: call it on a blocking thread.
-    pub fn pay(&self, id: i64, amount: i64) -> Result<Paid, PayError> {
-        let mut conn = self.pool.get()?;
-        conn.transaction(|conn| {
-            let order: Order = diesel::insert_into(orders::table)
-                .values((
-                    orders::id.eq(id),
-                    orders::status.eq("paid"),
-                    orders::amount.eq(amount),
-                ))
-                .on_conflict(orders::id)
-                .do_update()
-                .set((orders::status.eq("paid"), orders::amount.eq(amount)))
-                .returning((orders::id, orders::status, orders::amount))
-                .get_result(conn)?;
-            let job = Job::new(SEND_RECEIPT, vec![id]).on_queue(self.queue.as_str());
-            let jid = conn.enqueue_with_barrier(&self.producer, job)?;
-            // Some checks can only run late (a fraud score, a stock count, a constraint checked
-            // at the end). Failing one rolls everything back, the barrier row included: the job
-            // that is already in Faktory then never runs.
-            if amount <= 0 {
-                return Err(PayError::Invalid(format!(
-                    "amount must be positive, got {amount}"
-                )));
-            }
-            Ok(Paid {
-                order,
-                receipt_jid: jid.to_string(),
-            })
-        })
-    }
-
-    /// Reads order `id` as committed.
-    pub fn order(&self, id: i64) -> Result<Option<Order>, PayError> {
-        let mut conn = self.pool.get()?;
-        Ok(orders::table.find(id).first(&mut conn).optional()?)
-    }
 }
 
 type Answer<T> = Result<Json<T>, Custom<Json<Problem>>>;
@@ -215,39 +206,85 @@ fn problem(status: Status, error: impl ToString) -> Custom<Json<Problem>> {
     )
 }
 
-/// Runs `f` with the application state on Tokio's blocking pool.
-async fn blocking<T, F>(app: &State<App>, f: F) -> Answer<T>
-where
-    T: Send + 'static,
-    F: FnOnce(&App) -> Result<T, PayError> + Send + 'static,
-{
-    let app = app.inner().clone();
-    match rocket::tokio::task::spawn_blocking(move || f(&app)).await {
-        Ok(Ok(value)) => Ok(Json(value)),
-        Ok(Err(e)) => Err(problem(e.status(), e)),
-        Err(e) => Err(problem(Status::InternalServerError, e)),
-    }
-}
-
+/// Pays order `<id>`: one transaction that writes the order, enqueues its receipt, and
+/// validates the amount last.
 #[rocket::post("/orders/<id>/pay", format = "json", data = "<payment>")]
-async fn pay(id: i64, payment: Json<Payment>, app: &State<App>) -> Answer<Paid> {
+async fn pay(db: Db, jobs: &State<ReceiptJobs>, id: i64, payment: Json<Payment>) -> Answer<Paid> {
     let amount = payment.amount;
-    blocking(app, move |app| app.pay(id, amount)).await
+    // `run` sends the closure to a blocking thread, so the closure owns what it uses: clones of
+    // the producer (a handle on a shared pool) and of the queue's name.
+    let ReceiptJobs { producer, queue } = jobs.inner().clone();
+    db.run(move |c| {
+        c.transaction(|c| {
+            let order: Order = diesel::insert_into(orders::table)
+                .values((
+                    orders::id.eq(id),
+                    orders::status.eq("paid"),
+                    orders::amount.eq(amount),
+                ))
+                .on_conflict(orders::id)
+                .do_update()
+                .set((orders::status.eq("paid"), orders::amount.eq(amount)))
+                .returning((orders::id, orders::status, orders::amount))
+                .get_result(c)?;
+            let job = Job::new(SEND_RECEIPT, vec![id]).on_queue(queue.as_str());
+            let jid = c.enqueue_with_barrier(&producer, job)?;
+            // Some checks can only run late (a fraud score, a stock count, a constraint checked
+            // at the end). Failing one rolls everything back, the barrier row included: the job
+            // that is already in Faktory then never runs.
+            if amount <= 0 {
+                return Err(PayError::Invalid(format!(
+                    "amount must be positive, got {amount}"
+                )));
+            }
+            Ok(Paid {
+                order,
+                receipt_jid: jid.to_string(),
+            })
+        })
+    })
+    .await
+    .map(Json)
+    .map_err(|e| problem(e.status(), e))
 }
 
+/// Order `<id>` as committed.
 #[rocket::get("/orders/<id>")]
-async fn order(id: i64, app: &State<App>) -> Answer<Order> {
-    match blocking(app, move |app| app.order(id)).await? {
-        Json(Some(order)) => Ok(Json(order)),
-        Json(None) => Err(problem(Status::NotFound, format!("no order {id}"))),
+async fn order(db: Db, id: i64) -> Answer<Order> {
+    match db
+        .run(move |c| orders::table.find(id).first::<Order>(c).optional())
+        .await
+    {
+        Ok(Some(order)) => Ok(Json(order)),
+        Ok(None) => Err(problem(Status::NotFound, format!("no order {id}"))),
+        Err(e) => Err(problem(Status::InternalServerError, PayError::Database(e))),
     }
 }
 
-/// The application: routes and state. `queue` is where receipt jobs are pushed.
-pub fn rocket(pool: DbPool, producer: Producer, queue: impl Into<String>) -> Rocket<Build> {
-    rocket::build()
-        .manage(App {
-            pool,
+/// Runs [`setup`] on one of the pool's connections before the application launches.
+async fn setup_on_ignite(rocket: Rocket<Build>) -> fairing::Result {
+    let Some(db) = Db::get_one(&rocket).await else {
+        rocket::error!("no connection to database {DATABASE}");
+        return Err(rocket);
+    };
+    match db.run(|c| setup(c).map_err(|e| e.to_string())).await {
+        Ok(()) => Ok(rocket),
+        Err(e) => {
+            rocket::error!("cannot create the tables of database {DATABASE}: {e}");
+            Err(rocket)
+        }
+    }
+}
+
+/// The application: its database pool (at `database_url`, over Rocket's configuration), the
+/// tables it needs, its routes, and the producer that pushes receipt jobs to `queue`.
+pub fn rocket(database_url: &str, producer: Producer, queue: impl Into<String>) -> Rocket<Build> {
+    let figment =
+        rocket::Config::figment().merge((format!("databases.{DATABASE}.url"), database_url));
+    rocket::custom(figment)
+        .attach(Db::fairing())
+        .attach(AdHoc::try_on_ignite("create the tables", setup_on_ignite))
+        .manage(ReceiptJobs {
             producer,
             queue: queue.into(),
         })
@@ -291,12 +328,8 @@ pub fn send_receipt(job: &Job, conn: &mut PgConnection) -> Result<Receipt, BoxEr
 }
 
 fn main() -> Result<(), BoxError> {
-    let pool = Pool::builder()
-        .max_size(8)
-        .build(ConnectionManager::new(database_url()))?;
-    setup(&mut *pool.get()?)?;
     // FAKTORY_URL, else tcp://localhost:7419.
     let producer = Producer::from_env()?;
-    rocket::execute(rocket(pool, producer, QUEUE).launch())?;
+    rocket::execute(rocket(&database_url(), producer, QUEUE).launch())?;
     Ok(())
 }
