@@ -119,9 +119,17 @@ fn transaction_info_reads_innodb_trx_and_the_process_list() {
     );
     let id = uuid::Uuid::new_v4();
     let (end, producer, txid) = open_producer(&db, id);
-    // innodb_trx is a cache refreshed once nobody has read it for 100 ms.
-    std::thread::sleep(Duration::from_millis(250));
-    let info = conn.transaction_info(&id, Some(&txid)).unwrap().unwrap();
+    // innodb_trx is a cache, refreshed only once nobody has read it for 100 ms (each read
+    // restarts that wait, and other tests read it too): read it, 250 ms apart, until it shows
+    // the transaction.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let info = conn.transaction_info(&id, Some(&txid)).unwrap().unwrap();
+        if info.contains("RUNNING") || std::time::Instant::now() > deadline {
+            break info;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert!(info.contains(&format!("MySQL thread {txid}")), "{info}");
     assert!(info.contains("RUNNING"), "{info}");
     assert!(info.contains(&format!("KILL {txid}")), "{info}");
@@ -135,9 +143,8 @@ fn transaction_info_reads_innodb_trx_and_the_process_list() {
 #[test]
 fn both_claims_tell_free_held_and_gone_apart() {
     type ClaimFn = fn(&mut MysqlConnection, &str) -> QueryResult<Claim>;
-    let one_statement: ClaimFn = |c, key| {
-        Ok(claim_in_one_statement(c, key)?.expect("MariaDB knows SET STATEMENT"))
-    };
+    let one_statement: ClaimFn =
+        |c, key| Ok(claim_in_one_statement(c, key)?.expect("MariaDB knows SET STATEMENT"));
     let db = MysqlTestDatabase::create();
     for (name, claim) in [
         ("one statement", one_statement),
