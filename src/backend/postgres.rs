@@ -467,6 +467,10 @@ impl Backend for PgConnection {
         })
     }
 
+    fn list_barriers(&mut self, limit: i64) -> QueryResult<super::inspect::Listing> {
+        super::inspect::postgres::list(self, limit)
+    }
+
     fn transaction_info(
         &mut self,
         _id: &uuid::Uuid,

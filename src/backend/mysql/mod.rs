@@ -449,6 +449,10 @@ impl Backend for MysqlConnection {
         Ok(row.remaining == 0 && row.in_transaction.is_none_or(|t| t == 1))
     }
 
+    fn list_barriers(&mut self, limit: i64) -> QueryResult<super::inspect::Listing> {
+        super::inspect::mysql::list(self, limit)
+    }
+
     fn transaction_info(
         &mut self,
         _id: &uuid::Uuid,

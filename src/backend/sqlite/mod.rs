@@ -342,6 +342,10 @@ impl Backend for SqliteConnection {
         )
     }
 
+    fn list_barriers(&mut self, limit: i64) -> QueryResult<super::inspect::Listing> {
+        super::inspect::sqlite::list(self, limit)
+    }
+
     fn transaction_info(
         &mut self,
         _id: &uuid::Uuid,
