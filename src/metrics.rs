@@ -87,21 +87,40 @@ mod record {
         ONCE.call_once(|| {
             use super::*;
             let counters = [
-                (JOBS_PROCESSED, "Deliveries processed to the end, whatever the outcome."),
+                (
+                    JOBS_PROCESSED,
+                    "Deliveries processed to the end, whatever the outcome.",
+                ),
                 (JOBS_RAN, "Handlers that ran to success."),
                 (JOBS_ABORTED, "Jobs whose transaction did not commit."),
-                (JOBS_DUPLICATE, "Deliveries skipped: another delivery consumed the barrier."),
-                (JOBS_SNOOZED, "Deliveries handed back to Faktory without running."),
-                (JOBS_OVERFLOWED, "Deliveries handed back: max_waiting jobs already waited."),
+                (
+                    JOBS_DUPLICATE,
+                    "Deliveries skipped: another delivery consumed the barrier.",
+                ),
+                (
+                    JOBS_SNOOZED,
+                    "Deliveries handed back to Faktory without running.",
+                ),
+                (
+                    JOBS_OVERFLOWED,
+                    "Deliveries handed back: max_waiting jobs already waited.",
+                ),
                 (JOBS_TIMED_OUT, "Jobs failed with BarrierTimeout."),
-                (JOBS_FAILED, "Deliveries that ended in a failure reported to Faktory."),
+                (
+                    JOBS_FAILED,
+                    "Deliveries that ended in a failure reported to Faktory.",
+                ),
                 (BARRIERS_REAPED, "Barrier rows deleted by the reaper."),
                 (JOBS_REPUSHED, "Jobs pushed again by the reconciler."),
             ];
             for (name, help) in counters {
                 describe_counter!(name, Unit::Count, help);
             }
-            describe_gauge!(JOBS_WAITING, Unit::Count, "Jobs waiting for their transactions.");
+            describe_gauge!(
+                JOBS_WAITING,
+                Unit::Count,
+                "Jobs waiting for their transactions."
+            );
             describe_gauge!(HANDLERS_RUNNING, Unit::Count, "Handlers running.");
             describe_histogram!(
                 BARRIER_WAIT_SECONDS,

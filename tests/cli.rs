@@ -137,7 +137,10 @@ fn status_reap_and_reconcile<B: Backend>() {
 
     // A worker's transaction consuming the waiting barrier (deleting it through its primary
     // key, as a worker does), and a producer whose transaction is still open, while dtb looks.
-    let waiting_id = barrier(&report, &waiting)["id"].as_str().unwrap().to_string();
+    let waiting_id = barrier(&report, &waiting)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut producer_conn = db.connect();
     let mut pending = None;
     let mut looked = None;
@@ -146,7 +149,8 @@ fn status_reap_and_reconcile<B: Backend>() {
             "DELETE FROM dtb_barriers WHERE id = '{waiting_id}'"
         ))?;
         producer_conn.transaction(|c| {
-            let jid = c.enqueue_with_barrier(&producer, Job::new("invoice", vec![2]).on_queue(&queue))?;
+            let jid =
+                c.enqueue_with_barrier(&producer, Job::new("invoice", vec![2]).on_queue(&queue))?;
             pending = Some(jid.as_str().to_string());
             let text = dtb(&["--database-url", &url, "status", "--grace", "1d"]);
             let json = status_json(&url, &["--older-than", "1d", "--grace", "1h"]);
@@ -162,9 +166,7 @@ fn status_reap_and_reconcile<B: Backend>() {
     let shown = stdout(&text);
     assert_eq!(code(&text), 1, "{shown}{}", stderr(&text));
     assert!(
-        shown.contains(
-            "PROBLEMS: 2 (1 older than 1h00m, 1 committed but not consumed within 1d00h)"
-        ),
+        shown.contains("PROBLEMS: 2 (1 older than 1h, 1 committed but not consumed within 1d)"),
         "{shown}"
     );
     let line = |jid: &str| {
@@ -176,7 +178,7 @@ fn status_reap_and_reconcile<B: Backend>() {
     };
     assert!(line(&old).starts_with("old "), "{shown}");
     assert!(line(&old).contains("refund"), "{shown}");
-    assert!(line(&old).contains("3d00h"), "{shown}");
+    assert!(line(&old).contains("  3d  "), "{shown}");
     // Under a grace of a day, the job pushed two days ago is still unconsumed.
     assert!(line(&unconsumed).starts_with("unconsumed "), "{shown}");
     assert!(line(&waiting).starts_with("consuming "), "{shown}");
@@ -254,7 +256,7 @@ fn status_reap_and_reconcile<B: Backend>() {
     assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
     assert_eq!(
         stdout(&out).trim(),
-        "pushed 1 job again (committed, not consumed within 1h00m)"
+        "pushed 1 job again (committed, not consumed within 1h)"
     );
     if let (Some(server), Some(before)) = (faktory.server_or_skip("the queue's size"), before) {
         assert_eq!(server.queue_size(&queue), before + 1);
@@ -265,7 +267,7 @@ fn status_reap_and_reconcile<B: Backend>() {
     // The reaper deletes the old one; what is left is no problem.
     let out = dtb(&["--database-url", &url, "reap", "--older-than", "1d"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), "reaped 1 barrier older than 1d00h");
+    assert_eq!(stdout(&out).trim(), "reaped 1 barrier older than 1d");
     let (exit, report) = status_json(&url, &["--older-than", "1d", "--grace", "1h"]);
     assert_eq!(exit, 0, "{report:#}");
     assert_eq!(report["total"], 2, "{report:#}");
@@ -346,4 +348,54 @@ fn no_database_exits_2() {
     let out = dtb(&["--help"]);
     assert_eq!(code(&out), 0);
     assert!(stdout(&out).contains("Exit codes"), "{}", stdout(&out));
+}
+
+/// SQLite: committed rows only, by file path; a path with no file is refused rather than
+/// created.
+#[cfg(feature = "sqlite")]
+#[test]
+fn sqlite_status_and_reap() {
+    use diesel_transaction_barrier::testing::SqliteTestFile;
+    let db = SqliteTestFile::create();
+    let url = db.url();
+    let faktory = TestFaktory::from_env_or_start().expect("faktory");
+    let queue = faktory.unique_queue("dtb-cli");
+    let producer = Producer::connect(&faktory.url()).expect("producer");
+    let mut conn = db.connect();
+    let old = conn
+        .transaction(|c| {
+            c.enqueue_with_barrier(&producer, Job::new("refund", vec![1]).on_queue(&queue))
+                .map(|jid| jid.as_str().to_string())
+        })
+        .expect("commit");
+    conn.batch_execute(
+        "UPDATE dtb_barriers SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-3 days')",
+    )
+    .expect("age the barrier");
+    let (exit, report) = status_json(&url, &[]);
+    assert_eq!(exit, 1, "{report:#}");
+    assert_eq!(report["backend"], "sqlite");
+    assert_eq!(barrier(&report, &old)["category"], "old");
+    assert_eq!(barrier(&report, &old)["job_kind"], "refund");
+    let out = dtb(&[
+        "--database-url",
+        &format!("sqlite://{url}"),
+        "reap",
+        "--older-than",
+        "1d",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "reaped 1 barrier older than 1d");
+    let (exit, report) = status_json(&url, &[]);
+    assert_eq!((exit, &report["total"]), (0, &serde_json::json!(0)));
+
+    let missing = db.path().with_file_name("missing.db");
+    let out = dtb(&["--database-url", missing.to_str().unwrap(), "status"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("no SQLite database file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!missing.exists());
 }

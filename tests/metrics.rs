@@ -71,7 +71,9 @@ impl Totals {
 
     fn samples(&self, verdict: &str) -> &[f64] {
         self.histograms
-            .get(&format!("{BARRIER_WAIT_SECONDS}{{{VERDICT_LABEL}={verdict}}}"))
+            .get(&format!(
+                "{BARRIER_WAIT_SECONDS}{{{VERDICT_LABEL}={verdict}}}"
+            ))
             .map_or(&[], Vec::as_slice)
     }
 }

@@ -259,10 +259,7 @@ pub(super) mod mysql {
     /// producers, and a plain read right after it which rows have a committed version. A row
     /// only the first read sees is pending; one only the second sees is being deleted by a
     /// worker's open transaction (the handler is running). Neither read takes a lock.
-    pub(in crate::backend) fn list(
-        conn: &mut MysqlConnection,
-        limit: i64,
-    ) -> QueryResult<Listing> {
+    pub(in crate::backend) fn list(conn: &mut MysqlConnection, limit: i64) -> QueryResult<Listing> {
         let all: Vec<ListedRow> = in_transaction(conn, SET_READ_UNCOMMITTED, |c| {
             diesel::sql_query(LIST).bind::<BigInt, _>(limit).load(c)
         })?;

@@ -33,11 +33,7 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
             "m" | "min" => Duration::from_secs(60),
             "h" => Duration::from_secs(60 * 60),
             "d" => Duration::from_secs(24 * 60 * 60),
-            other => {
-                return Err(format!(
-                    "{text:?}: unknown unit {other:?} (ms, s, m, h, d)"
-                ))
-            }
+            other => return Err(format!("{text:?}: unknown unit {other:?} (ms, s, m, h, d)")),
         };
         let part = u32::try_from(n)
             .ok()
@@ -51,24 +47,28 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// `d` in at most two units: `850ms`, `42s`, `4m05s`, `2h03m`, `3d04h`.
+/// `d` in at most two units: `850ms`, `42s`, `4m05s`, `2h03m`, `3d04h`; a second unit that
+/// is zero is left out (`15m`, `1h`, `30d`).
 pub(crate) fn format(d: Duration) -> String {
     let secs = d.as_secs();
     if secs < 1 {
         return format!("{}ms", d.as_millis());
     }
-    let (days, hours, minutes, seconds) = (
-        secs / 86_400,
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60,
-    );
+    let (days, hours, minutes, seconds) =
+        (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let two = |big: u64, big_unit: &str, small: u64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{big_unit}")
+        } else {
+            format!("{big}{big_unit}{small:02}{small_unit}")
+        }
+    };
     if days > 0 {
-        format!("{days}d{hours:02}h")
+        two(days, "d", hours, "h")
     } else if hours > 0 {
-        format!("{hours}h{minutes:02}m")
+        two(hours, "h", minutes, "m")
     } else if minutes > 0 {
-        format!("{minutes}m{seconds:02}s")
+        two(minutes, "m", seconds, "s")
     } else {
         format!("{seconds}s")
     }
@@ -90,7 +90,15 @@ mod tests {
         assert_eq!(parse("7d"), Ok(s(7 * 86_400)));
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse(" 0 "), Ok(Duration::ZERO));
-        for bad in ["", "m", "10x", "1h30", "-5s", "1.5h", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "m",
+            "10x",
+            "1h30",
+            "-5s",
+            "1.5h",
+            "99999999999999999999s",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should not parse");
         }
     }
@@ -103,5 +111,8 @@ mod tests {
         assert_eq!(format(s(245)), "4m05s");
         assert_eq!(format(s(2 * 3600 + 180)), "2h03m");
         assert_eq!(format(s(3 * 86_400 + 4 * 3600 + 59)), "3d04h");
+        assert_eq!(format(s(15 * 60)), "15m");
+        assert_eq!(format(s(3600 + 59)), "1h");
+        assert_eq!(format(s(30 * 86_400)), "30d");
     }
 }

@@ -184,11 +184,14 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, Failure> {
         }
         Some("sqlite") | Some("file") | None => {
             #[cfg(feature = "sqlite")]
-            return run_on::<diesel::sqlite::SqliteConnection>(
-                url.strip_prefix("sqlite://").unwrap_or(url),
-                &cli.command,
-                out,
-            );
+            {
+                let path = url.strip_prefix("sqlite://").unwrap_or(url);
+                // Opening a file that is not there would create an empty database.
+                if !path.starts_with("file:") && !std::path::Path::new(path).is_file() {
+                    return Err(Failure(format!("no SQLite database file at {path:?}")));
+                }
+                return run_on::<diesel::sqlite::SqliteConnection>(path, &cli.command, out);
+            }
             #[cfg(not(feature = "sqlite"))]
             return Err(missing_backend("sqlite"));
         }
@@ -258,8 +261,7 @@ fn run_on<C: BarrierConnection>(
             let producer = builder
                 .connect()
                 .map_err(|e| Failure(format!("cannot reach Faktory: {}", chain(&e))))?;
-            let pushed =
-                crate::reconcile_barriers(&mut conn, &producer, args.grace, args.max_age)?;
+            let pushed = crate::reconcile_barriers(&mut conn, &producer, args.grace, args.max_age)?;
             writeln!(
                 out,
                 "pushed {pushed} job{} again (committed, not consumed within {})",
@@ -313,7 +315,10 @@ mod tests {
     fn help_exits_0_on_standard_output() {
         let (code, out, err) = run_args(&["--help"]);
         assert_eq!(code, EXIT_OK);
-        assert!(out.contains("status") && out.contains("Exit codes"), "{out}");
+        assert!(
+            out.contains("status") && out.contains("Exit codes"),
+            "{out}"
+        );
         assert!(err.is_empty());
     }
 }

@@ -44,11 +44,7 @@ fn verdict(inspection: &Inspection) -> String {
             age(inspection.thresholds.older_than)
         ));
     }
-    format!(
-        "PROBLEMS: {} ({})",
-        inspection.problems(),
-        parts.join(", ")
-    )
+    format!("PROBLEMS: {} ({})", inspection.problems(), parts.join(", "))
 }
 
 /// Writes `rows` as columns separated by two spaces (the last column unpadded).
@@ -74,25 +70,29 @@ fn table(out: &mut dyn Write, rows: &[Vec<String>]) -> io::Result<()> {
 /// The report for people.
 pub(super) fn text(inspection: &Inspection, limit: usize, out: &mut dyn Write) -> io::Result<()> {
     let t = &inspection.thresholds;
-    writeln!(
+    let n = inspection.barriers.len();
+    write!(
         out,
-        "{} barrier table {}: {} barrier{}{}, {} open transaction{} writing to it",
+        "{} barrier table {}: {n} barrier{}{}",
         inspection.backend,
         inspection.location.as_deref().unwrap_or("dtb_barriers"),
-        inspection.barriers.len(),
-        if inspection.barriers.len() == 1 { "" } else { "s" },
+        if n == 1 { "" } else { "s" },
         if inspection.truncated {
             " (the oldest only)"
         } else {
             ""
         },
-        inspection.transactions.len(),
-        if inspection.transactions.len() == 1 {
-            ""
-        } else {
-            "s"
-        },
     )?;
+    // Only PostgreSQL lists transactions: its uncommitted rows cannot be read.
+    let open = inspection.transactions.len();
+    if inspection.backend == "postgres" || open > 0 {
+        write!(
+            out,
+            ", {open} open transaction{} writing to it",
+            if open == 1 { "" } else { "s" }
+        )?;
+    }
+    writeln!(out)?;
     let counts: Vec<String> = Category::ALL
         .iter()
         .map(|c| format!("{} {}", c.name(), inspection.count(*c)))
@@ -107,15 +107,7 @@ pub(super) fn text(inspection: &Inspection, limit: usize, out: &mut dyn Write) -
     if !inspection.barriers.is_empty() {
         writeln!(out)?;
         let mut rows = vec![[
-            "CATEGORY",
-            "STATE",
-            "AGE",
-            "PUSHED",
-            "KIND",
-            "QUEUE",
-            "JID",
-            "BARRIER",
-            "PRODUCER",
+            "CATEGORY", "STATE", "AGE", "PUSHED", "KIND", "QUEUE", "JID", "BARRIER", "PRODUCER",
         ]
         .map(String::from)
         .to_vec()];
