@@ -170,35 +170,51 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, Failure> {
     })?;
     let scheme = url.split_once("://").map(|(s, _)| s);
     match scheme {
-        Some("postgres" | "postgresql") => {
-            #[cfg(feature = "postgres")]
-            return run_on::<diesel::pg::PgConnection>(url, &cli.command, out);
-            #[cfg(not(feature = "postgres"))]
-            return Err(missing_backend("postgres"));
-        }
-        Some("mysql") => {
-            #[cfg(feature = "mysql")]
-            return run_on::<diesel::mysql::MysqlConnection>(url, &cli.command, out);
-            #[cfg(not(feature = "mysql"))]
-            return Err(missing_backend("mysql"));
-        }
-        Some("sqlite") | Some("file") | None => {
-            #[cfg(feature = "sqlite")]
-            {
-                let path = url.strip_prefix("sqlite://").unwrap_or(url);
-                // Opening a file that is not there would create an empty database.
-                if !path.starts_with("file:") && !std::path::Path::new(path).is_file() {
-                    return Err(Failure(format!("no SQLite database file at {path:?}")));
-                }
-                return run_on::<diesel::sqlite::SqliteConnection>(path, &cli.command, out);
-            }
-            #[cfg(not(feature = "sqlite"))]
-            return Err(missing_backend("sqlite"));
-        }
+        Some("postgres" | "postgresql") => postgres(url, &cli.command, out),
+        Some("mysql") => mysql(url, &cli.command, out),
+        Some("sqlite") | Some("file") | None => sqlite(
+            url.strip_prefix("sqlite://").unwrap_or(url),
+            &cli.command,
+            out,
+        ),
         Some(other) => Err(Failure(format!(
             "unknown database URL scheme {other:?}: postgres://, mysql://, or an SQLite path"
         ))),
     }
+}
+
+#[cfg(feature = "postgres")]
+fn postgres(url: &str, command: &Command, out: &mut dyn Write) -> Result<u8, Failure> {
+    run_on::<diesel::pg::PgConnection>(url, command, out)
+}
+
+#[cfg(feature = "mysql")]
+fn mysql(url: &str, command: &Command, out: &mut dyn Write) -> Result<u8, Failure> {
+    run_on::<diesel::mysql::MysqlConnection>(url, command, out)
+}
+
+#[cfg(feature = "sqlite")]
+fn sqlite(path: &str, command: &Command, out: &mut dyn Write) -> Result<u8, Failure> {
+    // Opening a file that is not there would create an empty database.
+    if !path.starts_with("file:") && !std::path::Path::new(path).is_file() {
+        return Err(Failure(format!("no SQLite database file at {path:?}")));
+    }
+    run_on::<diesel::sqlite::SqliteConnection>(path, command, out)
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres(_: &str, _: &Command, _: &mut dyn Write) -> Result<u8, Failure> {
+    Err(missing_backend("postgres"))
+}
+
+#[cfg(not(feature = "mysql"))]
+fn mysql(_: &str, _: &Command, _: &mut dyn Write) -> Result<u8, Failure> {
+    Err(missing_backend("mysql"))
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn sqlite(_: &str, _: &Command, _: &mut dyn Write) -> Result<u8, Failure> {
+    Err(missing_backend("sqlite"))
 }
 
 #[allow(dead_code)] // unused when every backend is built
