@@ -92,6 +92,7 @@ struct ListedRow {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     attempted: i64,
     /// PostgreSQL: the row's `xmax`, the transaction that deletes or locks it (or did).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     xmax: Option<String>,
 }
