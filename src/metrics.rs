@@ -24,7 +24,9 @@
 //! | `dtb_jobs_repushed_total` | counter | jobs pushed again by the reconciler |
 //!
 //! The names are the constants of this module. Every worker of a process records into the same
-//! series; the recorder (or its exporter) adds whatever labels tell processes apart.
+//! series; the recorder (or its exporter) adds whatever labels tell processes apart. Install the
+//! recorder before the first worker connects: the metrics' units and help texts are described
+//! to the recorder installed then.
 
 /// Counter: deliveries processed to the end, whatever the outcome.
 pub const JOBS_PROCESSED: &str = "dtb_jobs_processed_total";

@@ -130,6 +130,10 @@ pub(super) mod postgres {
         pid: String,
         #[diesel(sql_type = Nullable<Text>)]
         xid: Option<String>,
+        /// Every transaction id the session holds (its transaction's and its
+        /// subtransactions'), comma-separated, from `pg_locks` (which every role may read).
+        #[diesel(sql_type = Nullable<Text>)]
+        xids: Option<String>,
         #[diesel(sql_type = Nullable<BigInt>)]
         age_us: Option<i64>,
         #[diesel(sql_type = Nullable<Text>)]
@@ -172,8 +176,9 @@ pub(super) mod postgres {
 
     /// The committed rows (a plain read: uncommitted ones are invisible), and the open
     /// transactions that hold a write lock on the table. A row whose `xmax` is the id of one of
-    /// those transactions is being consumed (or updated) by it; the other transactions are
-    /// producers whose rows are not committed yet (or a worker between two statements).
+    /// those transactions (or of a subtransaction of one) is being consumed (or updated) by
+    /// it; the other transactions are producers whose rows are not committed yet (or a worker
+    /// between two statements).
     pub(in crate::backend) fn list(conn: &mut PgConnection, limit: i64) -> QueryResult<Listing> {
         // One statement, one snapshot: the rows and the transactions are seen at once.
         let rows: Vec<ListedRow> = diesel::sql_query(
@@ -191,6 +196,9 @@ pub(super) mod postgres {
         // pg_read_all_stats: the columns are then NULL.
         let transactions: Vec<TransactionRow> = diesel::sql_query(
             "SELECT a.pid::text AS pid, a.backend_xid::text AS xid, \
+                    (SELECT string_agg(x.transactionid::text, ',') FROM pg_locks x \
+                     WHERE x.pid = a.pid AND x.locktype = 'transactionid' \
+                       AND x.mode = 'ExclusiveLock' AND x.granted) AS xids, \
                     (extract(epoch FROM clock_timestamp() - a.xact_start) * 1e6)::bigint \
                         AS age_us, \
                     a.state, a.usename::text AS usename, a.application_name AS application, \
@@ -203,9 +211,14 @@ pub(super) mod postgres {
              ORDER BY a.xact_start NULLS LAST, a.pid",
         )
         .load(conn)?;
+        // A row's xmax is the id of the (sub)transaction that deleted or locked it.
         let by_xid: HashMap<&str, &TransactionRow> = transactions
             .iter()
-            .filter_map(|t| Some((t.xid.as_deref()?, t)))
+            .flat_map(|t| {
+                let held = t.xids.as_deref().unwrap_or("").split(',');
+                held.chain(t.xid.as_deref()).map(move |x| (x, t))
+            })
+            .filter(|(x, _)| !x.is_empty())
             .collect();
         let mut consumers = std::collections::HashSet::new();
         let rows = rows
