@@ -105,6 +105,9 @@ impl Drop for Gauge {
 }
 
 /// Reads a [`Worker`](crate::Worker)'s counters; cheap to clone, usable from any thread.
+///
+/// With the `metrics` feature the worker also records these counts through the `metrics`
+/// facade (see [`metrics`](crate::metrics) for the names).
 #[derive(Debug, Clone)]
 pub struct WorkerMonitor {
     pub(crate) stats: Arc<Stats>,
