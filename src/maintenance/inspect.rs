@@ -16,6 +16,10 @@
 //!   row's producer session is described from `information_schema` (its InnoDB transaction
 //!   needs the `PROCESS` privilege).
 //! * **SQLite.** Committed rows only.
+//!
+//! It is a snapshot for people and health checks, never a verdict a worker acts on: a row that
+//! commits or is consumed while it reads may show in the state it just left (on MySQL its two
+//! reads follow each other).
 
 use crate::backend::BarrierConnection;
 use crate::error::{Error, Result};
@@ -35,7 +39,7 @@ pub struct Thresholds {
 }
 
 impl Default for Thresholds {
-    /// One hour and fifteen minutes (the worker's default reconcile grace).
+    /// `older_than` one hour, `grace` fifteen minutes (the worker's default reconcile grace).
     fn default() -> Self {
         Thresholds {
             older_than: Duration::from_secs(60 * 60),
