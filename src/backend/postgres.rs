@@ -21,6 +21,8 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+mod inspect;
+
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
 /// The `NOTIFY` channel of commit hints.
@@ -468,7 +470,7 @@ impl Backend for PgConnection {
     }
 
     fn list_barriers(&mut self, limit: i64) -> QueryResult<super::inspect::Listing> {
-        super::inspect::postgres::list(self, limit)
+        inspect::list(self, limit)
     }
 
     fn transaction_info(
