@@ -18,7 +18,7 @@
 //! cannot be reached, a backend this build lacks, or a database without the barrier table. The
 //! database comes from `--database-url` or `DATABASE_URL`: `postgres://` (feature `postgres`),
 //! `mysql://` (feature `mysql`), or an SQLite file path or `sqlite://` URL (feature `sqlite`).
-//! Errors go to standard error, one line each; reports to standard output.
+//! Errors go to standard error, reports to standard output.
 //!
 //! The binary is `src/bin/dtb.rs`, a call to [`main`]; [`run`] is the same with the arguments,
 //! output and error streams given, for tests.
