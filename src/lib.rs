@@ -17,6 +17,7 @@ mod enqueue;
 mod error;
 mod handlers;
 mod maintenance;
+pub mod metrics;
 mod migrations;
 mod producer;
 mod repush;
@@ -26,13 +27,17 @@ mod worker;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod cli;
+
 pub use backend::ConnectionPool;
 pub use backend::{BarrierConnection, BARRIER_TABLE};
 pub use descriptor::CUSTOM_KEY;
 pub use enqueue::EnqueueWithBarrier;
 pub use error::{BoxError, Error, Result, TimeoutInfo};
 pub use handlers::Handlers;
-pub use maintenance::{reap_barriers, reconcile_barriers};
+pub use maintenance::{inspect, reap_barriers, reconcile_barriers};
 pub use migrations::{barrier_schema_present, run_migrations};
 pub use producer::{Producer, ProducerBuilder};
 pub use worker::{AbortPolicy, ShutdownHandle, StopReason, Worker, WorkerBuilder, WorkerMonitor};

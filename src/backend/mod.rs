@@ -9,6 +9,7 @@ use std::time::Duration;
 
 #[cfg(all(test, feature = "testing"))]
 pub(crate) mod conformance;
+pub(crate) mod inspect;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
@@ -323,6 +324,11 @@ pub(crate) mod sealed {
 
         /// Deletes barrier rows created more than `older_than` ago, returning what it deleted.
         fn reap(&mut self, older_than: Duration) -> diesel::QueryResult<Vec<ReapedBarrier>>;
+
+        /// The barrier rows, oldest first, at most `limit` of them, and the open transactions
+        /// that hold rows other sessions cannot see, for an operator (`inspect.rs`). Takes no
+        /// lock and waits for nothing.
+        fn list_barriers(&mut self, limit: i64) -> diesel::QueryResult<inspect::Listing>;
 
         /// Describes the producer's transaction for a timeout report.
         fn transaction_info(

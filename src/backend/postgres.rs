@@ -21,6 +21,8 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+mod inspect;
+
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
 /// The `NOTIFY` channel of commit hints.
@@ -465,6 +467,10 @@ impl Backend for PgConnection {
             // Still running, or committed just now: look again later.
             Verdict::Pending | Verdict::Committed | Verdict::Visible => Claim::Busy,
         })
+    }
+
+    fn list_barriers(&mut self, limit: i64) -> QueryResult<super::inspect::Listing> {
+        inspect::list(self, limit)
     }
 
     fn transaction_info(

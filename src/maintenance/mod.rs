@@ -1,8 +1,10 @@
 //! Maintenance of the barrier table, as River keeps its own in one place: the
 //! [reaper](reap_barriers) deletes rows whose job can no longer consume them, the
 //! [reconciler](reconcile_barriers) pushes again the jobs of committed rows no worker took, and
-//! [`Maintenance`] runs both on a thread of the worker's.
+//! [`Maintenance`] runs both on a thread of the worker's. [`inspect`] shows an operator what is
+//! in the table.
 
+pub mod inspect;
 mod reaper;
 mod reconciler;
 

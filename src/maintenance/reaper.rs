@@ -17,5 +17,6 @@ pub fn reap_barriers<C: BarrierConnection>(conn: &mut C, older_than: Duration) -
     for r in &reaped {
         tracing::warn!(barrier_id = %r.id, jid = %r.job_id, kind = %r.job_kind, ?older_than, "reaped a barrier that was never consumed");
     }
+    crate::metrics::count(crate::metrics::BARRIERS_REAPED, reaped.len() as u64);
     Ok(reaped.len())
 }

@@ -55,6 +55,7 @@ pub fn reconcile_barriers<C: BarrierConnection>(
             Ok((rows.len(), n))
         })?;
         pushed += n;
+        crate::metrics::count(crate::metrics::JOBS_REPUSHED, n as u64);
         if taken < BATCH as usize {
             return Ok(pushed);
         }

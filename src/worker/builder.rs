@@ -291,6 +291,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
             }
             conn.barrier_location()?
         };
+        crate::metrics::describe();
         let url = self.url.clone().unwrap_or_else(env_url);
         let producer = Producer::builder().url(url.clone()).connect()?;
         let (tx, rx) = tokio::sync::watch::channel(false);

@@ -19,46 +19,95 @@ impl ShutdownHandle {
     }
 }
 
-/// The worker's counters, shared with its monitors.
-#[derive(Debug, Default)]
+/// The worker's counters, shared with its monitors (and recorded through `crate::metrics`).
+#[derive(Debug)]
 pub(crate) struct Stats {
     pub(crate) waiting: Arc<AtomicUsize>,
     pub(crate) running: Arc<AtomicUsize>,
-    pub(crate) ran: AtomicU64,
-    pub(crate) aborted: AtomicU64,
-    pub(crate) duplicates: AtomicU64,
-    pub(crate) snoozed: AtomicU64,
-    pub(crate) overflowed: AtomicU64,
-    pub(crate) timed_out: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) processed: AtomicU64,
+    pub(crate) ran: Counter,
+    pub(crate) aborted: Counter,
+    pub(crate) duplicates: Counter,
+    pub(crate) snoozed: Counter,
+    pub(crate) overflowed: Counter,
+    pub(crate) timed_out: Counter,
+    pub(crate) failed: Counter,
+    pub(crate) processed: Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        use crate::metrics::*;
+        Stats {
+            waiting: Arc::default(),
+            running: Arc::default(),
+            ran: Counter::new(JOBS_RAN),
+            aborted: Counter::new(JOBS_ABORTED),
+            duplicates: Counter::new(JOBS_DUPLICATE),
+            snoozed: Counter::new(JOBS_SNOOZED),
+            overflowed: Counter::new(JOBS_OVERFLOWED),
+            timed_out: Counter::new(JOBS_TIMED_OUT),
+            failed: Counter::new(JOBS_FAILED),
+            processed: Counter::new(JOBS_PROCESSED),
+        }
+    }
 }
 
 impl Stats {
     /// Adds one to `counter`.
-    pub(crate) fn count(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::SeqCst);
+    pub(crate) fn count(counter: &Counter) {
+        // The metric first: whoever sees the count has its metric recorded too.
+        crate::metrics::count(counter.metric, 1);
+        counter.value.fetch_add(1, Ordering::SeqCst);
     }
 }
 
-/// Counts one in `gauge` for as long as it lives.
+/// One of the worker's counters, and the metric it is recorded as.
 #[derive(Debug)]
-pub(crate) struct Gauge(Arc<AtomicUsize>);
+pub(crate) struct Counter {
+    value: AtomicU64,
+    metric: &'static str,
+}
+
+impl Counter {
+    fn new(metric: &'static str) -> Counter {
+        Counter {
+            value: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts one in `gauge` (and in the metric, if any) for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Gauge(Arc<AtomicUsize>, Option<&'static str>);
 
 impl Gauge {
-    pub(crate) fn up(gauge: &Arc<AtomicUsize>) -> Gauge {
+    pub(crate) fn up(gauge: &Arc<AtomicUsize>, metric: Option<&'static str>) -> Gauge {
+        if let Some(metric) = metric {
+            crate::metrics::gauge_add(metric, 1.0);
+        }
         gauge.fetch_add(1, Ordering::SeqCst);
-        Gauge(Arc::clone(gauge))
+        Gauge(Arc::clone(gauge), metric)
     }
 }
 
 impl Drop for Gauge {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        if let Some(metric) = self.1 {
+            crate::metrics::gauge_add(metric, -1.0);
+        }
     }
 }
 
 /// Reads a [`Worker`](crate::Worker)'s counters; cheap to clone, usable from any thread.
+///
+/// With the `metrics` feature the worker also records these counts through the `metrics`
+/// facade (see [`metrics`](crate::metrics) for the names).
 #[derive(Debug, Clone)]
 pub struct WorkerMonitor {
     pub(crate) stats: Arc<Stats>,
@@ -77,45 +126,45 @@ impl WorkerMonitor {
 
     /// Handlers that ran to success (and consumed their barrier, if any).
     pub fn ran(&self) -> u64 {
-        self.stats.ran.load(Ordering::SeqCst)
+        self.stats.ran.get()
     }
 
     /// Jobs whose transaction did not commit (or whose barrier was already consumed).
     pub fn aborted(&self) -> u64 {
-        self.stats.aborted.load(Ordering::SeqCst)
+        self.stats.aborted.get()
     }
 
     /// Deliveries skipped because another delivery of the same job already consumed the
     /// barrier.
     pub fn duplicates(&self) -> u64 {
-        self.stats.duplicates.load(Ordering::SeqCst)
+        self.stats.duplicates.get()
     }
 
     /// Jobs snoozed (pushed again and acknowledged) because they waited too long, too many were
     /// waiting, or the worker was shutting down.
     pub fn snoozed(&self) -> u64 {
-        self.stats.snoozed.load(Ordering::SeqCst)
+        self.stats.snoozed.get()
     }
 
     /// Deliveries handed back because `max_waiting` jobs already waited for running
     /// transactions (also counted in [`snoozed`](Self::snoozed)).
     pub fn overflowed(&self) -> u64 {
-        self.stats.overflowed.load(Ordering::SeqCst)
+        self.stats.overflowed.get()
     }
 
     /// Jobs failed with [`Error::BarrierTimeout`](crate::Error::BarrierTimeout).
     pub fn timed_out(&self) -> u64 {
-        self.stats.timed_out.load(Ordering::SeqCst)
+        self.stats.timed_out.get()
     }
 
     /// Deliveries that ended in a failure reported to Faktory (any error).
     pub fn failed(&self) -> u64 {
-        self.stats.failed.load(Ordering::SeqCst)
+        self.stats.failed.get()
     }
 
     /// Deliveries processed to the end, whatever the outcome.
     pub fn processed(&self) -> u64 {
-        self.stats.processed.load(Ordering::SeqCst)
+        self.stats.processed.get()
     }
 }
 

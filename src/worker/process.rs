@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 /// Processes one job, on a Tokio task of the faktory worker.
 pub(super) async fn process<C: BarrierConnection>(shared: Arc<Shared<C>>, job: Job) -> Result<()> {
-    let _in_flight = Gauge::up(&shared.in_flight);
+    let _in_flight = Gauge::up(&shared.in_flight, None);
     tracing::trace!(jid = job.id().as_str(), kind = %job.kind, "job fetched");
     let result = process_inner(&shared, job).await;
     if result.is_err() {
@@ -114,6 +114,7 @@ async fn run_barrier<C: BarrierConnection>(
     };
     drop(waiting);
     let waited = started.elapsed();
+    crate::metrics::barrier_wait(answer.label(), waited);
     tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, ?answer, ?waited, "barrier wait ended");
     match answer {
         Answer::ShuttingDown => hand_back(shared, &job, Some(&b), "shutting down"),
@@ -200,7 +201,7 @@ async fn run_on_pool<C: BarrierConnection>(
     let b2 = barrier.clone();
     let slot_taken = Instant::now();
     let (outcome, phases) = tokio::task::spawn_blocking(move || {
-        let _running = Gauge::up(&shared2.stats.running);
+        let _running = Gauge::up(&shared2.stats.running, Some(crate::metrics::HANDLERS_RUNNING));
         let mut phases = Phases::new(slot_taken);
         let mut conn = shared2.pool.get()?;
         phases.checked_out = phases.since();

@@ -44,6 +44,19 @@ pub(crate) enum Answer {
     Overflow,
 }
 
+impl Answer {
+    /// The answer as the wait-time histogram labels it.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Answer::Committed => "committed",
+            Answer::NotCommitted => "not_committed",
+            Answer::Pending => "pending",
+            Answer::ShuttingDown => "shutting_down",
+            Answer::Overflow => "overflow",
+        }
+    }
+}
+
 /// When the worker's own write commits happened, as a proof of durability for commits it saw
 /// earlier (see `Backend::fence`): the latest moment after which some write of the worker's
 /// began that has since committed. Times are microseconds since the clock was made.
@@ -99,7 +112,7 @@ impl WaiterHandle {
         id: uuid::Uuid,
         txid: Option<String>,
     ) -> (oneshot::Receiver<Answer>, Gauge) {
-        let guard = Gauge::up(&self.waiting);
+        let guard = Gauge::up(&self.waiting, Some(crate::metrics::JOBS_WAITING));
         let (reply, rx) = oneshot::channel();
         if self.stopping.load(Ordering::SeqCst) {
             let _ = reply.send(Answer::ShuttingDown);

@@ -3,11 +3,13 @@
 //! MySQL has nothing like `LISTEN`: the waiter checks the pending set every 2 ms, deciding each
 //! barrier from the rows themselves (`check.rs`), and fences a commit it saw before calling it
 //! durable, because InnoDB releases row locks before the commit is on disk. `diagnostics.rs`
-//! describes a producer's transaction for timeout reports and checks the server's settings.
+//! describes a producer's transaction for timeout reports and checks the server's settings;
+//! `inspect.rs` lists the table for an operator.
 //! The argument, the privileges and the server settings it needs: `docs/design/mysql.md`.
 
 mod check;
 mod diagnostics;
+mod inspect;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
 
@@ -492,6 +494,10 @@ impl Backend for MysqlConnection {
             Some(&id.hyphenated().to_string()),
         )?;
         Ok(row.remaining == 0 && row.in_transaction.is_none_or(|t| t == 1))
+    }
+
+    fn list_barriers(&mut self, limit: i64) -> QueryResult<super::inspect::Listing> {
+        inspect::list(self, limit)
     }
 
     fn transaction_info(

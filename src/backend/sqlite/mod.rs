@@ -8,6 +8,7 @@
 //! its price and its limits: `docs/design/sqlite.md`.
 
 mod check;
+mod inspect;
 mod locks;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
@@ -340,6 +341,10 @@ impl Backend for SqliteConnection {
                 })
             },
         )
+    }
+
+    fn list_barriers(&mut self, limit: i64) -> QueryResult<super::inspect::Listing> {
+        inspect::list(self, limit)
     }
 
     fn transaction_info(
