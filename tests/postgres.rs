@@ -108,3 +108,34 @@ fn enqueueing_makes_the_commit_durable() {
     let now = Pg::query_string(&mut conn, "current_setting('synchronous_commit')");
     assert_eq!(now.as_deref(), Some("on"));
 }
+
+/// A worker's listening connection proves that it hears commit hints (its own test hint
+/// arrives), and hears the commits of waiting jobs: one starts long before the next check.
+#[test]
+fn a_direct_listener_hears_commit_hints() {
+    let env = Env::<Pg>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker_with(handlers::<Pg>(&tx), |b| {
+        b.workers(1)
+            .check_interval(std::time::Duration::from_secs(30))
+    });
+    let id = next_id();
+    let mut conn = env.db.connect();
+    conn.transaction(|c| {
+        insert_order::<Pg>(c, id, "paid");
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+        // The waiter starts with the first job that waits.
+        worker.wait_for_waiting(1);
+        wait_until("the listener to hear its test hint", EVENTUALLY, || {
+            worker.monitor.hears_commit_hints()
+        });
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let committed = std::time::Instant::now();
+    assert_eq!(expect_run(&rx).order_id, id);
+    assert!(
+        committed.elapsed() < std::time::Duration::from_secs(5),
+        "woken by the hint, not by a check 30 s later"
+    );
+}
