@@ -186,3 +186,31 @@ fn a_listener_that_hears_nothing_is_given_up() {
         "started {late:?} after the commit"
     );
 }
+
+/// A waiter that listens elsewhere, or not at all, takes one connection from the pool: its
+/// checking one.
+#[test]
+fn a_waiter_without_a_pooled_listener_needs_one_connection_fewer() {
+    let env = Env::<Pg>::new();
+    let builder = || {
+        diesel_transaction_barrier::WorkerBuilder::new(env.db.pool(2))
+            .url(env.faktory.url())
+            .workers(1)
+    };
+    let err = builder().connect().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::PoolTooSmall {
+                max_size: 2,
+                needed: 3
+            }
+        ),
+        "{err}"
+    );
+    builder().commit_hints(false).connect().expect("hints off");
+    builder()
+        .listen_url(env.db.url())
+        .connect()
+        .expect("a listen_url");
+}

@@ -78,7 +78,8 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// The worker takes two connections for its waiter (however many jobs wait) and one per
     /// running handler: the pool needs at least [`workers`](Self::workers) + 2 connections,
-    /// which [`connect`](Self::connect) checks.
+    /// which [`connect`](Self::connect) checks (+ 1 when the waiter listens on a
+    /// [`listen_url`](Self::listen_url) of its own, or not at all).
     pub fn new(pool: ConnectionPool<C>) -> Self {
         WorkerBuilder {
             pool,
@@ -346,6 +347,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         let listen_pool = match (&self.listen_url, self.commit_hints) {
             (_, false) => None,
             (None, true) => Some(self.pool.clone()),
+            (Some(_), true) if !C::HAS_HINTS => None,
             (Some(url), true) => {
                 // One connection, opened when the waiter first needs it, and tried now.
                 let pool = r2d2::Pool::builder()
