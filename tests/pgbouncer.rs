@@ -116,6 +116,26 @@ fn listen_through_pgbouncer_hears_nothing() {
     );
 }
 
+/// What lets the worker see that it is behind PgBouncer before it listens: a session-level
+/// setting one client makes is seen by another client's next statement, which PgBouncer runs on
+/// the server connection it got back last (in a pool of the test's own, nobody else's).
+#[test]
+fn pgbouncer_lends_one_session_to_several_clients() {
+    if bouncer_url().is_none() {
+        return;
+    }
+    let schema = BouncerSchema::create_unmigrated();
+    let mut a = bouncer_connection(&schema.url());
+    let mut b = bouncer_connection(&schema.url());
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    Bouncer::exec(
+        &mut a,
+        &format!("SELECT set_config('dtb.session_probe', '{token}', false)"),
+    );
+    let seen = Bouncer::query_string(&mut b, "current_setting('dtb.session_probe', true)");
+    assert_eq!(seen.as_deref(), Some(token.as_str()));
+}
+
 /// Diesel's prepared statement cache names statements per connection (`__diesel_stmt_0`, ...):
 /// behind PgBouncer 1.18 in transaction pooling mode another client's statement of the same
 /// name is found on the shared server connection, or none. With the cache disabled, Diesel
@@ -228,11 +248,12 @@ fn a_direct_listen_url_hears_commits() {
     );
 }
 
-/// The worker's defaults behind PgBouncer: its listening connection comes from the pool, and
-/// its `LISTEN` hears nothing. The waiter gives the listener up, and its checks still start
-/// every job soon after its commit.
+/// The worker's defaults behind PgBouncer: its listening connection comes from the pool, where
+/// a `LISTEN` would hear nothing. The waiter sees it (the session is shared; else its test hint
+/// does not arrive) and does not listen; its checks still start every job soon after its
+/// commit.
 #[test]
-fn a_deaf_listener_is_given_up_and_checks_go_on() {
+fn behind_pgbouncer_the_waiter_does_not_listen_and_checks_go_on() {
     let Some(env) = env() else { return };
     let interval = std::time::Duration::from_millis(250);
     let (tx, rx) = unbounded();

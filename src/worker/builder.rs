@@ -264,9 +264,11 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// Turn them off (or give a [`listen_url`](Self::listen_url)) when the pool goes through
     /// PgBouncer in transaction pooling mode: there a `LISTEN` is accepted but hears nothing,
-    /// and its registration stays on one of PgBouncer's server connections. A waiter whose
-    /// listening connection hears no hint, not even a test hint of its own, within two seconds
-    /// stops listening and logs a warning. MySQL has no hints.
+    /// and its registration stays on one of PgBouncer's server connections. Left on, the waiter
+    /// does not listen when it sees its listening connection share a server session with its
+    /// checking one, and stops listening when its listening connection hears no hint, not even
+    /// a test hint of its own, within two seconds; either way it logs a warning. MySQL has no
+    /// hints.
     ///
     /// Defaults to `true`.
     pub fn commit_hints(mut self, enabled: bool) -> Self {

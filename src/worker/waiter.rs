@@ -18,11 +18,13 @@
 //! receiver is dropped) and is snoozed; the waiter forgets registrations nobody listens to.
 //!
 //! Hints are optional (`WorkerBuilder::commit_hints`), and may come through a connection of
-//! their own (`WorkerBuilder::listen_url`). A new listening connection must prove that it
-//! hears hints: the waiter sends one itself (`Backend::send_test_hint`), and a listener that
-//! hears nothing within [`HINT_TEST_TIMEOUT`] — a `LISTEN` through PgBouncer in transaction
-//! pooling mode is accepted and never hears anything — is given up on, with a warning: the
-//! checks alone then find every commit.
+//! their own (`WorkerBuilder::listen_url`). A `LISTEN` through PgBouncer in transaction pooling
+//! mode is accepted and never hears anything, so before listening the waiter looks for a
+//! session its listening connection visibly shares with its checking one
+//! (`Backend::shares_sessions`; no listening then), and a new listening connection must prove
+//! that it hears hints: the waiter sends one itself (`Backend::send_test_hint`), and a listener
+//! that hears nothing within [`HINT_TEST_TIMEOUT`] is given up on. Either way the waiter warns,
+//! and its checks alone find every commit.
 
 use super::monitor::Gauge;
 use crate::backend::{BarrierConnection, Checked, ConnectionPool, Pending, Verdict};
@@ -454,9 +456,26 @@ impl<C: BarrierConnection> Waiter<C> {
             if self.checker.is_none() {
                 self.checker = Some(self.pool.get()?);
             }
-            if let (Some(pool), None) = (&self.listen_pool, &self.listener) {
-                self.listener = Some(Listener::start(pool.get()?)?);
-                self.hint_test = HintTest::Due;
+            if let (Some(pool), None, Some(checker)) = (
+                self.listen_pool.clone(),
+                &self.listener,
+                self.checker.as_mut(),
+            ) {
+                let mut conn = pool.get()?;
+                if conn.shares_sessions(checker)? {
+                    tracing::warn!(
+                        check_interval = ?self.check_interval,
+                        "the waiter's listening connection shares its server session with \
+                         other clients (PgBouncer in transaction pooling mode?), where a LISTEN \
+                         hears nothing: the waiter does not listen, and finds commits by its \
+                         checks alone (give the worker a direct listen_url, or turn \
+                         commit_hints off)"
+                    );
+                    self.listen_pool = None;
+                } else {
+                    self.listener = Some(Listener::start(conn)?);
+                    self.hint_test = HintTest::Due;
+                }
             }
             Ok(())
         })();
