@@ -176,6 +176,31 @@ fn prepared_statement_cache_needs_disabling() {
     );
     eprintln!("with Diesel's statement cache: {cached:?}");
     assert_eq!(run(true), Vec::<String>::new(), "without the cache");
+
+    // r2d2's health check (`SELECT 1`) is such a statement: a pool with the cache cannot hand
+    // out its connections at once; one without can.
+    let take_four = |pool: r2d2::Pool<diesel::r2d2::ConnectionManager<PgConnection>>| {
+        let held: Vec<_> = (0..4).map(|_| pool.get()).collect();
+        held.into_iter()
+            .filter_map(Result::err)
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+    };
+    let plain = r2d2::Pool::builder()
+        .max_size(4)
+        .connection_timeout(std::time::Duration::from_secs(1))
+        .build(diesel::r2d2::ConnectionManager::new(schema.url()))
+        .unwrap();
+    let failed = take_four(plain);
+    eprintln!("a pool with Diesel's statement cache: {failed:?}");
+    assert!(
+        failed.iter().any(|e| e.contains("prepared statement")),
+        "{failed:?}"
+    );
+    assert_eq!(
+        take_four(common::pgbouncer::bouncer_pool(&schema.url(), 4)),
+        Vec::<String>::new()
+    );
 }
 
 /// Commit hints off: a job fetched while its transaction runs starts within about one check
