@@ -182,7 +182,7 @@ fn a_listener_that_hears_nothing_is_given_up() {
     assert_eq!(ran.order_id, id);
     let late = ran.at.saturating_duration_since(committed);
     assert!(
-        late < interval + std::time::Duration::from_millis(500),
+        late < interval + std::time::Duration::from_secs(1),
         "started {late:?} after the commit"
     );
 }
