@@ -280,6 +280,23 @@ pub(crate) mod sealed {
             Ok(())
         }
 
+        /// Whether this connection's session is visibly shared with `other`, another client's
+        /// connection: a setting made for this session is seen by `other`'s next statement.
+        /// Then a pooler in between hands server sessions from client to client (PgBouncer in
+        /// transaction pooling mode), and a `LISTEN` would hear nothing. `false` proves
+        /// nothing (`other` may have been lent another session); it is never a false `true`.
+        fn shares_sessions(&mut self, _other: &mut Self) -> diesel::QueryResult<bool> {
+            Ok(false)
+        }
+
+        /// Sends a commit hint for `id` (which no producer wrote) from this connection, so that
+        /// the waiter can tell whether its listening connection hears hints at all: behind
+        /// PgBouncer in transaction pooling mode, a `LISTEN` is accepted and never hears
+        /// anything. `Ok(false)` when the backend has no such test (its hints need none).
+        fn send_test_hint(&mut self, _id: &uuid::Uuid) -> diesel::QueryResult<bool> {
+            Ok(false)
+        }
+
         /// The barrier ids whose transactions may have ended since the last call (may include
         /// ids nobody waits for), without blocking. A hint is never a verdict: anyone able to
         /// send one could forge it, so the waiter only checks the hinted barriers at once.

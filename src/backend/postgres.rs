@@ -267,6 +267,34 @@ impl Backend for PgConnection {
         Ok(())
     }
 
+    fn shares_sessions(&mut self, other: &mut Self) -> QueryResult<bool> {
+        // A session-level setting with a random value: no other session can see it, unless a
+        // pooler lends this server session to the other client too (PgBouncer lends the one it
+        // got back last first). The setting stays with the session: a custom one, of no use to
+        // anyone.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        diesel::sql_query("SELECT set_config('dtb.session_probe', $1, false) AS value")
+            .bind::<Text, _>(&token)
+            .get_result::<TextRow>(self)?;
+        let seen: BoolRow = diesel::sql_query(
+            "SELECT coalesce(current_setting('dtb.session_probe', true) = $1, false) AS value",
+        )
+        .bind::<Text, _>(&token)
+        .get_result(other)?;
+        Ok(seen.value)
+    }
+
+    fn send_test_hint(&mut self, id: &uuid::Uuid) -> QueryResult<bool> {
+        // A notification like a producer's, for a barrier nobody waits for: every listener
+        // of the database hears it and drops it; the waiter that sent it learns that its
+        // listener hears hints.
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<Text, _>(CHANNEL)
+            .bind::<Text, _>(id.hyphenated().to_string())
+            .execute(self)?;
+        Ok(true)
+    }
+
     fn take_commit_hints(&mut self) -> QueryResult<Vec<uuid::Uuid>> {
         // Reads what the server already sent to this idle connection: no query, no round trip.
         let mut ids = Vec::new();
@@ -551,6 +579,19 @@ mod tests {
             (vec![Verdict::NotCommitted], 1)
         );
         assert!(schedule.due.is_empty(), "a decided barrier is forgotten");
+    }
+
+    /// Two direct connections never share a session: the test that keeps the waiter from
+    /// listening behind PgBouncer never fires without one.
+    #[test]
+    fn direct_connections_share_no_session() {
+        let schema = PgTestSchema::create();
+        let mut a = schema.connect();
+        let mut b = schema.connect();
+        for _ in 0..3 {
+            assert!(!a.shares_sessions(&mut b).unwrap());
+            assert!(!b.shares_sessions(&mut a).unwrap());
+        }
     }
 
     /// Probes of a long-running producer back off, and at most a few run per check.

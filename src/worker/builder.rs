@@ -26,7 +26,7 @@ pub enum AbortPolicy {
 }
 
 /// Database connections the worker needs beside one per handler: its waiter's checking and
-/// listening connections.
+/// listening connections (one fewer when it listens elsewhere, or not at all).
 pub(crate) const WAITER_CONNECTIONS: u32 = 2;
 
 /// Configures and connects a [`Worker`].
@@ -39,6 +39,8 @@ pub struct WorkerBuilder<C: BarrierConnection> {
     config: Config,
     hostname: Option<String>,
     labels: Vec<String>,
+    commit_hints: bool,
+    listen_url: Option<String>,
 }
 
 /// The settings the running worker reads.
@@ -52,6 +54,8 @@ pub(crate) struct Config {
     pub(crate) reconnect_backoff: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) maintenance: Schedule,
+    /// The waiter's check interval; `None`: the backend's.
+    pub(crate) check_interval: Option<Duration>,
 }
 
 impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
@@ -62,6 +66,8 @@ impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
             .field("workers", &self.workers)
             .field("max_waiting", &self.max_waiting)
             .field("config", &self.config)
+            .field("commit_hints", &self.commit_hints)
+            .field("listen_url", &self.listen_url.as_deref().map(redact))
             .finish_non_exhaustive()
     }
 }
@@ -72,7 +78,8 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// The worker takes two connections for its waiter (however many jobs wait) and one per
     /// running handler: the pool needs at least [`workers`](Self::workers) + 2 connections,
-    /// which [`connect`](Self::connect) checks.
+    /// which [`connect`](Self::connect) checks (+ 1 when the waiter listens on a
+    /// [`listen_url`](Self::listen_url) of its own, or not at all).
     pub fn new(pool: ConnectionPool<C>) -> Self {
         WorkerBuilder {
             pool,
@@ -93,9 +100,12 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                     max_barrier_age: Duration::from_secs(30 * 24 * 60 * 60),
                     reconcile_grace: Some(Duration::from_secs(15 * 60)),
                 },
+                check_interval: None,
             },
             hostname: None,
             labels: Vec::new(),
+            commit_hints: true,
+            listen_url: None,
         }
     }
 
@@ -246,6 +256,50 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
+    /// Whether the waiter listens for commit hints (PostgreSQL's `LISTEN`, SQLite's newly
+    /// written rows), which make it check a barrier as soon as its transaction commits. Without
+    /// them it finds commits by its [checks](Self::check_interval) alone: a job fetched before
+    /// its transaction commits then starts up to one check interval later. Hints are never
+    /// verdicts, so turning them off changes only how soon jobs start.
+    ///
+    /// Turn them off (or give a [`listen_url`](Self::listen_url)) when the pool goes through
+    /// PgBouncer in transaction pooling mode: there a `LISTEN` is accepted but hears nothing,
+    /// and its registration stays on one of PgBouncer's server connections. Left on, the waiter
+    /// does not listen when it sees its listening connection share a server session with its
+    /// checking one, and stops listening when its listening connection hears no hint, not even
+    /// a test hint of its own, within two seconds; either way it logs a warning. MySQL has no
+    /// hints.
+    ///
+    /// Defaults to `true`.
+    pub fn commit_hints(mut self, enabled: bool) -> Self {
+        self.commit_hints = enabled;
+        self
+    }
+
+    /// A database URL for the waiter's listening connection, which it then opens on its own
+    /// instead of taking it from the pool (the pool needs one connection fewer): the direct
+    /// URL of the database when the pool goes through PgBouncer in transaction pooling mode,
+    /// where `LISTEN` does not work. It must reach the same database as the pool (the hints
+    /// are the database's); the connection is tried once by [`connect`](Self::connect).
+    /// Ignored when [`commit_hints`](Self::commit_hints) are off.
+    ///
+    /// Defaults to none: the listening connection comes from the pool.
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
+        self
+    }
+
+    /// How often the waiter checks every barrier that jobs wait for, in one query per check
+    /// (new jobs, and barriers a commit hint names, are checked at once). The bound on how late
+    /// a job starts after its commit when no hint comes: lower it when
+    /// [`commit_hints`](Self::commit_hints) are off.
+    ///
+    /// Defaults to the backend's: 200 ms on PostgreSQL and SQLite, 2 ms on MySQL.
+    pub fn check_interval(mut self, interval: Duration) -> Self {
+        self.config.check_interval = Some(interval.max(Duration::from_millis(1)));
+        self
+    }
+
     /// The hostname reported to Faktory.
     ///
     /// Defaults to the machine's hostname.
@@ -270,9 +324,10 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// [`Error::PoolTooSmall`], [`Error::MigrationsMissing`], or the error met reaching the
     /// database or Faktory.
     pub fn connect(self) -> Result<Worker<C>> {
+        let listens_from_pool = self.commit_hints && self.listen_url.is_none();
         let needed = u32::try_from(self.workers)
             .unwrap_or(u32::MAX)
-            .saturating_add(WAITER_CONNECTIONS);
+            .saturating_add(WAITER_CONNECTIONS - u32::from(!listens_from_pool));
         if self.pool.max_size() < needed {
             return Err(Error::PoolTooSmall {
                 max_size: self.pool.max_size(),
@@ -292,6 +347,21 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
             conn.barrier_location()?
         };
         crate::metrics::describe();
+        let listen_pool = match (&self.listen_url, self.commit_hints) {
+            (_, false) => None,
+            (None, true) => Some(self.pool.clone()),
+            (Some(_), true) if !C::HAS_HINTS => None,
+            (Some(url), true) => {
+                // One connection, opened when the waiter first needs it, and tried now.
+                let pool = r2d2::Pool::builder()
+                    .max_size(1)
+                    .min_idle(Some(0))
+                    .connection_timeout(Duration::from_secs(10))
+                    .build_unchecked(diesel::r2d2::ConnectionManager::<C>::new(url.clone()));
+                drop(pool.get()?);
+                Some(pool)
+            }
+        };
         let url = self.url.clone().unwrap_or_else(env_url);
         let producer = Producer::builder().url(url.clone()).connect()?;
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -309,6 +379,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 draining: tokio::sync::watch::channel(false).0,
                 location,
                 commits: Arc::new(super::waiter::CommitClock::new()),
+                listen_pool,
             }),
             url,
             workers: self.workers,

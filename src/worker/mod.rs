@@ -54,6 +54,8 @@ struct Shared<C: BarrierConnection> {
     location: Option<String>,
     /// When the worker's own writes last committed: proofs of durability for the waiter.
     commits: Arc<waiter::CommitClock>,
+    /// Where the waiter's listening connection comes from; `None`: no commit hints.
+    listen_pool: Option<ConnectionPool<C>>,
 }
 
 impl<C: BarrierConnection> Shared<C> {
@@ -61,6 +63,11 @@ impl<C: BarrierConnection> Shared<C> {
         self.waiter.get_or_init(|| {
             waiter::start::<C>(
                 self.pool.clone(),
+                waiter::HintSettings {
+                    listen_pool: self.listen_pool.clone(),
+                    check_interval: self.config.check_interval.unwrap_or(C::CHECK_INTERVAL),
+                    hearing: Arc::clone(&self.stats.hearing_hints),
+                },
                 Arc::clone(&self.stats.waiting),
                 self.max_waiting,
                 Arc::clone(&self.commits),

@@ -1,7 +1,7 @@
 //! What the outside sees of a running worker: its counters ([`WorkerMonitor`]), the handle
 //! that stops it ([`ShutdownHandle`]) and why it stopped ([`StopReason`]).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Asks a running [`Worker`](crate::Worker) to stop. Cheap to clone; usable from any thread.
@@ -32,6 +32,7 @@ pub(crate) struct Stats {
     pub(crate) timed_out: Counter,
     pub(crate) failed: Counter,
     pub(crate) processed: Counter,
+    pub(crate) hearing_hints: Arc<AtomicBool>,
 }
 
 impl Default for Stats {
@@ -48,6 +49,7 @@ impl Default for Stats {
             timed_out: Counter::new(JOBS_TIMED_OUT),
             failed: Counter::new(JOBS_FAILED),
             processed: Counter::new(JOBS_PROCESSED),
+            hearing_hints: Arc::default(),
         }
     }
 }
@@ -165,6 +167,17 @@ impl WorkerMonitor {
     /// Deliveries processed to the end, whatever the outcome.
     pub fn processed(&self) -> u64 {
         self.stats.processed.get()
+    }
+
+    /// Whether the waiter's listening connection is known to hear commit hints: it heard one
+    /// (a commit's, or a test hint of the waiter's own; on SQLite, whose hints need no test,
+    /// as soon as it listens). The waiter starts with the first job that waits for its
+    /// transaction. False before that, with
+    /// [`commit_hints`](crate::WorkerBuilder::commit_hints) off, on MySQL, and once the waiter
+    /// gave up on a listener that heard nothing (behind PgBouncer in transaction pooling mode,
+    /// say): its jobs are then found by the periodic checks alone.
+    pub fn hears_commit_hints(&self) -> bool {
+        self.stats.hearing_hints.load(Ordering::SeqCst)
     }
 }
 

@@ -16,6 +16,15 @@
 //!
 //! A job whose verdict does not come within its block limit gives up its registration (its
 //! receiver is dropped) and is snoozed; the waiter forgets registrations nobody listens to.
+//!
+//! Hints are optional (`WorkerBuilder::commit_hints`), and may come through a connection of
+//! their own (`WorkerBuilder::listen_url`). A `LISTEN` through PgBouncer in transaction pooling
+//! mode is accepted and never hears anything, so before listening the waiter looks for a
+//! session its listening connection visibly shares with its checking one
+//! (`Backend::shares_sessions`; no listening then), and a new listening connection must prove
+//! that it hears hints: the waiter sends one itself (`Backend::send_test_hint`), and a listener
+//! that hears nothing within [`HINT_TEST_TIMEOUT`] is given up on. Either way the waiter warns,
+//! and its checks alone find every commit.
 
 use super::monitor::Gauge;
 use crate::backend::{BarrierConnection, Checked, ConnectionPool, Pending, Verdict};
@@ -128,9 +137,21 @@ impl WaiterHandle {
     }
 }
 
+/// Where the waiter's commit hints come from, and how often it checks.
+pub(crate) struct HintSettings<C: BarrierConnection> {
+    /// The pool of the listening connection (the worker's own, or one of its own); `None`: no
+    /// commit hints.
+    pub(crate) listen_pool: Option<ConnectionPool<C>>,
+    /// How often every pending barrier is checked.
+    pub(crate) check_interval: Duration,
+    /// Set while the listening connection is known to hear hints (for the monitor).
+    pub(crate) hearing: Arc<AtomicBool>,
+}
+
 /// Starts the waiter thread.
 pub(crate) fn start<C: BarrierConnection>(
     pool: ConnectionPool<C>,
+    hints: HintSettings<C>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     clock: Arc<CommitClock>,
@@ -145,7 +166,9 @@ pub(crate) fn start<C: BarrierConnection>(
     };
     std::thread::Builder::new()
         .name("dtb-waiter".into())
-        .spawn(move || Waiter::<C>::new(pool, rx, stopping, max_waiting, clock, running).run())
+        .spawn(move || {
+            Waiter::<C>::new(pool, hints, rx, stopping, max_waiting, clock, running).run()
+        })
         .expect("spawning the waiter thread");
     handle
 }
@@ -197,8 +220,25 @@ struct Entry {
     replies: Vec<oneshot::Sender<Answer>>,
 }
 
+/// Where a new listening connection stands in proving that it hears hints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HintTest {
+    /// Nothing to prove: no listener, or it heard a hint, or the backend needs no test.
+    Done,
+    /// A test hint is to be sent (once the checking connection is there).
+    Due,
+    /// A test hint was sent; the listener must hear a hint by then.
+    Sent(Instant),
+}
+
 struct Waiter<C: BarrierConnection> {
     pool: ConnectionPool<C>,
+    /// Where commit hints come from: `None` when there are none (the backend has none, the
+    /// worker was built without them, or the listener heard nothing and was given up on).
+    listen_pool: Option<ConnectionPool<C>>,
+    check_interval: Duration,
+    hint_test: HintTest,
+    hearing: Arc<AtomicBool>,
     rx: Receiver<Registration>,
     stopping: Arc<AtomicBool>,
     pending: HashMap<uuid::Uuid, Entry>,
@@ -227,9 +267,14 @@ const FRESH_CHECK_GAP: Duration = Duration::from_micros(500);
 /// the waiter commits a fence of its own.
 const PROOF_WAIT: Duration = Duration::from_millis(5);
 
+/// How long a new listening connection may take to hear a hint (the waiter's own test hint, or
+/// any other) before the waiter stops listening and relies on its checks alone.
+pub(crate) const HINT_TEST_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl<C: BarrierConnection> Waiter<C> {
     fn new(
         pool: ConnectionPool<C>,
+        hints: HintSettings<C>,
         rx: Receiver<Registration>,
         stopping: Arc<AtomicBool>,
         max_waiting: usize,
@@ -239,6 +284,10 @@ impl<C: BarrierConnection> Waiter<C> {
         let now = Instant::now();
         Waiter {
             pool,
+            listen_pool: hints.listen_pool.filter(|_| C::HAS_HINTS),
+            check_interval: hints.check_interval,
+            hint_test: HintTest::Done,
+            hearing: hints.hearing,
             rx,
             stopping,
             max_waiting,
@@ -276,7 +325,14 @@ impl<C: BarrierConnection> Waiter<C> {
                 if !self.fresh.is_empty() {
                     wake = wake.min(self.last_check + FRESH_CHECK_GAP);
                 }
-                C::HINT_POLL.min(wake.saturating_duration_since(now))
+                let poll = if self.listener.is_some() || !C::HAS_HINTS {
+                    C::HINT_POLL
+                } else {
+                    // Hints turned off: nothing to read between checks but new registrations,
+                    // which wake the waiter as they arrive.
+                    self.check_interval
+                };
+                poll.min(wake.saturating_duration_since(now))
             };
             match self.rx.recv_timeout(timeout) {
                 Ok(r) => {
@@ -305,7 +361,7 @@ impl<C: BarrierConnection> Waiter<C> {
             if Instant::now() >= self.next_check {
                 self.fresh.clear();
                 self.check();
-                self.next_check = Instant::now() + C::CHECK_INTERVAL;
+                self.next_check = Instant::now() + self.check_interval;
             } else if !self.fresh.is_empty() && Instant::now() >= self.last_check + FRESH_CHECK_GAP
             {
                 // New registrations are checked at once (a job fetched after its commit runs
@@ -410,7 +466,9 @@ impl<C: BarrierConnection> Waiter<C> {
     }
 
     fn ensure_connections(&mut self) {
-        if (self.listener.is_some() || !C::HAS_HINTS) && self.checker.is_some() {
+        let wants_listener = self.listen_pool.is_some() && self.listener.is_none();
+        if !wants_listener && self.checker.is_some() {
+            self.test_hints();
             return;
         }
         if Instant::now() < self.retry_connect_at {
@@ -420,8 +478,26 @@ impl<C: BarrierConnection> Waiter<C> {
             if self.checker.is_none() {
                 self.checker = Some(self.pool.get()?);
             }
-            if C::HAS_HINTS && self.listener.is_none() {
-                self.listener = Some(Listener::start(self.pool.get()?)?);
+            if let (Some(pool), None, Some(checker)) = (
+                self.listen_pool.clone(),
+                &self.listener,
+                self.checker.as_mut(),
+            ) {
+                let mut conn = pool.get()?;
+                if conn.shares_sessions(checker)? {
+                    tracing::warn!(
+                        check_interval = ?self.check_interval,
+                        "the waiter's listening connection shares its server session with \
+                         other clients (PgBouncer in transaction pooling mode?), where a LISTEN \
+                         hears nothing: the waiter does not listen, and finds commits by its \
+                         checks alone (give the worker a direct listen_url, or turn \
+                         commit_hints off)"
+                    );
+                    self.listen_pool = None;
+                } else {
+                    self.listener = Some(Listener::start(conn)?);
+                    self.hint_test = HintTest::Due;
+                }
             }
             Ok(())
         })();
@@ -429,11 +505,35 @@ impl<C: BarrierConnection> Waiter<C> {
             tracing::warn!(error = %chain(&e), "the waiter cannot get a database connection; retrying");
             self.retry_connect_at = Instant::now() + Duration::from_millis(500);
         }
+        self.test_hints();
+    }
+
+    /// Sends the test hint a new listener is due, from the checking connection.
+    fn test_hints(&mut self) {
+        if self.hint_test != HintTest::Due {
+            return;
+        }
+        let Some(conn) = self.checker.as_mut() else {
+            return;
+        };
+        match conn.send_test_hint(&uuid::Uuid::new_v4()) {
+            Ok(true) => self.hint_test = HintTest::Sent(Instant::now() + HINT_TEST_TIMEOUT),
+            Ok(false) => {
+                self.hint_test = HintTest::Done;
+                self.hearing.store(true, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "the waiter could not send its test hint; reconnecting");
+                self.checker = None;
+            }
+        }
     }
 
     fn close_listener(&mut self) {
         // Dropping it stops its listening (see `Listener`).
         self.listener = None;
+        self.hint_test = HintTest::Done;
+        self.hearing.store(false, Ordering::SeqCst);
     }
 
     fn take_hints(&mut self) {
@@ -442,6 +542,27 @@ impl<C: BarrierConnection> Waiter<C> {
         };
         match conn.take_commit_hints() {
             Ok(ids) => {
+                if !ids.is_empty() && self.hint_test != HintTest::Done {
+                    // Any hint proves that the listener hears them.
+                    self.hint_test = HintTest::Done;
+                    self.hearing.store(true, Ordering::SeqCst);
+                    tracing::debug!("the waiter's listening connection hears commit hints");
+                }
+                if let HintTest::Sent(by) = self.hint_test {
+                    if Instant::now() >= by {
+                        tracing::warn!(
+                            check_interval = ?self.check_interval,
+                            "the waiter's listening connection heard no commit hint, not even its \
+                             own test hint, within {HINT_TEST_TIMEOUT:?}: the waiter stops \
+                             listening and finds commits by its checks alone (a LISTEN through \
+                             PgBouncer in transaction pooling mode hears nothing: give the worker \
+                             a direct listen_url, or turn commit_hints off)"
+                        );
+                        self.close_listener();
+                        self.listen_pool = None;
+                        return;
+                    }
+                }
                 // A hint only says where to look now; the check decides. Hints for barriers
                 // nobody waits for are dropped: a job fetched later is checked when it
                 // registers.
@@ -656,6 +777,11 @@ mod mysql_tests {
         let clock = Arc::new(CommitClock::new());
         let waiter = start(
             db.pool(2),
+            HintSettings {
+                listen_pool: None,
+                check_interval: <diesel::MysqlConnection as Backend>::CHECK_INTERVAL,
+                hearing: Arc::default(),
+            },
             Arc::new(AtomicUsize::new(0)),
             8,
             clock,

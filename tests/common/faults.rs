@@ -8,7 +8,6 @@
 use super::child::ChildTest;
 use super::*;
 use crossbeam_channel::unbounded;
-use diesel::r2d2::{ConnectionManager, Pool};
 use diesel_transaction_barrier::testing::{TestFaktory, TestServer};
 use diesel_transaction_barrier::Error;
 use std::io::{BufRead, Write};
@@ -38,10 +37,7 @@ pub fn worker_child_main<D: TestDb>() {
             Ok(())
         },
     );
-    let pool = Pool::builder()
-        .max_size(8)
-        .build(ConnectionManager::<D::Conn>::new(url))
-        .expect("pool");
+    let pool = D::pool_at(&url, 8);
     let mut worker = WorkerBuilder::new(pool)
         .handlers(handlers)
         .url(faktory)

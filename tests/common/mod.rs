@@ -30,6 +30,7 @@ pub mod child;
 pub mod faults;
 pub mod mysql;
 pub mod pg;
+pub mod pgbouncer;
 pub mod restart;
 pub mod scenarios;
 pub mod soak;
@@ -55,6 +56,12 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     const TEXT: &'static str;
     /// What the backend's barrier-timeout message carries about the open transaction.
     const TIMEOUT_DEBUG_INFO: &'static [&'static str];
+
+    /// Whether this configuration cannot run here (it says why on stderr): its scenario tests
+    /// then pass without running.
+    fn skipped() -> bool {
+        false
+    }
 
     /// Wraps a database created for this test.
     fn wrap(database: Self::Database) -> Self;
@@ -85,6 +92,19 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     /// A pool for the worker.
     fn pool(&self, size: u32) -> ConnectionPool<Self::Conn> {
         self.database().pool(size)
+    }
+    /// A pool of at most `size` connections to `url` (one of this configuration's URLs), as
+    /// a worker process of its own makes it.
+    fn pool_at(url: &str, size: u32) -> ConnectionPool<Self::Conn> {
+        r2d2::Pool::builder()
+            .max_size(size)
+            .build(diesel::r2d2::ConnectionManager::new(url))
+            .expect("pool")
+    }
+    /// The worker settings this configuration needs (after the test's defaults, before its
+    /// own).
+    fn configure_worker(&self, builder: WorkerBuilder<Self::Conn>) -> WorkerBuilder<Self::Conn> {
+        builder
     }
 
     /// Runs a statement (or several).
@@ -329,6 +349,7 @@ impl<D: TestDb> Env<D> {
             .handlers(handlers)
             .url(self.faktory.url())
             .reconnect_backoff(Duration::from_millis(200));
+        let builder = self.db.configure_worker(builder);
         let worker = configure(builder).connect().expect("worker connects");
         RunningWorker::spawn(worker, self.queue.clone())
     }

@@ -709,7 +709,9 @@ pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
             copies
         });
     // A consumer for the backlog: one copy runs, the others are duplicates.
-    let mut consumer = WorkerBuilder::new(env.db.pool(8))
+    let mut consumer = env
+        .db
+        .configure_worker(WorkerBuilder::new(env.db.pool(8)))
         .handlers(handlers::<D>(&tx))
         .url(env.faktory.url())
         .reconcile_grace(None)

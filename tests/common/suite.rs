@@ -90,6 +90,9 @@ macro_rules! scenario_tests {
             ($d name:ident) => {
                 #[test]
                 fn $d name() {
+                    if <$db as $crate::common::TestDb>::skipped() {
+                        return;
+                    }
                     $crate::common::scenarios::$d name::<$db>();
                 }
             };
@@ -118,6 +121,9 @@ macro_rules! scenario_tests {
                 #[test]
                 fn $only() {
                     const _: SharedScenario = SharedScenario::$only;
+                    if <$db as $crate::common::TestDb>::skipped() {
+                        return;
+                    }
                     $crate::common::scenarios::$only::<$db>();
                 }
             )*
