@@ -1,5 +1,5 @@
 //! What a database must provide to carry barriers: the sealed [`sealed::Backend`] trait, and
-//! one implementation per backend, each behind its cargo feature (`postgres.rs`, `mysql/`,
+//! one implementation per backend, each behind its cargo feature (`postgres/`, `mysql/`,
 //! `sqlite/`). Nothing outside this module knows which backend it talks to. How each backend
 //! decides is argued in `docs/design/`. `conformance/` holds the tests every backend must pass.
 

@@ -8,7 +8,7 @@
 //!
 //! * `builder.rs` — [`WorkerBuilder`], its settings and the checks made before connecting;
 //! * `process.rs` — one delivery: descriptor → wait → handler in the consuming transaction;
-//! * `waiter.rs` — the thread that resolves every pending barrier;
+//! * `waiter/` — the thread that resolves every pending barrier;
 //! * `snooze.rs` — handing a delivery back to Faktory;
 //! * `monitor.rs` — counters, the shutdown handle, why the worker stopped;
 //! * this file — [`Worker`]: the run loop, reconnecting, and the graceful drain.

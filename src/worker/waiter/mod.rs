@@ -26,10 +26,15 @@
 //! that hears nothing within [`HINT_TEST_TIMEOUT`] is given up on. Either way the waiter warns,
 //! and its checks alone find every commit.
 
+mod clock;
+mod listener;
+
 use super::monitor::Gauge;
 use crate::backend::{BarrierConnection, Checked, ConnectionPool, Pending, Verdict};
 use crate::error::chain;
+pub(crate) use clock::CommitClock;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+pub(crate) use listener::Listener;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -63,40 +68,6 @@ impl Answer {
             Answer::ShuttingDown => "shutting_down",
             Answer::Overflow => "overflow",
         }
-    }
-}
-
-/// When the worker's own write commits happened, as a proof of durability for commits it saw
-/// earlier (see `Backend::fence`): the latest moment after which some write of the worker's
-/// began that has since committed. Times are microseconds since the clock was made.
-#[derive(Debug)]
-pub(crate) struct CommitClock {
-    origin: Instant,
-    proven: std::sync::atomic::AtomicU64,
-}
-
-impl CommitClock {
-    pub(crate) fn new() -> CommitClock {
-        CommitClock {
-            origin: Instant::now(),
-            proven: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Now, on this clock.
-    pub(crate) fn now(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
-    /// A transaction whose first write came after `began` (a reading of [`now`](Self::now))
-    /// has committed: every commit seen before `began` is durable.
-    pub(crate) fn committed(&self, began: u64) {
-        self.proven.fetch_max(began, Ordering::SeqCst);
-    }
-
-    /// Whether a commit seen at `seen` is proven durable.
-    fn proves(&self, seen: u64) -> bool {
-        self.proven.load(Ordering::SeqCst) > seen
     }
 }
 
@@ -171,41 +142,6 @@ pub(crate) fn start<C: BarrierConnection>(
         })
         .expect("spawning the waiter thread");
     handle
-}
-
-type Pooled<C> = r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>;
-
-/// The waiter's listening connection. However it is let go of — a stop, an error, a panic — it
-/// stops listening before it goes back to the pool, or, when it cannot, is marked broken so
-/// that the pool discards it: a pooled connection still listening would never read what it
-/// receives, and PostgreSQL keeps every notification until all its listeners have read it,
-/// until its queue is full and every producer's `COMMIT` fails.
-pub(crate) struct Listener<C: BarrierConnection>(Pooled<C>);
-
-impl<C: BarrierConnection> Listener<C> {
-    /// Makes `conn` listen for commit hints.
-    pub(crate) fn start(mut conn: Pooled<C>) -> diesel::QueryResult<Self> {
-        match conn.listen_for_commits() {
-            Ok(()) => Ok(Listener(conn)),
-            Err(e) => {
-                crate::backend::poison(&mut *conn);
-                Err(e)
-            }
-        }
-    }
-
-    fn take_commit_hints(&mut self) -> diesel::QueryResult<Vec<uuid::Uuid>> {
-        self.0.take_commit_hints()
-    }
-}
-
-impl<C: BarrierConnection> Drop for Listener<C> {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.stop_listening() {
-            tracing::debug!(error = %chain(&e), "a listening connection could not stop listening; it is discarded");
-            crate::backend::poison(&mut *self.0);
-        }
-    }
 }
 
 struct Entry {
@@ -652,147 +588,5 @@ impl<C: BarrierConnection> Waiter<C> {
     }
 }
 
-#[cfg(all(test, feature = "postgres", feature = "testing"))]
-mod tests {
-    use super::*;
-    use crate::testing::{PgTestSchema as Schema, TestDatabase};
-    use diesel::connection::SimpleConnection;
-    use diesel::pg::PgConnection;
-    use diesel::prelude::*;
-    use diesel::sql_types::{BigInt, Integer};
-
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-
-    #[derive(QueryableByName)]
-    struct Pid {
-        #[diesel(sql_type = Integer)]
-        pid: i32,
-    }
-
-    fn listening(conn: &mut PgConnection) -> i64 {
-        diesel::sql_query("SELECT COUNT(*) AS n FROM pg_listening_channels()")
-            .get_result::<Count>(conn)
-            .unwrap()
-            .n
-    }
-
-    fn pid(conn: &mut PgConnection) -> i32 {
-        diesel::sql_query("SELECT pg_backend_pid() AS pid")
-            .get_result::<Pid>(conn)
-            .unwrap()
-            .pid
-    }
-
-    fn one_connection_pool(schema: &Schema) -> ConnectionPool<PgConnection> {
-        r2d2::Pool::builder()
-            .max_size(1)
-            .min_idle(Some(0))
-            .build(diesel::r2d2::ConnectionManager::new(schema.url()))
-            .unwrap()
-    }
-
-    /// A listening connection goes back to the pool without listening.
-    #[test]
-    fn a_listener_stops_listening_before_it_goes_back() {
-        let schema = Schema::create();
-        let pool = one_connection_pool(&schema);
-        let mut listener = Listener::start(pool.get().unwrap()).unwrap();
-        assert_eq!(listening(&mut listener.0), 1);
-        let before = pid(&mut listener.0);
-        drop(listener);
-        let mut conn = pool.get().unwrap();
-        assert_eq!(
-            pid(&mut conn),
-            before,
-            "the same connection, back in the pool"
-        );
-        assert_eq!(listening(&mut conn), 0, "no longer listening");
-    }
-
-    /// A listening connection that cannot stop listening (here: stuck in a failed transaction)
-    /// is discarded by the pool, never handed out again still listening.
-    #[test]
-    fn a_listener_that_cannot_stop_is_discarded() {
-        let schema = Schema::create();
-        let pool = one_connection_pool(&schema);
-        let mut listener = Listener::start(pool.get().unwrap()).unwrap();
-        let before = pid(&mut listener.0);
-        listener.0.batch_execute("BEGIN").unwrap();
-        assert!(listener.0.batch_execute("SELECT 1 / 0").is_err());
-        drop(listener);
-        let mut conn = pool.get().unwrap();
-        assert_ne!(pid(&mut conn), before, "a new connection");
-        assert_eq!(listening(&mut conn), 0);
-    }
-}
-
-#[cfg(all(test, feature = "mysql", feature = "testing"))]
-mod mysql_tests {
-    use super::*;
-    use crate::backend::conformance::new_barrier;
-    use crate::backend::sealed::Backend;
-    use crate::testing::{MysqlTestDatabase, TestDatabase};
-    use diesel::connection::SimpleConnection;
-    use diesel::prelude::*;
-    use diesel::sql_types::Text;
-
-    /// The answer to `rx` within `limit`, if any.
-    fn answer_within(rx: &mut oneshot::Receiver<Answer>, limit: Duration) -> Option<Answer> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match rx.try_recv() {
-                Ok(answer) => return Some(answer),
-                Err(oneshot::error::TryRecvError::Closed) => panic!("the waiter dropped the job"),
-                Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(oneshot::error::TryRecvError::Empty) => return None,
-            }
-        }
-    }
-
-    /// A barrier seen committed while another delivery's handler holds its row, which that
-    /// handler then consumes, is still answered, although no commit of this worker's ever
-    /// proves it (the fence writes nothing to a held row, then nothing to a gone one).
-    #[test]
-    fn a_visible_barrier_that_another_delivery_consumes_is_answered() {
-        let db = MysqlTestDatabase::create();
-        let id = uuid::Uuid::new_v4();
-        let mut producer = db.connect();
-        let inserted = producer
-            .transaction(|c| c.insert_barrier(&new_barrier(&id)))
-            .unwrap();
-        // The other delivery's handler: the row deleted, not yet committed.
-        let mut handler = db.connect();
-        handler.batch_execute("BEGIN").unwrap();
-        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
-            .bind::<Text, _>(id.hyphenated().to_string())
-            .execute(&mut handler)
-            .unwrap();
-        let running = Arc::new(AtomicUsize::new(1));
-        let clock = Arc::new(CommitClock::new());
-        let waiter = start(
-            db.pool(2),
-            HintSettings {
-                listen_pool: None,
-                check_interval: <diesel::MysqlConnection as Backend>::CHECK_INTERVAL,
-                hearing: Arc::default(),
-            },
-            Arc::new(AtomicUsize::new(0)),
-            8,
-            clock,
-            Arc::clone(&running),
-        );
-        let (mut rx, _gauge) = waiter.register(id, inserted.txid);
-        // No verdict while the row is held: long enough for several checks and fences.
-        assert_eq!(answer_within(&mut rx, Duration::from_millis(200)), None);
-        handler.batch_execute("COMMIT").unwrap();
-        let answer = answer_within(&mut rx, Duration::from_secs(10));
-        waiter.stop();
-        assert_eq!(answer, Some(Answer::NotCommitted));
-    }
-}
+#[cfg(all(test, feature = "testing"))]
+mod tests;
