@@ -203,40 +203,37 @@ fn prepared_statement_cache_needs_disabling() {
     );
 }
 
-/// Commit hints off: a job fetched while its transaction runs starts within about one check
-/// interval after the commit, and the worker never hears a hint.
-#[test]
-fn without_hints_jobs_start_within_the_check_interval() {
+/// With commit hints set to `hints`, a worker behind PgBouncer starts `rounds` jobs, each
+/// fetched while its transaction runs, within about one check interval after the commit, and
+/// never hears a hint.
+fn checks_alone_start_jobs(hints: bool, rounds: usize) {
     let Some(env) = env() else { return };
     let interval = std::time::Duration::from_millis(250);
     let (tx, rx) = unbounded();
     let worker = env.start_worker_with(handlers::<Bouncer>(&tx), |b| {
-        b.workers(1).check_interval(interval)
+        b.workers(1).commit_hints(hints).check_interval(interval)
     });
-    for _ in 0..3 {
+    for _ in 0..rounds {
         let id = next_id();
-        let mut conn = env.db.connect();
-        let committed = conn
-            .transaction(|c| {
-                insert_order::<Bouncer>(c, id, "paid");
-                c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
-                worker.wait_for_waiting(1);
-                Ok::<_, Error>(())
-            })
-            .map(|()| std::time::Instant::now())
-            .unwrap();
-        let ran = expect_run(&rx);
-        assert_eq!(ran.order_id, id);
-        let late = ran.at.saturating_duration_since(committed);
-        assert!(
-            late < interval + std::time::Duration::from_secs(1),
-            "started {late:?} after the commit"
+        let committed = commit_once_waiting(&env, &worker, id, || {});
+        expect_run_within(
+            &rx,
+            id,
+            committed,
+            interval + std::time::Duration::from_secs(1),
         );
         wait_until("the run to commit", EVENTUALLY, || {
             runs_of(&env.db, id) == 1
         });
     }
     assert!(!worker.monitor.hears_commit_hints());
+}
+
+/// Commit hints off: a job fetched while its transaction runs starts within about one check
+/// interval after the commit, and the worker never hears a hint.
+#[test]
+fn without_hints_jobs_start_within_the_check_interval() {
+    checks_alone_start_jobs(false, 3);
 }
 
 /// A direct `listen_url`: the worker hears commits through it, and a job waiting for its
@@ -252,25 +249,12 @@ fn a_direct_listen_url_hears_commits() {
             .check_interval(std::time::Duration::from_secs(30))
     });
     let id = next_id();
-    let mut conn = env.db.connect();
-    conn.transaction(|c| {
-        insert_order::<Bouncer>(c, id, "paid");
-        c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
-        worker.wait_for_waiting(1);
+    let committed = commit_once_waiting(&env, &worker, id, || {
         wait_until("the listener to hear its test hint", EVENTUALLY, || {
             worker.monitor.hears_commit_hints()
-        });
-        Ok::<_, Error>(())
-    })
-    .unwrap();
-    let committed = std::time::Instant::now();
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, id);
-    let late = ran.at.saturating_duration_since(committed);
-    assert!(
-        late < std::time::Duration::from_secs(5),
-        "started {late:?} after the commit: not woken by the hint"
-    );
+        })
+    });
+    expect_run_within(&rx, id, committed, std::time::Duration::from_secs(5));
 }
 
 /// The worker's defaults behind PgBouncer: its listening connection comes from the pool, where
@@ -279,29 +263,5 @@ fn a_direct_listen_url_hears_commits() {
 /// commit.
 #[test]
 fn behind_pgbouncer_the_waiter_does_not_listen_and_checks_go_on() {
-    let Some(env) = env() else { return };
-    let interval = std::time::Duration::from_millis(250);
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<Bouncer>(&tx), |b| {
-        b.workers(1).commit_hints(true).check_interval(interval)
-    });
-    let id = next_id();
-    let mut conn = env.db.connect();
-    let committed = conn
-        .transaction(|c| {
-            insert_order::<Bouncer>(c, id, "paid");
-            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
-            worker.wait_for_waiting(1);
-            Ok::<_, Error>(())
-        })
-        .map(|()| std::time::Instant::now())
-        .unwrap();
-    let ran = expect_run(&rx);
-    assert_eq!(ran.order_id, id);
-    let late = ran.at.saturating_duration_since(committed);
-    assert!(
-        late < interval + std::time::Duration::from_secs(1),
-        "started {late:?} after the commit"
-    );
-    assert!(!worker.monitor.hears_commit_hints());
+    checks_alone_start_jobs(true, 1);
 }

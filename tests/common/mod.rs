@@ -501,6 +501,35 @@ pub fn commit_order<D: TestDb>(env: &Env<D>, order_id: i64, job: Job) {
     .expect("transaction commits");
 }
 
+/// Commits order `order_id` with its job once `worker` holds the job waiting for that very
+/// transaction (and `before_commit` returned); returns when the commit did.
+pub fn commit_once_waiting<D: TestDb>(
+    env: &Env<D>,
+    worker: &RunningWorker,
+    order_id: i64,
+    before_commit: impl FnOnce(),
+) -> Instant {
+    let mut conn = env.db.connect();
+    conn.transaction(|c| {
+        insert_order::<D>(c, order_id, "paid");
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, order_id))?;
+        worker.wait_for_waiting(1);
+        before_commit();
+        Ok::<_, diesel_transaction_barrier::Error>(())
+    })
+    .expect("transaction commits");
+    Instant::now()
+}
+
+/// Waits for the next run, which must be order `order_id`'s and must have started less than
+/// `bound` after `committed`.
+pub fn expect_run_within(rx: &Receiver<Ran>, order_id: i64, committed: Instant, bound: Duration) {
+    let ran = expect_run(rx);
+    assert_eq!(ran.order_id, order_id);
+    let late = ran.at.saturating_duration_since(committed);
+    assert!(late < bound, "started {late:?} after the commit");
+}
+
 /// Pushes a committed sentinel job after the jobs under test and waits for it: with one worker
 /// thread, everything pushed before it has been processed once it ran. Returns the other runs
 /// seen meanwhile.

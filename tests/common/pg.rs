@@ -43,13 +43,7 @@ impl TestDb for Pg {
         let mut c = self.connect();
         let n = Pg::query_i64(
             &mut c,
-            &format!(
-                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE application_name = '{}' AND pid <> pg_backend_pid() \
-                   AND (query LIKE 'LISTEN%' OR query LIKE '%unnest($1::text[]%' \
-                        OR query LIKE '%dtb_await_barrier%')",
-                self.0.name()
-            ),
+            &kill_waiter_sessions_where(&format!("application_name = '{}'", self.0.name())),
         );
         Some(n.unwrap_or(0) as usize)
     }
@@ -58,4 +52,15 @@ impl TestDb for Pg {
         let mut c = self.connect();
         Pg::exec(&mut c, &format!("SELECT pg_terminate_backend({session})"));
     }
+}
+
+/// The query that ends the server sessions `filter` selects (an SQL condition on
+/// `pg_stat_activity`) which last ran a waiter's `LISTEN`, check or probe, and counts them.
+pub fn kill_waiter_sessions_where(filter: &str) -> String {
+    format!(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE {filter} AND pid <> pg_backend_pid() \
+           AND (query LIKE 'LISTEN%' OR query LIKE '%unnest($1::text[]%' \
+                OR query LIKE '%dtb_await_barrier%')"
+    )
 }

@@ -261,13 +261,7 @@ impl<L: Listening> TestDb for Through<L> {
         let mut c = self.0.admin();
         let n = Self::query_i64(
             &mut c,
-            &format!(
-                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE usename = '{}' AND pid <> pg_backend_pid() \
-                   AND (query LIKE 'LISTEN%' OR query LIKE '%unnest($1::text[]%' \
-                        OR query LIKE '%dtb_await_barrier%')",
-                self.0.name()
-            ),
+            &super::pg::kill_waiter_sessions_where(&format!("usename = '{}'", self.0.name())),
         );
         Some(n.unwrap_or(0) as usize)
     }
