@@ -443,11 +443,11 @@ where
             "ratio ≥ 0.7",
             Some(ratio >= 0.7),
         );
-        // What 3B can reach on this machine: jobs that touch no database at all, through the
+        // What 3B can reach on this machine: jobs whose transactions write nothing, through the
         // same worker and Faktory server.
         let ceiling = plain / commits;
         self.row(
-            "3B ceiling: plain jobs/s (no database work) vs the same durable commits/s",
+            "3B ceiling: plain jobs/s (their transactions write nothing) vs the same durable commits/s",
             format!("{plain:.0} / {commits:.0} = {ceiling:.2}"),
             "—",
             None,
