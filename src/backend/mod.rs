@@ -425,31 +425,6 @@ pub(crate) fn bounded_age(age: Duration) -> Duration {
     age.min(MAX_AGE)
 }
 
-/// Runs `f` in the transaction just begun on `conn` (with
-/// `AnsiTransactionManager::begin_transaction_sql`), then commits it when `f` returns `Ok` and
-/// rolls it back otherwise, as Diesel's own `transaction` does.
-#[cfg(feature = "postgres")]
-pub(crate) fn finish_transaction<C, R, E, F>(conn: &mut C, f: F) -> Result<R, E>
-where
-    C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager>,
-    F: FnOnce(&mut C) -> Result<R, E>,
-    E: From<diesel::result::Error>,
-{
-    use diesel::connection::{AnsiTransactionManager, TransactionManager};
-    match f(conn) {
-        Ok(value) => {
-            <AnsiTransactionManager as TransactionManager<C>>::commit_transaction(conn)?;
-            Ok(value)
-        }
-        Err(error) => {
-            match <AnsiTransactionManager as TransactionManager<C>>::rollback_transaction(conn) {
-                Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
-                Err(rollback_error) => Err(rollback_error.into()),
-            }
-        }
-    }
-}
-
 /// Inside a worker transaction: claims barrier `id`, and runs `f` if that worked.
 pub(crate) fn claim_then<C, R, E, F>(conn: &mut C, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
 where

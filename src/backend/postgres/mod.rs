@@ -13,7 +13,7 @@ use super::{
     Unconsumed, Verdict,
 };
 use crate::error::Error;
-use diesel::connection::{AnsiTransactionManager, SimpleConnection};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable, Text};
@@ -454,7 +454,7 @@ impl Backend for PgConnection {
             id.hyphenated()
         );
         if AnsiTransactionManager::begin_transaction_sql(self, &begin).is_ok() {
-            return super::finish_transaction(self, f).map(Claimed::Ran);
+            return finish_transaction(self, f).map(Claimed::Ran);
         }
         self.batch_execute("ROLLBACK")?;
         self.worker_transaction(|c| super::claim_then(c, id, f))
@@ -517,6 +517,29 @@ impl Backend for PgConnection {
             Ok(r) => r.value.unwrap_or_else(|| "unknown".into()),
             Err(e) => format!("unavailable ({e})"),
         }))
+    }
+}
+
+/// Runs `f` in the transaction just begun on `conn` (with
+/// `AnsiTransactionManager::begin_transaction_sql`), then commits it when `f` returns `Ok` and
+/// rolls it back otherwise, as Diesel's own `transaction` does.
+fn finish_transaction<R, E, F>(conn: &mut PgConnection, f: F) -> Result<R, E>
+where
+    F: FnOnce(&mut PgConnection) -> Result<R, E>,
+    E: From<diesel::result::Error>,
+{
+    type Manager = AnsiTransactionManager;
+    match f(conn) {
+        Ok(value) => {
+            <Manager as TransactionManager<PgConnection>>::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(error) => {
+            match <Manager as TransactionManager<PgConnection>>::rollback_transaction(conn) {
+                Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
+                Err(rollback_error) => Err(rollback_error.into()),
+            }
+        }
     }
 }
 
