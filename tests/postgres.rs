@@ -190,16 +190,7 @@ fn a_waiter_without_a_pooled_listener_needs_one_connection_fewer() {
             .workers(1)
     };
     let err = builder().connect().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::PoolTooSmall {
-                max_size: 2,
-                needed: 3
-            }
-        ),
-        "{err}"
-    );
+    assert_pool_too_small(&err, 2, 3);
     builder().commit_hints(false).connect().expect("hints off");
     builder()
         .listen_url(env.db.url())

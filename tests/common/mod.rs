@@ -530,6 +530,18 @@ pub fn expect_run_within(rx: &Receiver<Ran>, order_id: i64, committed: Instant, 
     assert!(late < bound, "started {late:?} after the commit");
 }
 
+/// `err` refuses a pool of `max_size` connections where the worker needs `needed`.
+pub fn assert_pool_too_small(err: &diesel_transaction_barrier::Error, max_size: u32, needed: u32) {
+    assert!(
+        matches!(
+            err,
+            diesel_transaction_barrier::Error::PoolTooSmall { max_size: m, needed: n }
+                if *m == max_size && *n == needed
+        ),
+        "{err}"
+    );
+}
+
 /// Pushes a committed sentinel job after the jobs under test and waits for it: with one worker
 /// thread, everything pushed before it has been processed once it ran. Returns the other runs
 /// seen meanwhile.

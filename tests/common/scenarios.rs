@@ -323,16 +323,7 @@ pub fn missing_migrations_are_reported<D: TestDb>() {
         .workers(1)
         .connect()
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::PoolTooSmall {
-                max_size: 2,
-                needed: 3
-            }
-        ),
-        "{err}"
-    );
+    assert_pool_too_small(&err, 2, 3);
     let err = WorkerBuilder::<D::Conn>::new(db.pool(3))
         .url(faktory.url())
         .workers(1)
