@@ -326,7 +326,7 @@ impl Phases {
     }
 
     fn since(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+        super::waiter::micros_since(self.start)
     }
 }
 

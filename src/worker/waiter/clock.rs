@@ -22,7 +22,7 @@ impl CommitClock {
 
     /// Now, on this clock.
     pub(crate) fn now(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+        micros_since(self.origin)
     }
 
     /// A transaction whose first write came after `began` (a reading of [`now`](Self::now))
@@ -35,4 +35,9 @@ impl CommitClock {
     pub(super) fn proves(&self, seen: u64) -> bool {
         self.proven.load(Ordering::SeqCst) > seen
     }
+}
+
+/// Microseconds since `origin`, saturating.
+pub(crate) fn micros_since(origin: Instant) -> u64 {
+    u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX)
 }

@@ -32,7 +32,7 @@ mod listener;
 use super::monitor::Gauge;
 use crate::backend::{BarrierConnection, Checked, ConnectionPool, Pending, Verdict};
 use crate::error::chain;
-pub(crate) use clock::CommitClock;
+pub(crate) use clock::{micros_since, CommitClock};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 pub(crate) use listener::Listener;
 use std::collections::HashMap;
