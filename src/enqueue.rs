@@ -29,15 +29,21 @@ pub trait EnqueueWithBarrier {
     /// * **Inline producer** ([`Producer::inline`]): runs the handler now, on this thread, with
     ///   this connection, even inside a transaction, and returns its error if it fails.
     ///
-    /// If the push fails the error is returned: propagate it with `?` and the transaction rolls
-    /// back, taking the barrier row with it. Returns the job id.
+    /// Returns the job id. An `Err` means the job was not enqueued, whatever the application
+    /// does next: when the push fails, the barrier row is deleted again before the error is
+    /// returned, so a transaction that swallows the error and commits leaves nothing that could
+    /// run — not even a copy of the job that reached Faktory although its answer was lost
+    /// ([`Error::FaktoryTimeout`]): that copy finds no barrier and ends as aborted. (Should the
+    /// deletion itself fail, the connection's transaction is marked broken, so that Diesel
+    /// rolls it back instead of committing it.) Propagating the error with `?` rolls the
+    /// transaction back, as usual.
     ///
     /// # Errors
     ///
     /// Besides database and Faktory errors: [`Error::BrokenTransaction`] when the transaction
     /// can only be rolled back (a statement in it failed), and [`Error::TransactionEnded`] when
     /// the database ended the transaction that Diesel still counts as open (a deadlock victim,
-    /// an implicit commit). In both cases nothing was enqueued.
+    /// an implicit commit). In every case nothing was enqueued.
     fn enqueue_with_barrier(&mut self, producer: &Producer, job: Job) -> Result<JobId>;
 }
 
@@ -87,6 +93,7 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
             jid: jid.to_string(),
             source,
         })?;
+        let digest = crate::binding::job_digest(&job);
         let inserted = self
             .insert_barrier(&NewBarrier {
                 id: &id,
@@ -94,6 +101,7 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
                 job_kind: &job.kind,
                 job_queue: &job.queue,
                 payload: &payload,
+                job_digest: &digest,
             })
             .map_err(|e| {
                 if self.missing_table(&e) {
@@ -113,9 +121,23 @@ impl<C: BarrierConnection> EnqueueWithBarrier for C {
         job.custom
             .insert(CUSTOM_KEY.to_string(), descriptor.to_value());
         let kind = job.kind.clone();
-        producer.push_barrier_job(job)?;
+        if let Err(e) = producer.push_barrier_job(job) {
+            withdraw(self, &id);
+            return Err(e);
+        }
         tracing::debug!(barrier_id = %id, jid = jid.as_str(), kind = %kind, depth, "enqueued with barrier");
         Ok(jid)
+    }
+}
+
+/// After a failed push: deletes barrier `id` from the connection's transaction, so that an
+/// `Err` leaves nothing behind that could run even if the application commits anyway; a copy of
+/// the job that reached Faktory despite the error finds no barrier and is aborted. If the row
+/// cannot be deleted, the transaction is marked broken: Diesel then refuses to commit it.
+fn withdraw<C: BarrierConnection>(conn: &mut C, id: &uuid::Uuid) {
+    if let Err(e) = conn.remove_barrier(id) {
+        tracing::warn!(barrier_id = %id, error = %crate::error::chain(&e), "could not delete the barrier of a job that was not pushed; the transaction is marked broken");
+        crate::backend::poison(conn);
     }
 }
 

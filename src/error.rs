@@ -119,6 +119,19 @@ pub enum Error {
         worker_table: String,
     },
 
+    /// The job carries the descriptor of a barrier that was enqueued with another job: its kind,
+    /// queue, arguments or custom data differ from those stored with the barrier (a job pushed
+    /// to Faktory with a descriptor copied from another job). The worker does not run it and
+    /// leaves the barrier to its own job; the delivery fails, so it shows in Faktory's retries
+    /// and, in the end, its dead set.
+    #[error("job {jid} carries the barrier {barrier_id} of another job: refused")]
+    ForeignBarrier {
+        /// The Faktory job id of the delivery refused.
+        jid: String,
+        /// The barrier's id.
+        barrier_id: String,
+    },
+
     /// An inline producer ([`Producer::inline`](crate::Producer::inline)) was given a
     /// connection of another type than its handlers take.
     #[error("this inline producer's handlers take {expected}, not the connection it was given")]

@@ -12,6 +12,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
+mod binding;
 mod descriptor;
 mod enqueue;
 mod error;

@@ -13,6 +13,7 @@
 //! | `dtb_jobs_ran_total` | counter | handlers that ran to success (and consumed their barrier, if any) |
 //! | `dtb_jobs_aborted_total` | counter | jobs whose transaction did not commit |
 //! | `dtb_jobs_duplicate_total` | counter | deliveries skipped: another delivery of the job consumed the barrier |
+//! | `dtb_jobs_refused_total` | counter | deliveries refused: they carry the barrier of another job |
 //! | `dtb_jobs_snoozed_total` | counter | deliveries handed back to Faktory (block limit, busy barrier, overflow, shutdown) |
 //! | `dtb_jobs_overflowed_total` | counter | deliveries handed back because `max_waiting` jobs already waited (also snoozed) |
 //! | `dtb_jobs_timed_out_total` | counter | jobs failed with `BarrierTimeout` |
@@ -36,6 +37,9 @@ pub const JOBS_RAN: &str = "dtb_jobs_ran_total";
 pub const JOBS_ABORTED: &str = "dtb_jobs_aborted_total";
 /// Counter: deliveries skipped because another delivery consumed the barrier.
 pub const JOBS_DUPLICATE: &str = "dtb_jobs_duplicate_total";
+/// Counter: deliveries refused because they carry the barrier of another job (see
+/// [`Error::ForeignBarrier`](crate::Error::ForeignBarrier)).
+pub const JOBS_REFUSED: &str = "dtb_jobs_refused_total";
 /// Counter: deliveries handed back to Faktory without running.
 pub const JOBS_SNOOZED: &str = "dtb_jobs_snoozed_total";
 /// Counter: deliveries handed back because too many jobs already waited.
@@ -98,6 +102,10 @@ mod record {
                 (
                     JOBS_DUPLICATE,
                     "Deliveries skipped: another delivery consumed the barrier.",
+                ),
+                (
+                    JOBS_REFUSED,
+                    "Deliveries refused: they carry the barrier of another job.",
                 ),
                 (
                     JOBS_SNOOZED,

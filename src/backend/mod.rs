@@ -55,6 +55,9 @@ pub enum Claim {
     Gone,
     /// Another worker holds the row (a concurrent duplicate is running the handler).
     Busy,
+    /// The row belongs to another job (its job digest differs from the delivery's): this
+    /// delivery must not consume it. Nothing was taken.
+    Foreign,
 }
 
 /// The end of a [`sealed::Backend::claiming_transaction`].
@@ -68,6 +71,8 @@ pub enum Claimed<R> {
     Gone,
     /// Another worker holds the barrier. Nothing ran.
     Busy,
+    /// The barrier belongs to another job. Nothing ran.
+    Foreign,
 }
 
 /// What the server says about a producer connection's transaction.
@@ -100,6 +105,11 @@ pub struct Checked {
     pub verdicts: Vec<Verdict>,
     /// How many barriers got an authoritative probe (a short lock wait each).
     pub probed: usize,
+    /// Where the database's log stood when the check saw the commits it calls
+    /// [`Verdict::Visible`], on the backend's own scale (PostgreSQL: a WAL position): they are
+    /// durable once [`flushed_position`](sealed::Backend::flushed_position) reaches it.
+    /// `None` when the backend cannot tell.
+    pub position: Option<u64>,
 }
 
 impl From<Vec<Verdict>> for Checked {
@@ -107,6 +117,7 @@ impl From<Vec<Verdict>> for Checked {
         Checked {
             verdicts,
             probed: 0,
+            position: None,
         }
     }
 }
@@ -149,11 +160,13 @@ pub struct NewBarrier<'a> {
     pub job_kind: &'a str,
     pub job_queue: &'a str,
     pub payload: &'a str,
+    /// The job's digest (see `crate::binding`), which a delivery must match to consume it.
+    pub job_digest: &'a str,
 }
 
 impl NewBarrier<'_> {
     /// `query` with the row's values bound in this order: id (as text), job id, job kind, job
-    /// queue, payload.
+    /// queue, payload, job digest.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn bind_to<DB>(
         &self,
@@ -171,6 +184,7 @@ impl NewBarrier<'_> {
             .bind::<Text, _>(self.job_kind.to_string())
             .bind::<Text, _>(self.job_queue.to_string())
             .bind::<Text, _>(self.payload.to_string())
+            .bind::<Text, _>(self.job_digest.to_string())
     }
 }
 
@@ -204,6 +218,11 @@ pub(crate) mod sealed {
         /// Inserts the barrier row in the connection's current transaction.
         fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> diesel::QueryResult<Inserted>;
 
+        /// Deletes barrier `id`, which this connection's transaction inserted, after its job
+        /// could not be pushed: the transaction may still commit (an application that swallows
+        /// the error), and must then leave nothing that could run.
+        fn remove_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<()>;
+
         /// Whether `error`, just returned by [`insert_barrier`](Self::insert_barrier) on this
         /// connection, says that the barrier table does not exist (the migrations have not
         /// run, or the connection's `search_path` does not reach them).
@@ -224,21 +243,29 @@ pub(crate) mod sealed {
             E: From<diesel::result::Error>;
 
         /// Inside [`worker_transaction`](Self::worker_transaction): takes barrier `id` for this
-        /// transaction — locks and deletes it, so that committing consumes it and rolling back
-        /// restores it — without waiting for another worker that holds it. `Gone` must be
-        /// authoritative: never the answer for a row whose producer is still running.
-        fn claim_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<Claim>;
+        /// transaction, for a delivery whose job digest is `digest` — locks and deletes it, so
+        /// that committing consumes it and rolling back restores it — without waiting for
+        /// another worker that holds it. A row with another digest (a row with none binds to
+        /// nothing) is `Foreign` and stays. `Gone` must be authoritative: never the answer for a
+        /// row whose producer is still running.
+        fn claim_barrier(&mut self, id: &uuid::Uuid, digest: &str) -> diesel::QueryResult<Claim>;
 
-        /// Runs `f` in a new worker transaction that has claimed barrier `id` (see
-        /// [`claim_barrier`](Self::claim_barrier)), committing when `f` returns `Ok`; when the
-        /// barrier is gone or busy, returns that without running `f`. A backend may begin the
-        /// transaction and claim in fewer round trips than the two this default takes.
-        fn claiming_transaction<R, E, F>(&mut self, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
+        /// Runs `f` in a new worker transaction that has claimed barrier `id` for a delivery
+        /// whose job digest is `digest` (see [`claim_barrier`](Self::claim_barrier)),
+        /// committing when `f` returns `Ok`; when the barrier is gone, busy or another job's,
+        /// returns that without running `f`. A backend may begin the transaction and claim in
+        /// fewer round trips than the two this default takes.
+        fn claiming_transaction<R, E, F>(
+            &mut self,
+            id: &uuid::Uuid,
+            digest: &str,
+            f: F,
+        ) -> Result<Claimed<R>, E>
         where
             F: FnOnce(&mut Self) -> Result<R, E>,
             E: From<diesel::result::Error>,
         {
-            self.worker_transaction(|c| claim_then(c, id, f))
+            self.worker_transaction(|c| claim_then(c, id, digest, f))
         }
 
         /// Inside [`worker_transaction`](Self::worker_transaction), after the handler returned:
@@ -325,13 +352,34 @@ pub(crate) mod sealed {
             Ok(true)
         }
 
+        /// How far the database's log is durable now, on the scale of
+        /// [`Checked::position`]; `None` when the backend cannot tell.
+        fn flushed_position(&mut self) -> diesel::QueryResult<Option<u64>> {
+            Ok(None)
+        }
+
+        /// Whether a committed write transaction of the worker's (a handler's, which consumes a
+        /// barrier) is durable when its `COMMIT` returns, and so proves every commit seen before
+        /// it began durable too (MySQL with `innodb_flush_log_at_trx_commit = 1`). PostgreSQL's
+        /// handler transactions may run with `synchronous_commit` off: there only the log's
+        /// flush position, or the fence, proves anything.
+        const HANDLER_COMMITS_PROVE: bool = false;
+
         /// After a handler failed and its transaction rolled back: records that the job reached
-        /// a worker (it now lives in Faktory's retries), so the reconciler leaves it alone.
-        fn mark_attempted(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<()>;
+        /// a worker and now lives in Faktory's retries, due back within `retry_due` (`None`:
+        /// no retry will come — the job went to the dead set, or retries are off), so that the
+        /// reconciler leaves it to Faktory until then.
+        fn mark_attempted(
+            &mut self,
+            id: &uuid::Uuid,
+            retry_due: Option<Duration>,
+        ) -> diesel::QueryResult<()>;
 
         /// Inside [`worker_transaction`](Self::worker_transaction): takes up to `limit`
-        /// committed barriers last pushed more than `grace` ago, never attempted, younger than
-        /// `max_age`, not locked by anyone; marks them pushed now and returns them.
+        /// committed barriers, younger than `max_age` and not locked by anyone, whose job is
+        /// overdue by more than `grace`: last pushed more than `grace` ago and never attempted,
+        /// or due back from Faktory's retries more than `grace` ago. Marks them pushed now (and
+        /// no longer attempted) and returns them.
         fn take_unconsumed(
             &mut self,
             grace: Duration,
@@ -425,16 +473,23 @@ pub(crate) fn bounded_age(age: Duration) -> Duration {
     age.min(MAX_AGE)
 }
 
-/// Inside a worker transaction: claims barrier `id`, and runs `f` if that worked.
-pub(crate) fn claim_then<C, R, E, F>(conn: &mut C, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
+/// Inside a worker transaction: claims barrier `id` for a delivery whose job digest is
+/// `digest`, and runs `f` if that worked.
+pub(crate) fn claim_then<C, R, E, F>(
+    conn: &mut C,
+    id: &uuid::Uuid,
+    digest: &str,
+    f: F,
+) -> Result<Claimed<R>, E>
 where
     C: sealed::Backend,
     F: FnOnce(&mut C) -> Result<R, E>,
     E: From<diesel::result::Error>,
 {
-    match conn.claim_barrier(id)? {
+    match conn.claim_barrier(id, digest)? {
         Claim::Locked => f(conn).map(Claimed::Ran),
         Claim::Gone => Ok(Claimed::Gone),
         Claim::Busy => Ok(Claimed::Busy),
+        Claim::Foreign => Ok(Claimed::Foreign),
     }
 }

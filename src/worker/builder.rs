@@ -1,6 +1,7 @@
 //! [`WorkerBuilder`]: the worker's settings, and the checks made before it connects.
 
 use super::monitor::Stats;
+use super::retries::RetrySchedule;
 use super::{Shared, Worker};
 use crate::backend::{BarrierConnection, ConnectionPool};
 use crate::error::{Error, Result};
@@ -56,6 +57,8 @@ pub(crate) struct Config {
     pub(crate) maintenance: Schedule,
     /// The waiter's check interval; `None`: the backend's.
     pub(crate) check_interval: Option<Duration>,
+    /// When Faktory brings failed jobs back, at the latest.
+    pub(crate) retry_schedule: RetrySchedule,
 }
 
 impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
@@ -101,6 +104,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                     reconcile_grace: Some(Duration::from_secs(15 * 60)),
                 },
                 check_interval: None,
+                retry_schedule: RetrySchedule::default(),
             },
             hostname: None,
             labels: Vec::new(),
@@ -253,6 +257,24 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// Defaults to 15 minutes.
     pub fn reconcile_grace(mut self, grace: Option<Duration>) -> Self {
         self.config.maintenance.reconcile_grace = grace;
+        self
+    }
+
+    /// The longest delay Faktory gives retry `n` of a failed job (`n` counts from 0, the
+    /// retry after the first failure). When a handler fails, the worker records with the
+    /// barrier when the job is due back at the latest; if the retry has not consumed the
+    /// barrier [`reconcile_grace`](Self::reconcile_grace) after that (the broker lost it with
+    /// its data, say), the reconciler pushes the job again. Jobs with no retry left (or with
+    /// `retry: 0`) are left to the dead set and the reaper. Set it when your Faktory retries on
+    /// another schedule.
+    ///
+    /// Defaults to Faktory's own schedule: `n⁴ + 15 + 29·(n + 1)` seconds, plus 15 s for its
+    /// scheduler.
+    pub fn retry_schedule(
+        mut self,
+        max_delay: impl Fn(usize) -> Duration + Send + Sync + 'static,
+    ) -> Self {
+        self.config.retry_schedule = RetrySchedule::new(max_delay);
         self
     }
 

@@ -16,6 +16,7 @@
 mod builder;
 mod monitor;
 mod process;
+mod retries;
 mod snooze;
 mod waiter;
 

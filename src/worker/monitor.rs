@@ -27,6 +27,7 @@ pub(crate) struct Stats {
     pub(crate) ran: Counter,
     pub(crate) aborted: Counter,
     pub(crate) duplicates: Counter,
+    pub(crate) refused: Counter,
     pub(crate) snoozed: Counter,
     pub(crate) overflowed: Counter,
     pub(crate) timed_out: Counter,
@@ -44,6 +45,7 @@ impl Default for Stats {
             ran: Counter::new(JOBS_RAN),
             aborted: Counter::new(JOBS_ABORTED),
             duplicates: Counter::new(JOBS_DUPLICATE),
+            refused: Counter::new(JOBS_REFUSED),
             snoozed: Counter::new(JOBS_SNOOZED),
             overflowed: Counter::new(JOBS_OVERFLOWED),
             timed_out: Counter::new(JOBS_TIMED_OUT),
@@ -140,6 +142,12 @@ impl WorkerMonitor {
     /// barrier.
     pub fn duplicates(&self) -> u64 {
         self.stats.duplicates.get()
+    }
+
+    /// Deliveries refused because they carry the barrier of another job (a descriptor copied
+    /// into a job pushed to Faktory): see [`Error::ForeignBarrier`](crate::Error::ForeignBarrier).
+    pub fn refused(&self) -> u64 {
+        self.stats.refused.get()
     }
 
     /// Jobs snoozed (pushed again and acknowledged) because they waited too long, too many were

@@ -182,6 +182,8 @@ enum Outcome {
     Ran,
     Duplicate,
     Busy,
+    /// The barrier is another job's: the delivery carries a copied descriptor.
+    Foreign,
 }
 
 /// Takes a handler slot and runs the job on a blocking thread with a pooled connection: for a
@@ -199,6 +201,8 @@ async fn run_on_pool<C: BarrierConnection>(
     let shared2 = Arc::clone(shared);
     let job2 = job.clone();
     let b2 = barrier.clone();
+    // What binds this delivery to the barrier it may consume.
+    let digest = barrier.as_ref().map(|_| crate::binding::job_digest(&job));
     let slot_taken = Instant::now();
     let (outcome, phases) = tokio::task::spawn_blocking(move || {
         let _running = Gauge::up(&shared2.stats.running, Some(crate::metrics::HANDLERS_RUNNING));
@@ -232,22 +236,26 @@ async fn run_on_pool<C: BarrierConnection>(
             phases.checked = phases.since();
             Ok(())
         };
-        let result = match &b2 {
-            Some(b) => {
+        let result = match (&b2, &digest) {
+            (Some(b), Some(digest)) => {
                 // The claim is a write that begins after every check the waiter has made so
-                // far: once it commits, every commit those checks saw is durable.
+                // far: once it commits, every commit those checks saw is durable (where the
+                // backend's commits are durable when they return).
                 let began = shared2.commits.now();
-                conn.claiming_transaction(&b.id, &mut run)
+                conn.claiming_transaction(&b.id, digest, &mut run)
                     .map(|claimed| match claimed {
                         Claimed::Ran(()) => {
-                            shared2.commits.committed(began);
+                            if C::HANDLER_COMMITS_PROVE {
+                                shared2.commits.committed(began);
+                            }
                             Outcome::Ran
                         }
                         Claimed::Gone => Outcome::Duplicate,
                         Claimed::Busy => Outcome::Busy,
+                        Claimed::Foreign => Outcome::Foreign,
                     })
             }
-            None => C::worker_transaction(&mut *conn, |c| run(c).map(|()| Outcome::Ran)),
+            _ => C::worker_transaction(&mut *conn, |c| run(c).map(|()| Outcome::Ran)),
         };
         phases.committed = phases.since();
         let result = if lost {
@@ -262,8 +270,10 @@ async fn run_on_pool<C: BarrierConnection>(
             result
         };
         if let (Err(Error::Handler { .. } | Error::HandlerPanic { .. }), Some(b)) = (&result, &b2) {
-            // The job now lives in Faktory's retries: keep the reconciler off it.
-            if let Err(e) = conn.mark_attempted(&b.id) {
+            // The job now lives in Faktory's retries: keep the reconciler off it until it is
+            // overdue from there.
+            let due = shared2.config.retry_schedule.due(&job2);
+            if let Err(e) = conn.mark_attempted(&b.id, due) {
                 tracing::warn!(barrier_id = %b.id, error = %chain(&e), "could not mark the barrier attempted");
             }
         }
@@ -278,6 +288,7 @@ async fn run_on_pool<C: BarrierConnection>(
         Outcome::Ran => &shared.stats.ran,
         Outcome::Duplicate => &shared.stats.duplicates,
         Outcome::Busy => &shared.stats.snoozed,
+        Outcome::Foreign => &shared.stats.refused,
     });
     match (outcome, &barrier) {
         (Outcome::Ran, Some(b)) => {
@@ -299,6 +310,14 @@ async fn run_on_pool<C: BarrierConnection>(
             shared.config.snooze_delay,
             "another delivery holds the barrier",
         ),
+        (Outcome::Foreign, b) => {
+            let barrier_id = b.as_ref().map(|b| b.id.to_string()).unwrap_or_default();
+            tracing::error!(%barrier_id, jid = job.id().as_str(), kind = %job.kind, "the job carries the barrier of another job (its kind, queue, arguments or custom data differ from those enqueued with the barrier): refused, the barrier is left to its own job");
+            Err(Error::ForeignBarrier {
+                jid: job.id().to_string(),
+                barrier_id,
+            })
+        }
     }
 }
 

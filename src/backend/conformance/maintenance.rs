@@ -80,18 +80,48 @@ pub(super) fn unconsumed_barriers_are_taken_once_per_grace<D: TestDatabase>() {
 }
 
 /// A barrier whose handler ran and failed lives in Faktory's retries: the reconciler leaves it
-/// alone.
+/// alone while its retry may still come, and for good when none will (the dead set).
 pub(super) fn attempted_barriers_are_left_to_faktory<D: TestDatabase>() {
     let db = D::create();
     let mut conn = db.connect();
-    let id = uuid::Uuid::new_v4();
-    committed(&mut conn, &id);
-    age(&mut conn, &id, "pushed_at", 600);
-    conn.mark_attempted(&id).unwrap();
+    let (dead, retrying) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    for id in [dead, retrying] {
+        committed(&mut conn, &id);
+        age(&mut conn, &id, "pushed_at", 600);
+    }
+    conn.mark_attempted(&dead, None).unwrap();
+    conn.mark_attempted(&retrying, Some(Duration::from_secs(30)))
+        .unwrap();
     let taken = conn
         .worker_transaction(|w| w.take_unconsumed(GRACE, MAX_AGE, 100))
         .unwrap();
     assert!(taken.is_empty(), "{taken:?}");
+}
+
+/// A failed job's retry that is overdue by more than the grace period was lost with the
+/// broker's data: the reconciler takes its barrier, once, like a never-attempted one.
+pub(super) fn overdue_retries_are_taken<D: TestDatabase>() {
+    let db = D::create();
+    let mut conn = db.connect();
+    let (overdue, due_later) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    for id in [overdue, due_later] {
+        committed(&mut conn, &id);
+        age(&mut conn, &id, "pushed_at", 600);
+        conn.mark_attempted(&id, Some(Duration::from_secs(30)))
+            .unwrap();
+    }
+    // Due 30 s after its failure, which was 120 s ago: overdue by 90 s, more than the grace.
+    age(&mut conn, &overdue, "retry_due_at", 120);
+    let take = |c: &mut Conn<D>| {
+        c.worker_transaction(|w| w.take_unconsumed(GRACE, MAX_AGE, 100))
+            .expect("take_unconsumed")
+    };
+    let ids: Vec<String> = take(&mut conn).into_iter().map(|u| u.id).collect();
+    assert_eq!(ids, [overdue.hyphenated().to_string()]);
+    assert!(
+        take(&mut conn).is_empty(),
+        "pushed again now: not again within the grace period"
+    );
 }
 
 /// The reaper deletes the rows older than asked and no others, and never waits for (or takes)

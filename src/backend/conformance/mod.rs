@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 type Conn<D> = <D as TestDatabase>::Conn;
 
+/// The job digest of the barriers [`new_barrier`] writes.
+pub(crate) const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
 pub(crate) fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
     NewBarrier {
         id,
@@ -27,6 +30,7 @@ pub(crate) fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
         job_kind: "kind",
         job_queue: "default",
         payload: "{\"jid\":\"jid\",\"jobtype\":\"kind\",\"args\":[]}",
+        job_digest: DIGEST,
     }
 }
 
@@ -172,7 +176,7 @@ pub(super) fn a_claim_consumes_once<D: TestDatabase>() {
     committed(&mut db.connect(), &id);
     let mut worker = db.connect();
     let failed = worker.worker_transaction(|w| {
-        assert_eq!(w.claim_barrier(&id)?, Claim::Locked);
+        assert_eq!(w.claim_barrier(&id, DIGEST)?, Claim::Locked);
         assert!(w.claim_holds(&id)?);
         rollback::<()>()
     });
@@ -180,14 +184,85 @@ pub(super) fn a_claim_consumes_once<D: TestDatabase>() {
     assert_eq!(check(&mut db.connect(), &[id]), [Verdict::Committed]);
     worker
         .worker_transaction(|w| {
-            assert_eq!(w.claim_barrier(&id)?, Claim::Locked);
+            assert_eq!(w.claim_barrier(&id, DIGEST)?, Claim::Locked);
             assert!(w.claim_holds(&id)?);
             Ok::<_, diesel::result::Error>(())
         })
         .unwrap();
-    let again = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
+    let again = worker
+        .worker_transaction(|w| w.claim_barrier(&id, DIGEST))
+        .unwrap();
     assert_eq!(again, Claim::Gone);
     assert_eq!(check(&mut db.connect(), &[id]), [Verdict::NotCommitted]);
+}
+
+/// A barrier is consumed only by a delivery of its own job (same digest): a claim for another
+/// job's digest is `Foreign`, takes nothing and runs nothing, and leaves the barrier to its
+/// job. A row without a digest (written before the column existed) binds to nothing.
+pub(super) fn a_claim_is_bound_to_its_job<D: TestDatabase>() {
+    let db = D::create();
+    let (id, unbound) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let mut conn = db.connect();
+    committed(&mut conn, &id);
+    committed(&mut conn, &unbound);
+    conn.batch_execute(&format!(
+        "UPDATE dtb_barriers SET job_digest = NULL WHERE id = '{unbound}'"
+    ))
+    .unwrap();
+    let forged = "f".repeat(64);
+    let mut worker = db.connect();
+    let foreign = worker
+        .worker_transaction(|w| w.claim_barrier(&id, &forged))
+        .unwrap();
+    assert_eq!(foreign, Claim::Foreign);
+    let refused = worker
+        .claiming_transaction(&id, &forged, |_| -> diesel::QueryResult<()> {
+            panic!("ran for another job's barrier")
+        })
+        .unwrap();
+    assert_eq!(refused, Claimed::Foreign);
+    // Untouched: still committed, and its own job consumes it.
+    assert_eq!(check(&mut db.connect(), &[id]), [Verdict::Committed]);
+    let ran = worker
+        .claiming_transaction(&id, DIGEST, |_| Ok::<_, diesel::result::Error>(()))
+        .unwrap();
+    assert_eq!(ran, Claimed::Ran(()));
+    let any = worker
+        .claiming_transaction(&unbound, &forged, |_| Ok::<_, diesel::result::Error>(()))
+        .unwrap();
+    assert_eq!(any, Claimed::Ran(()));
+    // A digest that is not hexadecimal is only compared, never run as SQL.
+    let odd = worker
+        .claiming_transaction(
+            &uuid::Uuid::new_v4(),
+            "x'); DROP TABLE dtb_barriers; --",
+            |_| Ok::<_, diesel::result::Error>(()),
+        )
+        .unwrap();
+    assert_eq!(odd, Claimed::Gone);
+    assert!(worker.barrier_schema_present().unwrap());
+}
+
+/// A barrier removed in its producer's transaction (a push that failed) leaves nothing: the
+/// transaction commits, and the barrier is not committed.
+pub(super) fn a_removed_barrier_is_never_committed<D: TestDatabase>() {
+    let db = D::create();
+    let mut producer = db.connect();
+    let mut worker = db.connect();
+    let id = uuid::Uuid::new_v4();
+    producer
+        .transaction(|p| {
+            p.insert_barrier(&new_barrier(&id))?;
+            p.remove_barrier(&id)?;
+            assert_ne!(check(&mut worker, &[id]), [Verdict::Committed]);
+            Ok::<_, diesel::result::Error>(())
+        })
+        .unwrap();
+    assert_eq!(check(&mut worker, &[id]), [Verdict::NotCommitted]);
+    let claim = worker
+        .worker_transaction(|w| w.claim_barrier(&id, DIGEST))
+        .unwrap();
+    assert_eq!(claim, Claim::Gone);
 }
 
 /// The worker's claiming transaction runs its closure only with the barrier claimed: once
@@ -198,17 +273,18 @@ pub(super) fn claiming_transactions_run_once<D: TestDatabase>() {
     committed(&mut db.connect(), &id);
     let mut worker = db.connect();
     let failed: Result<Claimed<()>, diesel::result::Error> =
-        worker.claiming_transaction(&id, |_| rollback());
+        worker.claiming_transaction(&id, DIGEST, |_| rollback());
     assert!(failed.is_err());
     assert_eq!(check(&mut db.connect(), &[id]), [Verdict::Committed]);
     if !Conn::<D>::ONE_WRITER {
         let mut holder = db.connect();
         holder
             .worker_transaction(|h| {
-                assert_eq!(h.claim_barrier(&id)?, Claim::Locked);
-                let busy = worker.claiming_transaction(&id, |_| -> diesel::QueryResult<()> {
-                    panic!("ran while another worker held the barrier")
-                })?;
+                assert_eq!(h.claim_barrier(&id, DIGEST)?, Claim::Locked);
+                let busy =
+                    worker.claiming_transaction(&id, DIGEST, |_| -> diesel::QueryResult<()> {
+                        panic!("ran while another worker held the barrier")
+                    })?;
                 assert_eq!(busy, Claimed::Busy);
                 rollback::<()>()
             })
@@ -216,7 +292,7 @@ pub(super) fn claiming_transactions_run_once<D: TestDatabase>() {
     }
     let mut runs = 0;
     let ran = worker
-        .claiming_transaction(&id, |w| {
+        .claiming_transaction(&id, DIGEST, |w| {
             runs += 1;
             assert!(w.claim_holds(&id)?);
             Ok::<_, diesel::result::Error>(7)
@@ -224,7 +300,7 @@ pub(super) fn claiming_transactions_run_once<D: TestDatabase>() {
         .unwrap();
     assert_eq!((ran, runs), (Claimed::Ran(7), 1));
     let again = worker
-        .claiming_transaction(&id, |_| -> diesel::QueryResult<()> {
+        .claiming_transaction(&id, DIGEST, |_| -> diesel::QueryResult<()> {
             panic!("ran for a consumed barrier")
         })
         .unwrap();
@@ -248,16 +324,18 @@ pub(super) fn a_held_claim_is_neither_gone_nor_taken<D: TestDatabase>() {
     let mut waiter = db.connect();
     first
         .worker_transaction(|f| {
-            assert_eq!(f.claim_barrier(&id)?, Claim::Locked);
+            assert_eq!(f.claim_barrier(&id, DIGEST)?, Claim::Locked);
             assert_ne!(check(&mut waiter, &[id]), [Verdict::NotCommitted]);
             if !Conn::<D>::ONE_WRITER {
-                let busy = second.worker_transaction(|s| s.claim_barrier(&id))?;
+                let busy = second.worker_transaction(|s| s.claim_barrier(&id, DIGEST))?;
                 assert_eq!(busy, Claim::Busy);
             }
             Ok::<_, diesel::result::Error>(())
         })
         .unwrap();
-    let gone = second.worker_transaction(|s| s.claim_barrier(&id)).unwrap();
+    let gone = second
+        .worker_transaction(|s| s.claim_barrier(&id, DIGEST))
+        .unwrap();
     assert_eq!(gone, Claim::Gone);
 }
 
@@ -275,12 +353,14 @@ pub(super) fn a_running_producers_barrier_is_never_gone<D: TestDatabase>() {
     producer
         .transaction(|p| {
             p.insert_barrier(&new_barrier(&id))?;
-            let claim = worker.worker_transaction(|w| w.claim_barrier(&id))?;
+            let claim = worker.worker_transaction(|w| w.claim_barrier(&id, DIGEST))?;
             assert_eq!(claim, Claim::Busy);
             Ok::<_, diesel::result::Error>(())
         })
         .unwrap();
-    let claim = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
+    let claim = worker
+        .worker_transaction(|w| w.claim_barrier(&id, DIGEST))
+        .unwrap();
     assert_eq!(claim, Claim::Locked);
 }
 
@@ -403,7 +483,9 @@ pub(super) fn checks_ignore_the_default_isolation<D: TestDatabase>() {
         })
         .unwrap();
     assert_eq!(check(&mut worker, &[id]), [Verdict::Committed]);
-    let claim = worker.worker_transaction(|w| w.claim_barrier(&id)).unwrap();
+    let claim = worker
+        .worker_transaction(|w| w.claim_barrier(&id, DIGEST))
+        .unwrap();
     assert_eq!(claim, Claim::Locked);
 }
 
@@ -454,6 +536,14 @@ macro_rules! conformance {
                 super::claiming_transactions_run_once::<Db>();
             }
             #[test]
+            fn a_claim_is_bound_to_its_job() {
+                super::a_claim_is_bound_to_its_job::<Db>();
+            }
+            #[test]
+            fn a_removed_barrier_is_never_committed() {
+                super::a_removed_barrier_is_never_committed::<Db>();
+            }
+            #[test]
             fn a_held_claim_is_neither_gone_nor_taken() {
                 super::a_held_claim_is_neither_gone_nor_taken::<Db>();
             }
@@ -492,6 +582,10 @@ macro_rules! conformance {
             #[test]
             fn attempted_barriers_are_left_to_faktory() {
                 super::maintenance::attempted_barriers_are_left_to_faktory::<Db>();
+            }
+            #[test]
+            fn overdue_retries_are_taken() {
+                super::maintenance::overdue_retries_are_taken::<Db>();
             }
             #[test]
             fn the_reaper_deletes_old_rows_only() {

@@ -25,7 +25,7 @@ use diesel::connection::{
 use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamp, Unsigned};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Unsigned};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -81,6 +81,7 @@ pub(super) mod schema {
             payload -> Nullable<Text>,
             pushed_at -> Timestamp,
             attempts -> Integer,
+            job_digest -> Nullable<Text>,
         }
     }
 }
@@ -238,22 +239,40 @@ pub(super) fn last_errno(conn: &mut MysqlConnection) -> QueryResult<Option<i32>>
 }
 
 /// MariaDB's claim, in one statement: the delete takes the row's lock without waiting for it
-/// (a lock wait timeout of 0 fails at once where it would wait). One row deleted is ours, none
-/// is gone, a lock wait timeout means held. `None` where the server does not know
+/// (a lock wait timeout of 0 fails at once where it would wait), and only if the row is the
+/// delivery's job's (`digest`). One row deleted is ours; none is gone, or, if the row is still
+/// there, another job's; a lock wait timeout means held. `None` where the server does not know
 /// `SET STATEMENT` (MySQL).
 pub(super) fn claim_in_one_statement(
     conn: &mut MysqlConnection,
     key: &str,
+    digest: &str,
 ) -> QueryResult<Option<Claim>> {
     let deleted = diesel::sql_query(
-        "SET STATEMENT innodb_lock_wait_timeout = 0 FOR DELETE FROM dtb_barriers WHERE id = ?",
+        "SET STATEMENT innodb_lock_wait_timeout = 0 FOR DELETE FROM dtb_barriers \
+         WHERE id = ? AND (job_digest IS NULL OR job_digest = ?)",
     )
     .bind::<Text, _>(key)
+    .bind::<Text, _>(digest)
     .execute(conn);
     match deleted {
         Ok(n) => {
             SET_STATEMENT.store(VARIABLE_PRESENT, Ordering::Relaxed);
-            Ok(Some(if n == 1 { Claim::Locked } else { Claim::Gone }))
+            if n == 1 {
+                return Ok(Some(Claim::Locked));
+            }
+            // Nothing deleted, and nothing held (that would have timed out): the row is gone,
+            // or it is another job's.
+            let theirs = dtb_barriers::table
+                .find(key)
+                .select(dtb_barriers::job_digest)
+                .get_result::<Option<String>>(conn)
+                .optional()?;
+            Ok(Some(if theirs.is_some() {
+                Claim::Foreign
+            } else {
+                Claim::Gone
+            }))
         }
         Err(e) => match last_errno(conn)? {
             Some(ER_LOCK_WAIT_TIMEOUT) => Ok(Some(Claim::Busy)),
@@ -267,28 +286,39 @@ pub(super) fn claim_in_one_statement(
 }
 
 /// MySQL's claim: a locking read that skips what is held, then the delete.
-pub(super) fn claim_with_locking_read(conn: &mut MysqlConnection, key: &str) -> QueryResult<Claim> {
+pub(super) fn claim_with_locking_read(
+    conn: &mut MysqlConnection,
+    key: &str,
+    digest: &str,
+) -> QueryResult<Claim> {
     // SKIP LOCKED never waits and never errors: a row held by a concurrent duplicate (or, were
     // the waiter ever wrong, by its running producer) simply does not come back.
     let locked = dtb_barriers::table
         .find(key)
-        .select(dtb_barriers::id)
+        .select(dtb_barriers::job_digest)
         .for_update()
         .skip_locked()
-        .get_result::<String>(conn)
+        .get_result::<Option<String>>(conn)
         .optional()?;
+    if let Some(Some(theirs)) = &locked {
+        if theirs != digest {
+            // Locked until the worker transaction rolls back, which lets it go untouched.
+            return Ok(Claim::Foreign);
+        }
+    }
     if locked.is_none() {
         // Held, or gone? A second locking read that refuses to wait tells them apart: one that
         // meets a lock fails at once, and only an absent row comes back empty. A row let go of
         // in between is simply taken.
         let again = dtb_barriers::table
             .find(key)
-            .select(dtb_barriers::id)
+            .select(dtb_barriers::job_digest)
             .for_update()
             .no_wait()
-            .get_result::<String>(conn)
+            .get_result::<Option<String>>(conn)
             .optional();
         match again {
+            Ok(Some(Some(theirs))) if theirs != digest => return Ok(Claim::Foreign),
             Ok(Some(_)) => {}
             Ok(None) => return Ok(Claim::Gone),
             Err(e) => {
@@ -313,13 +343,13 @@ impl Backend for MysqlConnection {
     }
 
     fn barrier_schema_present(&mut self) -> QueryResult<bool> {
-        // The `attempts` column is what this backend needs beyond a bare table.
+        // The newest column the migrations add.
         let row: CountRow = diesel::sql_query(
             "SELECT COUNT(*) AS value FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
         )
         .bind::<Text, _>(crate::BARRIER_TABLE)
-        .bind::<Text, _>("attempts")
+        .bind::<Text, _>("retry_due_at")
         .get_result(self)?;
         Ok(row.value > 0)
     }
@@ -355,6 +385,7 @@ impl Backend for MysqlConnection {
                 dtb_barriers::job_kind.eq(row.job_kind),
                 dtb_barriers::job_queue.eq(row.job_queue),
                 dtb_barriers::payload.eq(row.payload),
+                dtb_barriers::job_digest.eq(row.job_digest),
             ))
             .execute(self)?;
         let session: SessionRow =
@@ -364,6 +395,11 @@ impl Backend for MysqlConnection {
             txid: Some(session.connection_id.to_string()),
             location: session.database,
         })
+    }
+
+    fn remove_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        diesel::delete(dtb_barriers::table.find(id.hyphenated().to_string())).execute(self)?;
+        Ok(())
     }
 
     fn missing_table(&mut self, _error: &diesel::result::Error) -> bool {
@@ -389,11 +425,20 @@ impl Backend for MysqlConnection {
         check::fence(self, visible)
     }
 
-    fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+    // Commits are durable when they return (`innodb_flush_log_at_trx_commit = 1`, which the
+    // worker checks when it connects): each handler's commit proves what was seen before it.
+    const HANDLER_COMMITS_PROVE: bool = true;
+
+    fn mark_attempted(&mut self, id: &uuid::Uuid, retry_due: Option<Duration>) -> QueryResult<()> {
         read_committed(self, |c| {
-            diesel::sql_query("UPDATE dtb_barriers SET attempted_at = NOW(6) WHERE id = ?")
-                .bind::<Text, _>(id.hyphenated().to_string())
-                .execute(c)
+            diesel::sql_query(
+                "UPDATE dtb_barriers SET attempted_at = NOW(6), \
+                     retry_due_at = NOW(6) + INTERVAL ? MICROSECOND \
+                 WHERE id = ?",
+            )
+            .bind::<Nullable<BigInt>, _>(retry_due.map(micros))
+            .bind::<Text, _>(id.hyphenated().to_string())
+            .execute(c)
         })?;
         Ok(())
     }
@@ -410,11 +455,12 @@ impl Backend for MysqlConnection {
         // table, hence a locking read, then the update of what it locked.
         let rows: Vec<UnconsumedRow> = diesel::sql_query(
             "SELECT id, txid, payload FROM dtb_barriers \
-             WHERE attempted_at IS NULL \
-               AND pushed_at < NOW(6) - INTERVAL ? MICROSECOND \
+             WHERE ((attempted_at IS NULL AND pushed_at < NOW(6) - INTERVAL ? MICROSECOND) \
+                    OR retry_due_at < NOW(6) - INTERVAL ? MICROSECOND) \
                AND created_at > NOW(6) - INTERVAL ? MICROSECOND \
              ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED",
         )
+        .bind::<BigInt, _>(micros(grace))
         .bind::<BigInt, _>(micros(grace))
         .bind::<BigInt, _>(micros(max_age))
         .bind::<BigInt, _>(limit.clamp(0, IN_LIST_MAX as i64))
@@ -422,9 +468,12 @@ impl Backend for MysqlConnection {
         // Row by row on the primary key: an `IN (...)` list planned as a scan would lock, for a
         // moment, rows that handlers are claiming.
         for row in &rows {
-            diesel::update(dtb_barriers::table.find(&row.id))
-                .set(dtb_barriers::pushed_at.eq(sql::<Timestamp>("NOW(6)")))
-                .execute(self)?;
+            diesel::sql_query(
+                "UPDATE dtb_barriers \
+                 SET pushed_at = NOW(6), attempted_at = NULL, retry_due_at = NULL WHERE id = ?",
+            )
+            .bind::<Text, _>(&row.id)
+            .execute(self)?;
         }
         Ok(rows.into_iter().map(Into::into).collect())
     }
@@ -468,17 +517,17 @@ impl Backend for MysqlConnection {
         read_committed(self, f)
     }
 
-    fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
+    fn claim_barrier(&mut self, id: &uuid::Uuid, digest: &str) -> QueryResult<Claim> {
         // Deleted now, inside the worker transaction: its commit consumes the barrier together
         // with the handler's writes, its rollback restores it. `claim_holds` checks afterwards
         // that the server did not end the transaction meanwhile.
         let key = id.hyphenated().to_string();
         if SET_STATEMENT.load(Ordering::Relaxed) != VARIABLE_ABSENT {
-            if let Some(claim) = claim_in_one_statement(self, &key)? {
+            if let Some(claim) = claim_in_one_statement(self, &key, digest)? {
                 return Ok(claim);
             }
         }
-        claim_with_locking_read(self, &key)
+        claim_with_locking_read(self, &key, digest)
     }
 
     fn claim_holds(&mut self, id: &uuid::Uuid) -> QueryResult<bool> {

@@ -3,7 +3,7 @@
 //! is tested in `backend/conformance`.
 
 use super::*;
-use crate::backend::conformance::new_barrier;
+use crate::backend::conformance::{new_barrier, DIGEST};
 use crate::backend::Verdict;
 use crate::testing::{MysqlTestDatabase, TestDatabase};
 use diesel::sql_types::BigInt;
@@ -78,7 +78,7 @@ fn visible_until_fenced() {
     // A row a handler holds is passed over without waiting: nothing to write.
     other
         .worker_transaction(|h| {
-            assert_eq!(h.claim_barrier(&id)?, Claim::Locked);
+            assert_eq!(h.claim_barrier(&id, DIGEST)?, Claim::Locked);
             assert!(!worker.fence(&[id])?, "nothing written");
             Ok::<_, diesel::result::Error>(())
         })
@@ -139,12 +139,15 @@ fn transaction_info_reads_innodb_trx_and_the_process_list() {
 }
 
 /// Both ways of claiming — MariaDB's one statement and MySQL's locking reads — tell a free row
-/// (taken and deleted), a held one (busy) and a gone one apart, without waiting.
+/// (taken and deleted), a held one (busy), another job's (foreign, left in place) and a gone one
+/// apart, without waiting.
 #[test]
-fn both_claims_tell_free_held_and_gone_apart() {
-    type ClaimFn = fn(&mut MysqlConnection, &str) -> QueryResult<Claim>;
-    let one_statement: ClaimFn =
-        |c, key| Ok(claim_in_one_statement(c, key)?.expect("MariaDB knows SET STATEMENT"));
+fn both_claims_tell_free_held_foreign_and_gone_apart() {
+    type ClaimFn = fn(&mut MysqlConnection, &str, &str) -> QueryResult<Claim>;
+    let one_statement: ClaimFn = |c, key, digest| {
+        Ok(claim_in_one_statement(c, key, digest)?.expect("MariaDB knows SET STATEMENT"))
+    };
+    let other_digest = "f".repeat(64);
     let db = MysqlTestDatabase::create();
     for (name, claim) in [
         ("one statement", one_statement),
@@ -158,19 +161,27 @@ fn both_claims_tell_free_held_and_gone_apart() {
             .unwrap();
         let mut holder = db.connect();
         let mut other = db.connect();
+        let foreign = other
+            .worker_transaction(|o| claim(o, &key, &other_digest))
+            .unwrap();
+        assert_eq!(foreign, Claim::Foreign, "{name}: another job's row");
         let held = holder.worker_transaction(|h| {
-            assert_eq!(claim(h, &key)?, Claim::Locked, "{name}: a free row");
+            assert_eq!(claim(h, &key, DIGEST)?, Claim::Locked, "{name}: a free row");
             let started = std::time::Instant::now();
-            let busy = other.worker_transaction(|o| claim(o, &key))?;
+            let busy = other.worker_transaction(|o| claim(o, &key, DIGEST))?;
             assert_eq!(busy, Claim::Busy, "{name}: a held row");
             assert!(started.elapsed() < std::time::Duration::from_millis(500));
             Err::<(), _>(diesel::result::Error::RollbackTransaction)
         });
         assert!(held.is_err());
         // The holder rolled back: the row is there again, and free.
-        let taken = other.worker_transaction(|o| claim(o, &key)).unwrap();
+        let taken = other
+            .worker_transaction(|o| claim(o, &key, DIGEST))
+            .unwrap();
         assert_eq!(taken, Claim::Locked, "{name}: a row let go of");
-        let gone = other.worker_transaction(|o| claim(o, &key)).unwrap();
+        let gone = other
+            .worker_transaction(|o| claim(o, &key, DIGEST))
+            .unwrap();
         assert_eq!(gone, Claim::Gone, "{name}: a consumed row");
         assert_eq!(
             i64_of(

@@ -36,6 +36,27 @@ struct CheckRow {
     visible: bool,
     #[diesel(sql_type = Text)]
     status: String,
+    #[diesel(sql_type = BigInt)]
+    inserted_lsn: i64,
+    #[diesel(sql_type = BigInt)]
+    flushed_lsn: i64,
+}
+
+#[derive(QueryableByName)]
+struct LsnRow {
+    #[diesel(sql_type = BigInt)]
+    inserted_lsn: i64,
+    #[diesel(sql_type = BigInt)]
+    flushed_lsn: i64,
+}
+
+/// The WAL's insert and flush positions now, as byte offsets.
+const LSNS: &str = "(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS inserted_lsn, \
+                    (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint AS flushed_lsn";
+
+/// A WAL position read from the server (never negative: it counts bytes from zero).
+fn lsn(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
 }
 
 fn parse_verdict(value: &str) -> QueryResult<Verdict> {
@@ -146,8 +167,9 @@ const INSERT_TARGET: &str = "INSERT INTO dtb_barriers ";
 static INSERT_BARRIER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH ins AS ( \
-             {INSERT_TARGET}(id, created_at, pushed_at, txid, job_id, job_kind, job_queue, payload) \
-             SELECT $1::uuid, t.now, t.now, pg_current_xact_id()::text::bigint, $2, $3, $4, $5 \
+             {INSERT_TARGET}(id, created_at, pushed_at, txid, job_id, job_kind, job_queue, payload, \
+                             job_digest) \
+             SELECT $1::uuid, t.now, t.now, pg_current_xact_id()::text::bigint, $2, $3, $4, $5, $6 \
              FROM (SELECT clock_timestamp() AS now) AS t \
              RETURNING id, txid, tableoid) \
          SELECT ins.txid, ({location}) AS location \
@@ -169,10 +191,15 @@ impl Backend for PgConnection {
     }
 
     fn barrier_schema_present(&mut self) -> QueryResult<bool> {
+        // The newest of each kind of object the migrations create.
         let row: BoolRow = diesel::sql_query(
             "SELECT to_regclass('dtb_barriers') IS NOT NULL \
                 AND to_regprocedure('dtb_await_barrier(uuid, integer)') IS NOT NULL \
-                AND to_regprocedure('dtb_claim_barrier(uuid)') IS NOT NULL AS value",
+                AND to_regprocedure('dtb_claim_barrier(uuid, text)') IS NOT NULL \
+                AND to_regprocedure('dtb_fence()') IS NOT NULL \
+                AND EXISTS (SELECT 1 FROM pg_attribute \
+                            WHERE attrelid = to_regclass('dtb_barriers') \
+                              AND attname = 'retry_due_at' AND NOT attisdropped) AS value",
         )
         .get_result(self)?;
         Ok(row.value)
@@ -223,6 +250,13 @@ impl Backend for PgConnection {
             txid: inserted.txid.map(|t| t.to_string()),
             location: inserted.location,
         })
+    }
+
+    fn remove_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = $1::uuid")
+            .bind::<Text, _>(id.hyphenated().to_string())
+            .execute(self)?;
+        Ok(())
     }
 
     fn missing_table(&mut self, error: &diesel::result::Error) -> bool {
@@ -331,18 +365,30 @@ impl Backend for PgConnection {
         // be handed out: a running producer's id may equal it (or exceed it, once later ids
         // are assigned but none completed), so ids from xmax on count as running, and only
         // the probe schedule looks closer at them.
-        let rows: Vec<CheckRow> = diesel::sql_query(
-            "SELECT p.id, (b.id IS NOT NULL) AS visible, \
+        //
+        // A visible row's commit record precedes, in the WAL, the insert position read after
+        // the row became visible (read here, after the statement's snapshot). When the flush
+        // position has reached it, the commit is durable; when not (a producer that turned
+        // `synchronous_commit` off after its enqueue: its commit is visible before it is
+        // flushed), the row is only *visible*, and the waiter waits for the flush, or fences.
+        let rows: Vec<CheckRow> = diesel::sql_query(format!(
+            "WITH lsn AS (SELECT {LSNS}) \
+             SELECT p.id, (b.id IS NOT NULL) AS visible, \
                 CASE WHEN p.txid IS NULL OR p.txid < 3 THEN 'unknown' \
                      WHEN p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
                      THEN 'in progress' \
-                     ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status \
+                     ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status, \
+                lsn.inserted_lsn, lsn.flushed_lsn \
              FROM unnest($1::text[], $2::bigint[]) AS p(id, txid) \
+             CROSS JOIN lsn \
              LEFT JOIN dtb_barriers b ON b.id = p.id::uuid",
-        )
+        ))
         .bind::<Array<Text>, _>(&ids)
         .bind::<Array<Nullable<BigInt>>, _>(&txids)
         .load(self)?;
+        let mut durable = rows
+            .first()
+            .map(|r| (lsn(r.inserted_lsn), lsn(r.flushed_lsn)));
         let by_id: HashMap<String, CheckRow> =
             rows.into_iter().map(|r| (r.id.clone(), r)).collect();
         let now = Instant::now();
@@ -364,6 +410,7 @@ impl Backend for PgConnection {
             }
         }
         let probed = to_probe.len();
+        let mut probed_committed = false;
         if !to_probe.is_empty() {
             // The transaction has ended (or it is time to look closer): only the
             // conflicting-insert probe may say "not committed". It waits at most 1 ms, in READ
@@ -375,9 +422,28 @@ impl Backend for PgConnection {
                             .bind::<Text, _>(&ids[i])
                             .get_result(c)?;
                     verdicts[i] = parse_verdict(&probe.value)?;
+                    probed_committed |= verdicts[i] == Verdict::Committed;
                 }
                 Ok::<_, diesel::result::Error>(())
             })?;
+        }
+        if probed_committed {
+            // A probe saw a commit after the positions above were read: read them again.
+            let now: LsnRow = diesel::sql_query(format!("SELECT {LSNS}")).get_result(self)?;
+            durable = Some((lsn(now.inserted_lsn), lsn(now.flushed_lsn)));
+        }
+        // Committed means durable: a commit seen before the WAL was flushed past the position
+        // read after it is only visible.
+        let mut position = None;
+        if let Some((inserted, flushed)) = durable {
+            if flushed < inserted {
+                for verdict in verdicts.iter_mut() {
+                    if *verdict == Verdict::Committed {
+                        *verdict = Verdict::Visible;
+                        position = Some(inserted);
+                    }
+                }
+            }
         }
         for &i in &to_probe {
             if verdicts[i] == Verdict::Pending {
@@ -389,13 +455,43 @@ impl Backend for PgConnection {
                 schedule.forget(&p.id);
             }
         }
-        Ok(Checked { verdicts, probed })
+        Ok(Checked {
+            verdicts,
+            probed,
+            position,
+        })
     }
 
-    fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::sql_query("UPDATE dtb_barriers SET attempted_at = now() WHERE id = $1::uuid")
-            .bind::<Text, _>(id.hyphenated().to_string())
-            .execute(self)?;
+    fn flushed_position(&mut self) -> QueryResult<Option<u64>> {
+        let now: LsnRow = diesel::sql_query(format!("SELECT {LSNS}")).get_result(self)?;
+        Ok(Some(lsn(now.flushed_lsn)))
+    }
+
+    fn fence(&mut self, _visible: &[uuid::Uuid]) -> QueryResult<bool> {
+        // One round trip (the simple query protocol runs the whole batch): a write of the
+        // worker's own, committed with a local flush (`dtb_fence` sets it), so the WAL is
+        // durable past every commit seen before it began. Nothing of it stays.
+        let fenced =
+            self.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT dtb_fence(); COMMIT");
+        if let Err(e) = fenced {
+            // A failed statement skips the rest of the batch and leaves the server inside an
+            // aborted transaction that Diesel does not count: the pool must not hand this
+            // connection out again.
+            super::poison(self);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn mark_attempted(&mut self, id: &uuid::Uuid, retry_due: Option<Duration>) -> QueryResult<()> {
+        diesel::sql_query(
+            "UPDATE dtb_barriers SET attempted_at = now(), \
+                 retry_due_at = now() + make_interval(secs => $2) \
+             WHERE id = $1::uuid",
+        )
+        .bind::<Text, _>(id.hyphenated().to_string())
+        .bind::<Nullable<Double>, _>(retry_due.map(|d| super::bounded_age(d).as_secs_f64()))
+        .execute(self)?;
         Ok(())
     }
 
@@ -407,10 +503,11 @@ impl Backend for PgConnection {
     ) -> QueryResult<Vec<Unconsumed>> {
         // SKIP LOCKED passes over rows a worker is consuming right now.
         let rows: Vec<UnconsumedRow> = diesel::sql_query(
-            "UPDATE dtb_barriers SET pushed_at = now() WHERE id IN ( \
+            "UPDATE dtb_barriers SET pushed_at = now(), attempted_at = NULL, retry_due_at = NULL \
+             WHERE id IN ( \
                  SELECT id FROM dtb_barriers \
-                 WHERE attempted_at IS NULL \
-                   AND pushed_at < now() - make_interval(secs => $1) \
+                 WHERE ((attempted_at IS NULL AND pushed_at < now() - make_interval(secs => $1)) \
+                        OR retry_due_at < now() - make_interval(secs => $1)) \
                    AND created_at > now() - make_interval(secs => $2) \
                  ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
              RETURNING id::text AS id, txid, payload",
@@ -440,49 +537,66 @@ impl Backend for PgConnection {
         self.build_transaction().read_committed().run(f)
     }
 
-    fn claiming_transaction<R, E, F>(&mut self, id: &uuid::Uuid, f: F) -> Result<Claimed<R>, E>
+    fn claiming_transaction<R, E, F>(
+        &mut self,
+        id: &uuid::Uuid,
+        digest: &str,
+        f: F,
+    ) -> Result<Claimed<R>, E>
     where
         F: FnOnce(&mut Self) -> Result<R, E>,
         E: From<diesel::result::Error>,
     {
         // BEGIN and the claim in one round trip (the simple query protocol runs both, and the
-        // transaction block stays open). The id is a UUID this crate formats, not text from
-        // the job. When the claim raises (the barrier is busy, gone or not committed), the
-        // transaction is left aborted: roll it back and find out which, the slow way.
-        let begin = format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT dtb_claim_barrier('{}')",
-            id.hyphenated()
-        );
-        if AnsiTransactionManager::begin_transaction_sql(self, &begin).is_ok() {
-            return finish_transaction(self, f).map(Claimed::Ran);
+        // transaction block stays open). The id is a UUID this crate formats, and the digest
+        // hexadecimal digits the worker computed, not text from the job (anything else takes
+        // the slow way). When the claim raises (the barrier is busy, gone, not committed or
+        // another job's), the transaction is left aborted: roll it back and find out which,
+        // the slow way.
+        if digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let begin = format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT dtb_claim_barrier('{}', '{digest}')",
+                id.hyphenated()
+            );
+            if AnsiTransactionManager::begin_transaction_sql(self, &begin).is_ok() {
+                return finish_transaction(self, f).map(Claimed::Ran);
+            }
+            self.batch_execute("ROLLBACK")?;
         }
-        self.batch_execute("ROLLBACK")?;
-        self.worker_transaction(|c| super::claim_then(c, id, f))
+        self.worker_transaction(|c| super::claim_then(c, id, digest, f))
     }
 
-    fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
+    fn claim_barrier(&mut self, id: &uuid::Uuid, digest: &str) -> QueryResult<Claim> {
         let id = id.hyphenated().to_string();
         // Lock and delete in one statement: committing the worker transaction consumes the
         // barrier, rolling it back (handler error, panic, lost connection) restores it. SKIP
         // LOCKED never waits and never errors: a row held by a concurrent duplicate simply does
-        // not come back, and a second, non-locking read tells "held" from "gone".
+        // not come back, and a second, non-locking read tells "held" from "gone". A row of
+        // another job is locked but not deleted: the rollback that follows lets it go.
         let claimed: Option<TextRow> = diesel::sql_query(
-            "WITH c AS (SELECT id FROM dtb_barriers WHERE id = $1::uuid FOR UPDATE SKIP LOCKED) \
-             DELETE FROM dtb_barriers b USING c WHERE b.id = c.id RETURNING b.id::text AS value",
+            "WITH c AS (SELECT id, job_digest FROM dtb_barriers WHERE id = $1::uuid \
+                        FOR UPDATE SKIP LOCKED) \
+             DELETE FROM dtb_barriers b USING c \
+             WHERE b.id = c.id AND (c.job_digest IS NULL OR c.job_digest = $2) \
+             RETURNING b.id::text AS value",
         )
         .bind::<Text, _>(&id)
+        .bind::<Text, _>(digest)
         .get_result(self)
         .optional()?;
         if claimed.is_some() {
             return Ok(Claim::Locked);
         }
-        let exists: BoolRow = diesel::sql_query(
-            "SELECT EXISTS (SELECT 1 FROM dtb_barriers WHERE id = $1::uuid) AS value",
-        )
-        .bind::<Text, _>(&id)
-        .get_result(self)?;
-        if exists.value {
-            return Ok(Claim::Busy);
+        let row: Option<OptTextRow> =
+            diesel::sql_query("SELECT job_digest AS value FROM dtb_barriers WHERE id = $1::uuid")
+                .bind::<Text, _>(&id)
+                .get_result(self)
+                .optional()?;
+        if let Some(row) = row {
+            return Ok(match row.value {
+                Some(theirs) if theirs != digest => Claim::Foreign,
+                _ => Claim::Busy,
+            });
         }
         // Not visible: consumed by an earlier delivery — or not committed yet, which the waiter
         // never answers "committed" for, but a verdict this final is confirmed by the row's

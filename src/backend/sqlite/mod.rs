@@ -23,7 +23,7 @@ use check::check_ids;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use locks::{enable_wal, is_busy, journal_mode, millis, with_busy_timeout};
@@ -88,8 +88,10 @@ impl Backend for SqliteConnection {
     }
 
     fn barrier_schema_present(&mut self) -> QueryResult<bool> {
+        // The table, with the newest column the migrations add.
         let row: IntRow = diesel::sql_query(
-            "SELECT COUNT(*) AS value FROM sqlite_master WHERE type = 'table' AND name = ?",
+            "SELECT COUNT(*) AS value FROM sqlite_master m, pragma_table_info(m.name) c \
+             WHERE m.type = 'table' AND m.name = ? AND c.name = 'retry_due_at'",
         )
         .bind::<Text, _>(super::BARRIER_TABLE)
         .get_result(self)?;
@@ -129,14 +131,21 @@ impl Backend for SqliteConnection {
         // This insert takes the write lock (if an earlier write of the transaction has not), and
         // the transaction keeps it until it ends: `check_pending` relies on that.
         row.bind_to(diesel::sql_query(
-            "INSERT INTO dtb_barriers (id, job_id, job_kind, job_queue, payload) \
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO dtb_barriers (id, job_id, job_kind, job_queue, payload, job_digest) \
+             VALUES (?, ?, ?, ?, ?, ?)",
         ))
         .execute(self)?;
         Ok(Inserted {
             txid: None,
             location: self.barrier_location()?,
         })
+    }
+
+    fn remove_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
+            .bind::<Text, _>(id.hyphenated().to_string())
+            .execute(self)?;
+        Ok(())
     }
 
     fn missing_table(&mut self, error: &DieselError) -> bool {
@@ -170,17 +179,28 @@ impl Backend for SqliteConnection {
         )
     }
 
-    fn claim_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<Claim> {
+    fn claim_barrier(&mut self, id: &uuid::Uuid, digest: &str) -> QueryResult<Claim> {
         // Inside `worker_transaction` this connection holds the database's write lock, so no one
         // else can be consuming the row: deleting it decides, and never waits. Committing the
         // worker transaction consumes the barrier; rolling it back (handler error, panic) puts
         // the row back. `Busy` cannot happen: a concurrent duplicate waited in BEGIN IMMEDIATE
-        // and now finds the row gone.
-        let deleted = diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
-            .bind::<Text, _>(id.hyphenated().to_string())
-            .execute(self)?;
-        Ok(if deleted > 0 {
-            Claim::Locked
+        // and now finds the row gone. A row left in place is another job's.
+        let id = id.hyphenated().to_string();
+        let deleted = diesel::sql_query(
+            "DELETE FROM dtb_barriers WHERE id = ? AND (job_digest IS NULL OR job_digest = ?)",
+        )
+        .bind::<Text, _>(&id)
+        .bind::<Text, _>(digest)
+        .execute(self)?;
+        if deleted > 0 {
+            return Ok(Claim::Locked);
+        }
+        let left: IntRow =
+            diesel::sql_query("SELECT COUNT(*) AS value FROM dtb_barriers WHERE id = ?")
+                .bind::<Text, _>(&id)
+                .get_result(self)?;
+        Ok(if left.value > 0 {
+            Claim::Foreign
         } else {
             Claim::Gone
         })
@@ -255,15 +275,17 @@ impl Backend for SqliteConnection {
         with_busy_timeout(self, |_| 0, |c| check_ids(c, &ids)).map(Checked::from)
     }
 
-    fn mark_attempted(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
+    fn mark_attempted(&mut self, id: &uuid::Uuid, retry_due: Option<Duration>) -> QueryResult<()> {
         with_busy_timeout(
             self,
             |previous| previous.max(millis(WRITE_LOCK_WAIT)),
             |c| {
                 diesel::sql_query(
-                    "UPDATE dtb_barriers SET attempted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+                    "UPDATE dtb_barriers SET attempted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), \
+                         retry_due_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) \
                      WHERE id = ?",
                 )
+                .bind::<Nullable<Text>, _>(retry_due.map(seconds_ahead))
                 .bind::<Text, _>(id.hyphenated().to_string())
                 .execute(c)
                 .map(|_| ())
@@ -299,18 +321,23 @@ impl Backend for SqliteConnection {
         .get_result(self)?;
         let rows: Vec<UnconsumedRow> = diesel::sql_query(
             "SELECT id, NULL AS txid, payload FROM dtb_barriers \
-             WHERE attempted_at IS NULL AND pushed_at < ? AND created_at > ? \
+             WHERE ((attempted_at IS NULL AND pushed_at < ?) OR retry_due_at < ?) \
+               AND created_at > ? \
              ORDER BY created_at, seq LIMIT ?",
         )
+        .bind::<Text, _>(&times.pushed_before)
         .bind::<Text, _>(&times.pushed_before)
         .bind::<Text, _>(&times.created_after)
         .bind::<BigInt, _>(limit)
         .load(self)?;
         for row in &rows {
-            diesel::sql_query("UPDATE dtb_barriers SET pushed_at = ? WHERE id = ?")
-                .bind::<Text, _>(&times.now)
-                .bind::<Text, _>(&row.id)
-                .execute(self)?;
+            diesel::sql_query(
+                "UPDATE dtb_barriers \
+                 SET pushed_at = ?, attempted_at = NULL, retry_due_at = NULL WHERE id = ?",
+            )
+            .bind::<Text, _>(&times.now)
+            .bind::<Text, _>(&row.id)
+            .execute(self)?;
         }
         Ok(rows.into_iter().map(Into::into).collect())
     }
@@ -376,4 +403,9 @@ impl Backend for SqliteConnection {
 /// A date modifier for `strftime`: `d` before.
 fn seconds_ago(d: Duration) -> String {
     format!("-{:.3} seconds", super::bounded_age(d).as_secs_f64())
+}
+
+/// A date modifier for `strftime`: `d` after.
+fn seconds_ahead(d: Duration) -> String {
+    format!("+{:.3} seconds", super::bounded_age(d).as_secs_f64())
 }

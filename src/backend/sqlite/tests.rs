@@ -3,7 +3,7 @@
 
 use super::locks::busy_timeout;
 use super::*;
-use crate::backend::conformance::{check, new_barrier};
+use crate::backend::conformance::{check, new_barrier, DIGEST};
 use crate::backend::Verdict;
 use crate::testing::{SqliteTestFile, TestDatabase};
 use std::sync::mpsc;
@@ -111,7 +111,9 @@ fn the_worker_transaction_waits_for_an_application_writer() {
     let (claimed_tx, claimed_rx) = mpsc::channel();
     let mut w = worker(&db);
     let claimer = std::thread::spawn(move || {
-        let claim = w.worker_transaction(|c| c.claim_barrier(&id)).unwrap();
+        let claim = w
+            .worker_transaction(|c| c.claim_barrier(&id, DIGEST))
+            .unwrap();
         claimed_tx.send(claim).unwrap();
         assert_eq!(busy_timeout(&mut w).unwrap(), 0, "busy timeout put back");
     });
@@ -161,7 +163,7 @@ fn hints_follow_a_cursor_that_consumed_rows_do_not_move() {
     assert!(listener.take_commit_hints().unwrap().is_empty(), "once");
     // A consumed row's seq is not reused, so the next commit is still seen.
     worker(&db)
-        .worker_transaction(|c| c.claim_barrier(&committed))
+        .worker_transaction(|c| c.claim_barrier(&committed, DIGEST))
         .unwrap();
     let next = uuid::Uuid::new_v4();
     insert(&mut db.connect(), &next);

@@ -150,10 +150,19 @@ struct Entry {
     /// Whether a check found its transaction still running (until then it may well be
     /// committed already, and does not count against `max_waiting`).
     running: bool,
-    /// When a check saw it committed but not yet proven durable (`Verdict::Visible`), on the
-    /// commit clock.
-    seen_committed: Option<u64>,
+    /// When a check saw it committed but not yet proven durable (`Verdict::Visible`).
+    seen_committed: Option<Seen>,
     replies: Vec<oneshot::Sender<Answer>>,
+}
+
+/// When a check saw a barrier committed before its commit was proven durable.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// On the commit clock: a worker write begun later and committed proves it durable.
+    clock: u64,
+    /// Where the database's log stood (`Checked::position`): once the flushed position
+    /// reaches it, the commit is durable.
+    position: Option<u64>,
 }
 
 /// Where a new listening connection stands in proving that it hears hints.
@@ -193,6 +202,8 @@ struct Waiter<C: BarrierConnection> {
     clock: Arc<CommitClock>,
     /// Handlers running now: their commits will prove durability; with none, fence at once.
     running_handlers: Arc<AtomicUsize>,
+    /// When the database's flushed log position was last read (backends that report one).
+    last_flush_read: Instant,
 }
 
 /// The least time between two checks of newly registered barriers: under load, registrations
@@ -202,6 +213,10 @@ const FRESH_CHECK_GAP: Duration = Duration::from_micros(500);
 /// How long barriers seen committed wait for a handler's commit to prove them durable before
 /// the waiter commits a fence of its own.
 const PROOF_WAIT: Duration = Duration::from_millis(5);
+
+/// The least time between two readings of the database's flushed log position while barriers
+/// wait for it.
+const FLUSH_READ_GAP: Duration = Duration::from_millis(1);
 
 /// How long a new listening connection may take to hear a hint (the waiter's own test hint, or
 /// any other) before the waiter stops listening and relies on its checks alone.
@@ -236,6 +251,7 @@ impl<C: BarrierConnection> Waiter<C> {
             checker: None,
             next_check: now,
             last_check: now - FRESH_CHECK_GAP,
+            last_flush_read: now,
             retry_connect_at: now,
         }
     }
@@ -309,10 +325,11 @@ impl<C: BarrierConnection> Waiter<C> {
         }
     }
 
-    /// Answers the barriers seen committed whose durability is now proven; commits a fence when
-    /// no handler's commit proved them soon enough.
+    /// Answers the barriers seen committed whose durability is now proven (by a worker commit
+    /// begun after the check, or by the database's flushed log position); commits a fence when
+    /// no such proof came soon enough.
     fn prove_durable(&mut self) {
-        let unproven: Vec<(uuid::Uuid, u64)> = self
+        let unproven: Vec<(uuid::Uuid, Seen)> = self
             .pending
             .iter()
             .filter_map(|(id, e)| e.seen_committed.map(|seen| (*id, seen)))
@@ -320,17 +337,22 @@ impl<C: BarrierConnection> Waiter<C> {
         if unproven.is_empty() {
             return;
         }
+        let flushed = self.read_flushed_position(&unproven);
         let mut waiting_longest = 0;
         for &(id, seen) in &unproven {
-            if self.clock.proves(seen) {
+            let flushed_past = matches!((flushed, seen.position), (Some(f), Some(p)) if f >= p);
+            if self.clock.proves(seen.clock) || flushed_past {
                 self.answer(&id, Answer::Committed);
             } else {
-                waiting_longest = waiting_longest.max(self.clock.now().saturating_sub(seen));
+                waiting_longest = waiting_longest.max(self.clock.now().saturating_sub(seen.clock));
             }
         }
-        let idle = self.running_handlers.load(Ordering::SeqCst) == 0;
+        // Handler commits prove durability where the backend's commits are durable when they
+        // return: while handlers run, wait a little for theirs.
+        let idle = !C::HANDLER_COMMITS_PROVE || self.running_handlers.load(Ordering::SeqCst) == 0;
         let overdue = Duration::from_micros(waiting_longest) >= PROOF_WAIT;
-        if waiting_longest == 0 || !(idle || overdue) {
+        let flush_may_come = !C::HANDLER_COMMITS_PROVE && !overdue;
+        if waiting_longest == 0 || flush_may_come || !(idle || overdue) {
             return;
         }
         let Some(conn) = self.checker.as_mut() else {
@@ -365,6 +387,26 @@ impl<C: BarrierConnection> Waiter<C> {
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "the durability fence failed; reconnecting");
                 self.checker = None;
+            }
+        }
+    }
+
+    /// The database's flushed log position, read at most every [`FLUSH_READ_GAP`], when some
+    /// of `unproven` wait for it.
+    fn read_flushed_position(&mut self, unproven: &[(uuid::Uuid, Seen)]) -> Option<u64> {
+        if unproven.iter().all(|(_, seen)| seen.position.is_none())
+            || self.last_flush_read.elapsed() < FLUSH_READ_GAP
+        {
+            return None;
+        }
+        let conn = self.checker.as_mut()?;
+        self.last_flush_read = Instant::now();
+        match conn.flushed_position() {
+            Ok(position) => position,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "reading the database's flushed log position failed; reconnecting");
+                self.checker = None;
+                None
             }
         }
     }
@@ -547,7 +589,11 @@ impl<C: BarrierConnection> Waiter<C> {
         let started = Instant::now();
         self.last_check = started;
         match conn.check_pending(&mut self.checker_state, &batch) {
-            Ok(Checked { verdicts, probed }) => {
+            Ok(Checked {
+                verdicts,
+                probed,
+                position,
+            }) => {
                 tracing::trace!(batch = batch.len(), probed, took = ?started.elapsed(), "checked pending barriers");
                 let seen = self.clock.now();
                 let mut running = self.pending.values().filter(|e| e.running).count();
@@ -557,7 +603,10 @@ impl<C: BarrierConnection> Waiter<C> {
                         Verdict::NotCommitted => self.answer(&p.id, Answer::NotCommitted),
                         Verdict::Visible => {
                             if let Some(entry) = self.pending.get_mut(&p.id) {
-                                entry.seen_committed = Some(seen);
+                                entry.seen_committed = Some(Seen {
+                                    clock: seen,
+                                    position,
+                                });
                             }
                         }
                         Verdict::Pending => {}

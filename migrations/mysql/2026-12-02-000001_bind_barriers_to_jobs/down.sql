@@ -1,0 +1,1 @@
+ALTER TABLE dtb_barriers DROP COLUMN job_digest;

@@ -1,0 +1,1 @@
+DROP FUNCTION dtb_fence();
