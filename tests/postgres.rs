@@ -7,8 +7,9 @@ mod common;
 use common::pg::Pg;
 use common::*;
 use crossbeam_channel::unbounded;
+use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel_transaction_barrier::{EnqueueWithBarrier, Error};
+use diesel_transaction_barrier::{EnqueueWithBarrier, Error, Job};
 
 common::suite::scenario_tests! {
     Pg;
@@ -107,6 +108,57 @@ fn enqueueing_makes_the_commit_durable() {
     // Outside the transaction, the session's own setting is untouched.
     let now = Pg::query_string(&mut conn, "current_setting('synchronous_commit')");
     assert_eq!(now.as_deref(), Some("on"));
+}
+
+/// A producer that turns `synchronous_commit` off after its enqueue (a later `SET LOCAL`
+/// undoes anything the enqueue set) commits visibly before its commit record is flushed. The
+/// worker does not trust the producer's settings: it starts the handler only once the WAL is
+/// flushed past the commit. Each handler's first statement finds the flush position past the
+/// position the producer read just before its `COMMIT`, in every try.
+#[test]
+fn asynchronous_commit_after_the_enqueue_waits_for_the_flush() {
+    const TRIES: usize = 12;
+    let env = Env::<Pg>::new();
+    let (tx, rx) = unbounded();
+    let handlers = diesel_transaction_barrier::Handlers::new().register(
+        PAID,
+        move |job: &Job, c: &mut PgConnection| -> Result<(), std::io::Error> {
+            // First: where the WAL is flushed now, against where the producer's WAL stood
+            // before its commit record was written.
+            let id = job.args()[0].as_i64().unwrap();
+            let durable = Pg::query_i64(
+                c,
+                &format!(
+                    "SELECT (pg_current_wal_flush_lsn() >= status::pg_lsn)::int \
+                     FROM orders WHERE id = {id}"
+                ),
+            );
+            let _ = tx.send((id, durable == Some(1)));
+            Ok(())
+        },
+    );
+    let worker = env.start_worker(handlers, 1);
+    let mut conn = env.db.connect();
+    for _ in 0..TRIES {
+        let id = next_id();
+        conn.transaction(|c| {
+            insert_order::<Pg>(c, id, "new");
+            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
+            worker.wait_for_waiting(1);
+            Pg::exec(c, "SET LOCAL synchronous_commit = off");
+            Pg::exec(
+                c,
+                &format!(
+                    "UPDATE orders SET status = pg_current_wal_insert_lsn()::text WHERE id = {id}"
+                ),
+            );
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        let (ran, durable) = rx.recv_timeout(EVENTUALLY).expect("the handler runs");
+        assert_eq!(ran, id);
+        assert!(durable, "the handler started before the commit was flushed");
+    }
 }
 
 /// A worker's listening connection proves that it hears commit hints (its own test hint

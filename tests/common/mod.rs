@@ -28,9 +28,11 @@ use std::time::{Duration, Instant};
 
 pub mod child;
 pub mod faults;
+pub mod guarantee;
 pub mod mysql;
 pub mod pg;
 pub mod pgbouncer;
+pub mod proxy;
 pub mod restart;
 pub mod scenarios;
 pub mod soak;
@@ -345,13 +347,24 @@ impl<D: TestDb> Env<D> {
         handlers: Handlers<D::Conn>,
         configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
     ) -> RunningWorker {
+        self.start_worker_on_queues(pool, handlers, configure, vec![self.queue.clone()])
+    }
+
+    /// Starts a worker that fetches from `queues`, in that order of priority.
+    pub fn start_worker_on_queues(
+        &self,
+        pool: ConnectionPool<D::Conn>,
+        handlers: Handlers<D::Conn>,
+        configure: impl FnOnce(WorkerBuilder<D::Conn>) -> WorkerBuilder<D::Conn>,
+        queues: Vec<String>,
+    ) -> RunningWorker {
         let builder = WorkerBuilder::new(pool)
             .handlers(handlers)
             .url(self.faktory.url())
             .reconnect_backoff(Duration::from_millis(200));
         let builder = self.db.configure_worker(builder);
         let worker = configure(builder).connect().expect("worker connects");
-        RunningWorker::spawn(worker, self.queue.clone())
+        RunningWorker::spawn_on(worker, queues)
     }
 }
 
@@ -365,12 +378,20 @@ pub struct RunningWorker {
 impl RunningWorker {
     /// Runs `worker` on `queue`, on a thread of its own.
     pub fn spawn<C: BarrierConnection + R2D2Connection>(
-        mut worker: Worker<C>,
+        worker: Worker<C>,
         queue: String,
+    ) -> RunningWorker {
+        Self::spawn_on(worker, vec![queue])
+    }
+
+    /// Runs `worker` on `queues` (in that order of priority), on a thread of its own.
+    pub fn spawn_on<C: BarrierConnection + R2D2Connection>(
+        mut worker: Worker<C>,
+        queues: Vec<String>,
     ) -> RunningWorker {
         let handle = worker.shutdown_handle();
         let monitor = worker.monitor();
-        let thread = std::thread::spawn(move || worker.run(&[queue]).expect("worker runs"));
+        let thread = std::thread::spawn(move || worker.run(&queues).expect("worker runs"));
         RunningWorker {
             handle,
             monitor,

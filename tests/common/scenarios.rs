@@ -9,7 +9,15 @@ use diesel_transaction_barrier::{Error, CUSTOM_KEY};
 
 // Scenarios of their own files; unused in the binaries that make no scenario tests.
 #[allow(unused_imports)]
-pub use super::{faults::worker_killed_mid_wait_and_mid_handler, soak::soak_with_oracle};
+pub use super::{
+    faults::worker_killed_mid_wait_and_mid_handler,
+    guarantee::{
+        awkward_payloads_still_bind, failed_job_survives_broker_loss,
+        forged_descriptor_cannot_steal_a_barrier, swallowed_lost_push_answer_runs_nothing,
+        swallowed_push_failure_leaves_nothing,
+    },
+    soak::soak_with_oracle,
+};
 
 /// Scenario 1: The handler runs once, after commit, and sees the transaction's writes; while the
 /// transaction is open and the worker already holds the job, it has not run.

@@ -66,6 +66,11 @@ macro_rules! scenario_tests {
             handler_recovering_from_a_failed_savepoint_runs,
             soak_with_oracle,
             worker_killed_mid_wait_and_mid_handler,
+            forged_descriptor_cannot_steal_a_barrier,
+            awkward_payloads_still_bind,
+            swallowed_push_failure_leaves_nothing,
+            swallowed_lost_push_answer_runs_nothing,
+            failed_job_survives_broker_loss,
         ] ($d));
     };
 
