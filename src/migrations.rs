@@ -18,3 +18,15 @@ pub fn run_migrations<C: BarrierConnection>(conn: &mut C) -> Result<()> {
 pub fn barrier_schema_present<C: BarrierConnection>(conn: &mut C) -> Result<bool> {
     Ok(conn.barrier_schema_present()?)
 }
+
+/// [`Error::MigrationsMissing`](crate::Error::MigrationsMissing) unless the barrier table (as the
+/// newest migration left it) is present on `conn`'s database.
+pub(crate) fn require_barrier_schema<C: BarrierConnection>(conn: &mut C) -> Result<()> {
+    if conn.barrier_schema_present()? {
+        Ok(())
+    } else {
+        Err(crate::Error::MigrationsMissing {
+            table: crate::BARRIER_TABLE,
+        })
+    }
+}

@@ -11,9 +11,8 @@ use common::*;
 use crossbeam_channel::unbounded;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::Text;
 use diesel_transaction_barrier::testing::{JobEventKind, MysqlTestDatabase, TestDatabase};
-use diesel_transaction_barrier::{EnqueueWithBarrier, Error, Handlers, Job, CUSTOM_KEY};
+use diesel_transaction_barrier::{EnqueueWithBarrier, Error, Handlers, Job};
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,10 +137,11 @@ fn no_process_timeout_report_says_what_is_missing() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The worker never queues behind a producer's row lock: its checks skip locked rows.
+// The worker waits on a producer's row with one watcher per transaction, and never holds the
+// producer up.
 
 #[test]
-fn waiting_jobs_take_no_row_lock_waits() {
+fn one_watcher_waits_per_transaction_and_never_holds_the_producer_up() {
     let env = Env::<Root>::new();
     let (tx, rx) = unbounded();
     let worker = env.start_worker(handlers::<Root>(&tx), 2);
@@ -154,17 +154,29 @@ fn waiting_jobs_take_no_row_lock_waits() {
             c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
         }
         worker.wait_for_waiting(ids.len());
-        for _ in 0..3 {
-            assert_eq!(
-                env.db.waiters_on(session),
-                0,
-                "nobody waits on the producer's locks"
-            );
+        wait_until("a watcher to wait on the transaction", EVENTUALLY, || {
+            env.db.waiters_on(session) == 1
+        });
+        // The producer goes on writing, its barrier rows too, without waiting for anyone.
+        let started = std::time::Instant::now();
+        for &id in &ids {
+            set_status::<Root>(c, id, "paid");
         }
+        Root::exec(c, "UPDATE dtb_barriers SET pushed_at = NOW(6)");
+        let more = next_id();
+        insert_order::<Root>(c, more, "paid");
+        c.enqueue_with_barrier(&env.producer, env.job(PAID, more))?;
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(
+            env.db.waiters_on(session),
+            1,
+            "one watcher, however many jobs"
+        );
         expect_no_run(&rx, "the transaction is still open");
         Ok::<_, Error>(())
     })
     .unwrap();
+    expect_run(&rx);
     for _ in &ids {
         expect_run(&rx);
     }
@@ -226,24 +238,19 @@ fn handler_starts_after_the_fence_commits() {
     let url = env.db.url();
     let (tx, rx) = unbounded::<(i64, Option<i64>)>();
     let handlers = Handlers::new().register(PAID, move |job: &Job, _conn: &mut MysqlConnection| {
-        let barrier = job.custom[CUSTOM_KEY]["id"]
-            .as_str()
-            .expect("barrier id")
-            .to_string();
         let order_id = job.args()[0].as_i64().expect("order id");
         // A separate autocommit connection sees only committed data.
         let mut side = MysqlConnection::establish(&url)?;
-        let attempts = diesel::sql_query(
-            "SELECT CAST(attempts AS SIGNED) AS v FROM dtb_barriers WHERE id = ?",
+        let fences = diesel::sql_query(
+            "SELECT CAST(COALESCE(SUM(fences), 0) AS SIGNED) AS v FROM dtb_fences",
         )
-        .bind::<Text, _>(&barrier)
-        .get_result::<I64Row>(&mut side)
-        .optional()?
-        .and_then(|r| r.v);
-        let _ = tx.send((order_id, attempts));
+        .get_result::<I64Row>(&mut side)?
+        .v;
+        let _ = tx.send((order_id, fences));
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     });
     let worker = env.start_worker(handlers, 2);
+    let mut seen_fences = 0;
     for round in 0..10 {
         let id = next_id();
         let mut conn = env.db.connect();
@@ -257,13 +264,15 @@ fn handler_starts_after_the_fence_commits() {
             Ok::<_, Error>(())
         })
         .unwrap();
-        let (ran, attempts) = rx.recv_timeout(EVENTUALLY).expect("the handler ran");
+        let (ran, fences) = rx.recv_timeout(EVENTUALLY).expect("the handler ran");
         assert_eq!(ran, id);
-        assert_eq!(
-            attempts,
-            Some(1),
-            "the fence write (attempts = 1) is committed before the handler starts"
+        // One at a time, no handler commit comes after a commit is seen and before its job
+        // starts: each start follows a fence of its own (the waiter's, or a watcher's).
+        assert!(
+            fences.unwrap_or(0) > seen_fences,
+            "round {round}: a fence committed before the handler started ({fences:?})"
         );
+        seen_fences = fences.unwrap_or(0);
     }
     wait_until("the barrier rows to be consumed", EVENTUALLY, || {
         env.db.barrier_rows() == 0
@@ -338,7 +347,7 @@ fn stale_innodb_trx_cache_changes_nothing() {
     let _alone = ExclusiveTicket::acquire();
     let env = Env::with_db(Root::alone(MysqlTestDatabase::create()).with_app_tables());
     let (tx, rx) = unbounded();
-    let worker = env.start_worker(handlers::<Root>(&tx), 12);
+    let worker = env.start_worker_on(env.db.pool(20), handlers::<Root>(&tx), |b| b.workers(12));
 
     // Two connections read innodb_trx every 10 ms, so that its cache never refreshes. They
     // stop when `pollers` is dropped, also when this test fails: left running, they would

@@ -7,6 +7,7 @@ use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
 use diesel::Connection;
 use std::time::Duration;
 
+mod capabilities;
 #[cfg(all(test, feature = "testing"))]
 pub(crate) mod conformance;
 pub(crate) mod inspect;
@@ -18,6 +19,15 @@ mod postgres;
 pub(crate) mod rows;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod types;
+
+#[allow(unreachable_pub)] // named by the sealed trait
+pub use capabilities::{Awaited, CheckSchedule, Durability, Hints, Listen, LockWaits, Prove};
+#[allow(unreachable_pub)] // named by the sealed trait
+pub use types::{
+    Checked, Claim, Claimed, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction,
+    Unconsumed, Verdict,
+};
 
 /// A pool of Diesel connections, as the worker uses it.
 pub type ConnectionPool<C> = Pool<ConnectionManager<C>>;
@@ -27,167 +37,6 @@ pub type ConnectionPool<C> = Pool<ConnectionManager<C>>;
 /// It is prefixed (`dtb_`) so that it never clashes with an application's own tables.
 pub const BARRIER_TABLE: &str = "dtb_barriers";
 
-/// What the worker learned about a barrier's transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(unreachable_pub)] // named by the sealed trait
-pub enum Verdict {
-    /// The transaction committed and its commit is durable: the barrier row is visible.
-    Committed,
-    /// The transaction ended without the barrier row: it rolled back (or the savepoint around
-    /// the enqueue did), or the row was already consumed.
-    NotCommitted,
-    /// The transaction is still running.
-    Pending,
-    /// The transaction committed (the barrier row is visible), but its commit may not be
-    /// durable yet: only a write of the worker's own, begun after this check and committed,
-    /// proves that it is (see [`sealed::Backend::fence`]). Only backends whose locks are
-    /// released before the commit reaches the disk (MySQL) answer this.
-    Visible,
-}
-
-/// What the worker found when it tried to take a committed barrier for itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(unreachable_pub)] // named by the sealed trait
-pub enum Claim {
-    /// The row is locked by this transaction: run the handler, then delete it.
-    Locked,
-    /// The row is gone: an earlier delivery consumed it.
-    Gone,
-    /// Another worker holds the row (a concurrent duplicate is running the handler).
-    Busy,
-    /// The row belongs to another job (its job digest differs from the delivery's): this
-    /// delivery must not consume it. Nothing was taken.
-    Foreign,
-}
-
-/// The end of a [`sealed::Backend::claiming_transaction`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(unreachable_pub)] // named by the sealed trait
-pub enum Claimed<R> {
-    /// The barrier was claimed, the closure ran and returned this, and its transaction
-    /// committed.
-    Ran(R),
-    /// The barrier is gone: an earlier delivery consumed it. Nothing ran.
-    Gone,
-    /// Another worker holds the barrier. Nothing ran.
-    Busy,
-    /// The barrier belongs to another job. Nothing ran.
-    Foreign,
-}
-
-/// What the server says about a producer connection's transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(unreachable_pub)] // named by the sealed trait
-pub enum ServerTransaction {
-    /// A transaction is open: a barrier row inserted now commits or rolls back with it.
-    Open,
-    /// No transaction is open: a row inserted now would commit at once.
-    Closed,
-    /// The server cannot say (MySQL, which lacks MariaDB's `@@in_transaction`).
-    Unknown,
-}
-
-/// What [`sealed::Backend::insert_barrier`] reports about the row it wrote.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(unreachable_pub)] // named by the sealed trait
-pub struct Inserted {
-    /// The producer's transaction (PostgreSQL) or session (MySQL) id, for diagnostics.
-    pub txid: Option<String>,
-    /// Which barrier table the row went to (see [`sealed::Backend::barrier_location`]).
-    pub location: Option<String>,
-}
-
-/// The verdicts of one [`sealed::Backend::check_pending`] call.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(unreachable_pub)] // named by the sealed trait
-pub struct Checked {
-    /// One verdict per pending barrier, in order.
-    pub verdicts: Vec<Verdict>,
-    /// How many barriers got an authoritative probe (a short lock wait each).
-    pub probed: usize,
-    /// Where the database's log stood when the check saw the commits it calls
-    /// [`Verdict::Visible`], on the backend's own scale (PostgreSQL: a WAL position): they are
-    /// durable once [`flushed_position`](sealed::Backend::flushed_position) reaches it.
-    /// `None` when the backend cannot tell.
-    pub position: Option<u64>,
-}
-
-impl From<Vec<Verdict>> for Checked {
-    fn from(verdicts: Vec<Verdict>) -> Self {
-        Checked {
-            verdicts,
-            probed: 0,
-            position: None,
-        }
-    }
-}
-
-/// A barrier the waiter is waiting for, as handed to [`sealed::Backend::check_pending`].
-#[allow(unreachable_pub)] // named by the sealed trait
-#[derive(Debug, Clone)]
-pub struct Pending {
-    pub id: uuid::Uuid,
-    /// The producer's transaction id from the job's descriptor (untrusted: a hint only).
-    pub txid: Option<String>,
-}
-
-/// A committed barrier whose job was not consumed in time, taken by the reconciler.
-#[allow(unreachable_pub)] // named by the sealed trait
-#[derive(Debug, Clone)]
-pub struct Unconsumed {
-    pub id: String,
-    pub txid: Option<String>,
-    pub payload: Option<String>,
-}
-
-/// A barrier row removed by the reaper.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReapedBarrier {
-    /// The barrier id.
-    pub id: String,
-    /// The Faktory job id it guarded.
-    pub job_id: String,
-    /// The job kind.
-    pub job_kind: String,
-}
-
-/// The barrier row written by the producer.
-#[derive(Debug)]
-#[allow(unreachable_pub)] // named by the sealed trait
-pub struct NewBarrier<'a> {
-    pub id: &'a uuid::Uuid,
-    pub job_id: &'a str,
-    pub job_kind: &'a str,
-    pub job_queue: &'a str,
-    pub payload: &'a str,
-    /// The job's digest (see `crate::binding`), which a delivery must match to consume it.
-    pub job_digest: &'a str,
-}
-
-impl NewBarrier<'_> {
-    /// `query` with the row's values bound in this order: id (as text), job id, job kind, job
-    /// queue, payload, job digest.
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
-    pub(crate) fn bind_to<DB>(
-        &self,
-        query: diesel::query_builder::SqlQuery,
-    ) -> diesel::query_builder::BoxedSqlQuery<'static, DB, diesel::query_builder::SqlQuery>
-    where
-        DB: diesel::backend::Backend + diesel::sql_types::HasSqlType<diesel::sql_types::Text>,
-        String: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
-    {
-        use diesel::sql_types::Text;
-        query
-            .into_boxed()
-            .bind::<Text, _>(self.id.hyphenated().to_string())
-            .bind::<Text, _>(self.job_id.to_string())
-            .bind::<Text, _>(self.job_kind.to_string())
-            .bind::<Text, _>(self.job_queue.to_string())
-            .bind::<Text, _>(self.payload.to_string())
-            .bind::<Text, _>(self.job_digest.to_string())
-    }
-}
-
 #[allow(unreachable_pub)]
 pub(crate) mod sealed {
     use super::*;
@@ -195,15 +44,30 @@ pub(crate) mod sealed {
 
     /// The backend-specific half of [`BarrierConnection`](super::BarrierConnection). Private:
     /// only this crate implements it.
+    ///
+    /// It is what every backend must do; what a backend may offer beyond that (commit hints,
+    /// a proof of durability) it declares as capabilities: [`hints`](Self::hints),
+    /// [`durability`](Self::durability).
     pub trait Backend: Connection + R2D2Connection + Send + Sized + 'static {
         /// The name written into barrier descriptors.
         const NAME: &'static str;
 
+        // --- The schema.
+
         /// Applies the embedded migrations.
         fn run_migrations(&mut self) -> Result<(), Error>;
 
-        /// Whether the barrier table (and whatever else the backend needs) exists.
+        /// Whether the barrier table (and whatever else the backend needs) exists, as the
+        /// newest migration left it.
         fn barrier_schema_present(&mut self) -> diesel::QueryResult<bool>;
+
+        /// Names the barrier table this connection reads and writes (database and schema), so
+        /// that a worker can refuse a barrier written to another one: a row it cannot see
+        /// would otherwise look rolled back. `None` when the backend cannot name it (an
+        /// in-memory SQLite database).
+        fn barrier_location(&mut self) -> diesel::QueryResult<Option<String>>;
+
+        // --- The producer.
 
         /// Asks the server whether the connection is inside a transaction, which Diesel's own
         /// count (`diesel_depth`) cannot tell alone: a `BEGIN` Diesel did not send, MySQL's
@@ -228,12 +92,35 @@ pub(crate) mod sealed {
         /// run, or the connection's `search_path` does not reach them).
         fn missing_table(&mut self, error: &diesel::result::Error) -> bool;
 
-        /// Names the barrier table this connection reads and writes (database and schema), so
-        /// that a worker can refuse a barrier written to another one: a row it cannot see
-        /// would otherwise look rolled back. `None` when the backend cannot name it reliably.
-        fn barrier_location(&mut self) -> diesel::QueryResult<Option<String>> {
-            Ok(None)
-        }
+        // --- The waiter.
+
+        /// What the backend keeps from one check of a waiter to the next (PostgreSQL: when
+        /// each barrier is due for its next authoritative probe).
+        type Checker: Default + Send + 'static;
+
+        /// Verdicts for a batch of pending barriers, one per entry, in order, without waiting
+        /// on any producer. `Committed` must mean that the producer's commit is durable (or
+        /// [`Verdict::Visible`], where the backend cannot tell yet), and `NotCommitted` that its
+        /// transaction ended without the row: both decided by the database, never by a hint or
+        /// a transaction id. The waiter calls it on the backend's [`CHECKS`](Self::CHECKS)
+        /// schedule, and at once for new and hinted barriers; `checker` is this waiter's own
+        /// state.
+        fn check_pending(
+            &mut self,
+            checker: &mut Self::Checker,
+            pending: &[Pending],
+        ) -> diesel::QueryResult<Checked>;
+
+        /// How often a waiting barrier is checked.
+        const CHECKS: CheckSchedule;
+
+        /// The backend's commit hints, if it has any.
+        fn hints() -> Hints<Self>;
+
+        /// How the backend makes sure a commit the waiter saw is durable.
+        fn durability() -> Durability<Self>;
+
+        // --- The handler.
 
         /// Runs `f` in a new READ COMMITTED transaction of the worker's, which commits when `f`
         /// returns `Ok` and rolls back otherwise.
@@ -280,91 +167,6 @@ pub(crate) mod sealed {
             Ok(true)
         }
 
-        /// Whether the backend delivers commit hints ([`take_commit_hints`](Self::take_commit_hints)).
-        const HAS_HINTS: bool = false;
-        /// How often the waiter looks for commit hints (or new registrations) while barriers
-        /// are pending.
-        const HINT_POLL: Duration = Duration::from_millis(1);
-        /// How often the waiter runs [`check_pending`](Self::check_pending) while barriers are
-        /// pending.
-        const CHECK_INTERVAL: Duration = Duration::from_millis(200);
-
-        /// Whether the database has one writer at a time (SQLite): a worker transaction then
-        /// waits for any open write transaction, a producer's included.
-        const ONE_WRITER: bool = false;
-
-        /// What the backend keeps from one check of a waiter to the next (PostgreSQL: when
-        /// each barrier is due for its next authoritative probe).
-        type Checker: Default + Send + 'static;
-
-        /// Makes this connection receive commit hints.
-        fn listen_for_commits(&mut self) -> diesel::QueryResult<()> {
-            Ok(())
-        }
-
-        /// Undoes [`listen_for_commits`](Self::listen_for_commits).
-        fn stop_listening(&mut self) -> diesel::QueryResult<()> {
-            Ok(())
-        }
-
-        /// Whether this connection's session is visibly shared with `other`, another client's
-        /// connection: a setting made for this session is seen by `other`'s next statement.
-        /// Then a pooler in between hands server sessions from client to client (PgBouncer in
-        /// transaction pooling mode), and a `LISTEN` would hear nothing. `false` proves
-        /// nothing (`other` may have been lent another session); it is never a false `true`.
-        fn shares_sessions(&mut self, _other: &mut Self) -> diesel::QueryResult<bool> {
-            Ok(false)
-        }
-
-        /// Sends a commit hint for `id` (which no producer wrote) from this connection, so that
-        /// the waiter can tell whether its listening connection hears hints at all: behind
-        /// PgBouncer in transaction pooling mode, a `LISTEN` is accepted and never hears
-        /// anything. `Ok(false)` when the backend has no such test (its hints need none).
-        fn send_test_hint(&mut self, _id: &uuid::Uuid) -> diesel::QueryResult<bool> {
-            Ok(false)
-        }
-
-        /// The barrier ids whose transactions may have ended since the last call (may include
-        /// ids nobody waits for), without blocking. A hint is never a verdict: anyone able to
-        /// send one could forge it, so the waiter only checks the hinted barriers at once.
-        fn take_commit_hints(&mut self) -> diesel::QueryResult<Vec<uuid::Uuid>> {
-            Ok(Vec::new())
-        }
-
-        /// Verdicts for a batch of pending barriers, one per entry, in order, without waiting
-        /// on any producer. `Committed` must mean that the producer's commit is durable and
-        /// `NotCommitted` that its transaction ended without the row: both decided by the
-        /// database, never by a hint or a transaction id. The waiter calls it with every
-        /// pending barrier every [`CHECK_INTERVAL`](Self::CHECK_INTERVAL), and with the hinted
-        /// ones in between; `checker` is this waiter's own state.
-        fn check_pending(
-            &mut self,
-            checker: &mut Self::Checker,
-            pending: &[Pending],
-        ) -> diesel::QueryResult<Checked>;
-
-        /// Commits a write of the worker's own, so that every commit the worker saw before it
-        /// began is durable once it returns `Ok(true)` (see `docs/design/mysql.md`). It may
-        /// write to the barrier rows `visible` (MySQL counts them in `attempts`), without ever
-        /// waiting for a row another transaction holds; `Ok(false)` when it wrote nothing.
-        /// Backends that never answer [`Verdict::Visible`] need not fence.
-        fn fence(&mut self, _visible: &[uuid::Uuid]) -> diesel::QueryResult<bool> {
-            Ok(true)
-        }
-
-        /// How far the database's log is durable now, on the scale of
-        /// [`Checked::position`]; `None` when the backend cannot tell.
-        fn flushed_position(&mut self) -> diesel::QueryResult<Option<u64>> {
-            Ok(None)
-        }
-
-        /// Whether a committed write transaction of the worker's (a handler's, which consumes a
-        /// barrier) is durable when its `COMMIT` returns, and so proves every commit seen before
-        /// it began durable too (MySQL with `innodb_flush_log_at_trx_commit = 1`). PostgreSQL's
-        /// handler transactions may run with `synchronous_commit` off: there only the log's
-        /// flush position, or the fence, proves anything.
-        const HANDLER_COMMITS_PROVE: bool = false;
-
         /// After a handler failed and its transaction rolled back: records that the job reached
         /// a worker and now lives in Faktory's retries, due back within `retry_due` (`None`:
         /// no retry will come — the job went to the dead set, or retries are off), so that the
@@ -374,6 +176,8 @@ pub(crate) mod sealed {
             id: &uuid::Uuid,
             retry_due: Option<Duration>,
         ) -> diesel::QueryResult<()>;
+
+        // --- Maintenance.
 
         /// Inside [`worker_transaction`](Self::worker_transaction): takes up to `limit`
         /// committed barriers, younger than `max_age` and not locked by anyone, whose job is
@@ -387,8 +191,14 @@ pub(crate) mod sealed {
             limit: i64,
         ) -> diesel::QueryResult<Vec<Unconsumed>>;
 
-        /// Deletes barrier rows created more than `older_than` ago, returning what it deleted.
-        fn reap(&mut self, older_than: Duration) -> diesel::QueryResult<Vec<ReapedBarrier>>;
+        /// Deletes at most `limit` barrier rows created more than `older_than` ago, in a short
+        /// transaction of its own that takes no row a transaction holds, and returns what it
+        /// deleted (the reaper calls it until fewer than `limit` come back).
+        fn reap(
+            &mut self,
+            older_than: Duration,
+            limit: i64,
+        ) -> diesel::QueryResult<Vec<ReapedBarrier>>;
 
         /// The barrier rows, oldest first, at most `limit` of them, and the open transactions
         /// that hold rows other sessions cannot see, for an operator (`inspect.rs`). Takes no

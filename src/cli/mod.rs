@@ -27,8 +27,8 @@ mod duration;
 mod output;
 
 use crate::backend::BarrierConnection;
-use crate::error::{chain, Error};
-use crate::inspect::{inspect_barriers, Thresholds};
+use crate::error::chain;
+use crate::inspect::Thresholds;
 use crate::producer::Producer;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -233,21 +233,14 @@ fn run_on<C: BarrierConnection>(
 ) -> Result<u8, Failure> {
     let mut conn = C::establish(url)
         .map_err(|e| Failure(format!("cannot connect to the database: {}", chain(&e))))?;
-    if !crate::barrier_schema_present(&mut conn)? {
-        return Err(Failure(
-            Error::MigrationsMissing {
-                table: crate::BARRIER_TABLE,
-            }
-            .to_string(),
-        ));
-    }
+    crate::migrations::require_barrier_schema(&mut conn).map_err(|e| Failure(e.to_string()))?;
     match command {
         Command::Status(args) => {
             let thresholds = Thresholds {
                 older_than: args.older_than,
                 grace: args.grace,
             };
-            let inspection = inspect_barriers(&mut conn, thresholds, READ_LIMIT)?;
+            let inspection = crate::maintenance::inspect::read(&mut conn, thresholds, READ_LIMIT)?;
             if args.json {
                 output::json(&inspection, args.limit, out)?;
             } else {

@@ -22,7 +22,7 @@
 //! reads follow each other).
 
 use crate::backend::BarrierConnection;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use std::time::Duration;
 
 pub use crate::backend::inspect::{BarrierRow, OpenTransaction, RowState};
@@ -169,11 +169,16 @@ pub fn inspect_barriers<C: BarrierConnection>(
     thresholds: Thresholds,
     limit: usize,
 ) -> Result<Inspection> {
-    if !conn.barrier_schema_present()? {
-        return Err(Error::MigrationsMissing {
-            table: crate::BARRIER_TABLE,
-        });
-    }
+    crate::migrations::require_barrier_schema(conn)?;
+    read(conn, thresholds, limit)
+}
+
+/// [`inspect_barriers`] on a database whose barrier table is known to be there.
+pub(crate) fn read<C: BarrierConnection>(
+    conn: &mut C,
+    thresholds: Thresholds,
+    limit: usize,
+) -> Result<Inspection> {
     let location = conn.barrier_location()?;
     let asked = i64::try_from(limit).unwrap_or(i64::MAX);
     // One more than asked, to tell whether there were more.

@@ -3,7 +3,7 @@
 use super::monitor::Stats;
 use super::retries::RetrySchedule;
 use super::{Shared, Worker};
-use crate::backend::{BarrierConnection, ConnectionPool};
+use crate::backend::{BarrierConnection, ConnectionPool, Hints};
 use crate::error::{Error, Result};
 use crate::handlers::Handlers;
 use crate::maintenance::Schedule;
@@ -26,27 +26,30 @@ pub enum AbortPolicy {
     Fail,
 }
 
-/// Database connections the worker needs beside one per handler: its waiter's checking and
-/// listening connections (one fewer when it listens elsewhere, or not at all).
-pub(crate) const WAITER_CONNECTIONS: u32 = 2;
-
 /// Configures and connects a [`Worker`].
 pub struct WorkerBuilder<C: BarrierConnection> {
     pool: ConnectionPool<C>,
     handlers: Handlers<C>,
-    url: Option<String>,
-    workers: usize,
-    max_waiting: usize,
     config: Config,
-    hostname: Option<String>,
-    labels: Vec<String>,
-    commit_hints: bool,
-    listen_url: Option<String>,
 }
 
-/// The settings the running worker reads.
+/// Every setting of a worker: what the builder collects and the running worker reads.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
+    /// The Faktory server; `None` until `connect` reads the environment.
+    pub(crate) url: Option<String>,
+    /// Handlers that run at once.
+    pub(crate) workers: usize,
+    /// Jobs that may wait for running transactions at once.
+    pub(crate) max_waiting: usize,
+    pub(crate) hostname: Option<String>,
+    pub(crate) labels: Vec<String>,
+    /// Whether the waiter uses the backend's commit hints.
+    pub(crate) commit_hints: bool,
+    /// Where the waiter's listening connection comes from; `None`: the worker's pool.
+    pub(crate) listen_url: Option<String>,
+    /// How many watchers wait on running transactions, where hints are lock waits.
+    pub(crate) commit_watchers: usize,
     pub(crate) abort_policy: AbortPolicy,
     pub(crate) block_limit: Duration,
     pub(crate) deadline: Duration,
@@ -63,15 +66,31 @@ pub(crate) struct Config {
 
 impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut config = self.config.clone();
+        config.url = config.url.as_deref().map(redact);
+        config.listen_url = config.listen_url.as_deref().map(redact);
         f.debug_struct("WorkerBuilder")
             .field("handlers", &self.handlers)
-            .field("url", &self.url.as_deref().map(redact))
-            .field("workers", &self.workers)
-            .field("max_waiting", &self.max_waiting)
-            .field("config", &self.config)
-            .field("commit_hints", &self.commit_hints)
-            .field("listen_url", &self.listen_url.as_deref().map(redact))
+            .field("config", &config)
             .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// The connections the worker takes from its pool: one per handler, and its waiter's.
+    pub(crate) fn pooled_connections<C: BarrierConnection>(&self) -> u32 {
+        let listens_from_pool = self.commit_hints && self.listen_url.is_none();
+        let watchers = if self.commit_hints {
+            self.commit_watchers
+        } else {
+            0
+        };
+        u32::try_from(self.workers)
+            .unwrap_or(u32::MAX)
+            .saturating_add(super::waiter::WaiterConfig::<C>::pooled_connections(
+                listens_from_pool,
+                watchers,
+            ))
     }
 }
 
@@ -79,18 +98,25 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// A builder whose barriers are resolved with connections from `pool` (also
     /// [`Worker::builder`]).
     ///
-    /// The worker takes two connections for its waiter (however many jobs wait) and one per
-    /// running handler: the pool needs at least [`workers`](Self::workers) + 2 connections,
-    /// which [`connect`](Self::connect) checks (+ 1 when the waiter listens on a
-    /// [`listen_url`](Self::listen_url) of its own, or not at all).
+    /// The worker takes one connection per running handler, and a few for its waiter, however
+    /// many jobs wait: on PostgreSQL and SQLite a checking and a listening connection (the
+    /// pool needs [`workers`](Self::workers) + 2; + 1 when the waiter listens on a
+    /// [`listen_url`](Self::listen_url) of its own, or not at all), on MySQL a checking one and
+    /// its [`commit_watchers`](Self::commit_watchers) (`workers` + 1 + 4 with the defaults).
+    /// [`connect`](Self::connect) checks.
     pub fn new(pool: ConnectionPool<C>) -> Self {
         WorkerBuilder {
             pool,
             handlers: Handlers::new(),
-            url: None,
-            workers: 4,
-            max_waiting: 32,
             config: Config {
+                url: None,
+                workers: 4,
+                max_waiting: 32,
+                hostname: None,
+                labels: Vec::new(),
+                commit_hints: true,
+                listen_url: None,
+                commit_watchers: 4,
                 abort_policy: AbortPolicy::Ack,
                 block_limit: Duration::from_secs(30),
                 deadline: Duration::from_secs(15 * 60),
@@ -106,10 +132,6 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 check_interval: None,
                 retry_schedule: RetrySchedule::default(),
             },
-            hostname: None,
-            labels: Vec::new(),
-            commit_hints: true,
-            listen_url: None,
         }
     }
 
@@ -148,7 +170,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// Defaults to `FAKTORY_PROVIDER` / `FAKTORY_URL`, else `tcp://localhost:7419`.
     pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.url = Some(url.into());
+        self.config.url = Some(url.into());
         self
     }
 
@@ -156,7 +178,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// Defaults to 4.
     pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n.max(1);
+        self.config.workers = n.max(1);
         self
     }
 
@@ -170,7 +192,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// Defaults to 32.
     pub fn max_waiting(mut self, n: usize) -> Self {
-        self.max_waiting = n;
+        self.config.max_waiting = n;
         self
     }
 
@@ -221,7 +243,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     }
 
     /// How long a shutdown waits for running handlers before it returns anyway (jobs still
-    /// running then are failed back to Faktory, which retries them).
+    /// running then are failed back to Faktory, which retries them, within a second more).
     ///
     /// Defaults to 10 seconds.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -278,8 +300,9 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
-    /// Whether the waiter listens for commit hints (PostgreSQL's `LISTEN`, SQLite's newly
-    /// written rows), which make it check a barrier as soon as its transaction commits. Without
+    /// Whether the waiter uses commit hints (PostgreSQL's `LISTEN`, SQLite's newly written rows,
+    /// MySQL's [watchers](Self::commit_watchers)), which make it check a barrier as soon as its
+    /// transaction ends. Without
     /// them it finds commits by its [checks](Self::check_interval) alone: a job fetched before
     /// its transaction commits then starts up to one check interval later. Hints are never
     /// verdicts, so turning them off changes only how soon jobs start.
@@ -289,12 +312,11 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// and its registration stays on one of PgBouncer's server connections. Left on, the waiter
     /// does not listen when it sees its listening connection share a server session with its
     /// checking one, and stops listening when its listening connection hears no hint, not even
-    /// a test hint of its own, within two seconds; either way it logs a warning. MySQL has no
-    /// hints.
+    /// a test hint of its own, within two seconds; either way it logs a warning.
     ///
     /// Defaults to `true`.
     pub fn commit_hints(mut self, enabled: bool) -> Self {
-        self.commit_hints = enabled;
+        self.config.commit_hints = enabled;
         self
     }
 
@@ -307,16 +329,32 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// Defaults to none: the listening connection comes from the pool.
     pub fn listen_url(mut self, url: impl Into<String>) -> Self {
-        self.listen_url = Some(url.into());
+        self.config.listen_url = Some(url.into());
         self
     }
 
-    /// How often the waiter checks every barrier that jobs wait for, in one query per check
-    /// (new jobs, and barriers a commit hint names, are checked at once). The bound on how late
-    /// a job starts after its commit when no hint comes: lower it when
-    /// [`commit_hints`](Self::commit_hints) are off.
+    /// MySQL: how many of the running transactions that jobs wait for the waiter watches at
+    /// once, each with a lock wait on its connection of its own, which ends the moment the
+    /// transaction does (the youngest first: most transactions end soon after they push). The
+    /// others are checked on a schedule that backs off from 2 ms to the
+    /// [`check_interval`](Self::check_interval). Each watcher takes a connection from the pool
+    /// while it has work. Zero watches nothing. Other backends have no watchers.
     ///
-    /// Defaults to the backend's: 200 ms on PostgreSQL and SQLite, 2 ms on MySQL.
+    /// Defaults to 4.
+    pub fn commit_watchers(mut self, n: usize) -> Self {
+        self.config.commit_watchers = n;
+        self
+    }
+
+    /// The longest time between two checks of a barrier that jobs wait for (new jobs, and the
+    /// barriers a commit hint names, are checked at once). The bound on how late a job starts
+    /// after its commit when no hint comes: lower it when [`commit_hints`](Self::commit_hints)
+    /// are off. On PostgreSQL and SQLite every waiting barrier is checked at that pace; on MySQL
+    /// a waiting barrier is checked 2 ms after its first check, then twice as long after each,
+    /// up to this interval (those of a transaction a [watcher](Self::commit_watchers) waits on
+    /// only at this interval).
+    ///
+    /// Defaults to the backend's: 200 ms on PostgreSQL and SQLite, 1 s on MySQL.
     pub fn check_interval(mut self, interval: Duration) -> Self {
         self.config.check_interval = Some(interval.max(Duration::from_millis(1)));
         self
@@ -326,7 +364,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// Defaults to the machine's hostname.
     pub fn hostname(mut self, hostname: impl Into<String>) -> Self {
-        self.hostname = Some(hostname.into());
+        self.config.hostname = Some(hostname.into());
         self
     }
 
@@ -334,7 +372,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// Defaults to none.
     pub fn labels<I: IntoIterator<Item = String>>(mut self, labels: I) -> Self {
-        self.labels = labels.into_iter().collect();
+        self.config.labels = labels.into_iter().collect();
         self
     }
 
@@ -345,11 +383,8 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     ///
     /// [`Error::PoolTooSmall`], [`Error::MigrationsMissing`], or the error met reaching the
     /// database or Faktory.
-    pub fn connect(self) -> Result<Worker<C>> {
-        let listens_from_pool = self.commit_hints && self.listen_url.is_none();
-        let needed = u32::try_from(self.workers)
-            .unwrap_or(u32::MAX)
-            .saturating_add(WAITER_CONNECTIONS - u32::from(!listens_from_pool));
+    pub fn connect(mut self) -> Result<Worker<C>> {
+        let needed = self.config.pooled_connections::<C>();
         if self.pool.max_size() < needed {
             return Err(Error::PoolTooSmall {
                 max_size: self.pool.max_size(),
@@ -358,22 +393,22 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         }
         let location = {
             let mut conn = self.pool.get()?;
-            if !conn.barrier_schema_present()? {
-                return Err(Error::MigrationsMissing {
-                    table: crate::BARRIER_TABLE,
-                });
-            }
+            crate::migrations::require_barrier_schema(&mut *conn)?;
             for warning in conn.startup_warnings() {
                 tracing::warn!(backend = C::NAME, "{warning}");
             }
             conn.barrier_location()?
         };
         crate::metrics::describe();
-        let listen_pool = match (&self.listen_url, self.commit_hints) {
-            (_, false) => None,
-            (None, true) => Some(self.pool.clone()),
-            (Some(_), true) if !C::HAS_HINTS => None,
-            (Some(url), true) => {
+        let listen_pool = match (
+            &self.config.listen_url,
+            self.config.commit_hints,
+            C::hints(),
+        ) {
+            (_, true, Hints::Listen(_)) if self.config.listen_url.is_none() => {
+                Some(self.pool.clone())
+            }
+            (Some(url), true, Hints::Listen(_)) => {
                 // One connection, opened when the waiter first needs it, and tried now.
                 let pool = r2d2::Pool::builder()
                     .max_size(1)
@@ -383,18 +418,21 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 drop(pool.get()?);
                 Some(pool)
             }
+            _ => None,
         };
-        let url = self.url.clone().unwrap_or_else(env_url);
-        let producer = Producer::builder().url(url.clone()).connect()?;
+        if !self.config.commit_hints {
+            self.config.commit_watchers = 0;
+        }
+        let url = self.config.url.get_or_insert_with(env_url).clone();
+        let producer = Producer::builder().url(url).connect()?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         Ok(Worker {
             shared: Arc::new(Shared {
                 pool: self.pool,
                 handlers: self.handlers,
+                handler_slots: Arc::new(tokio::sync::Semaphore::new(self.config.workers)),
                 config: self.config,
                 producer,
-                handler_slots: Arc::new(tokio::sync::Semaphore::new(self.workers)),
-                max_waiting: self.max_waiting,
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 stats: Arc::new(Stats::default()),
                 waiter: std::sync::OnceLock::new(),
@@ -403,10 +441,6 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 commits: Arc::new(super::waiter::CommitClock::new()),
                 listen_pool,
             }),
-            url,
-            workers: self.workers,
-            hostname: self.hostname,
-            labels: self.labels,
             shutdown_tx: Arc::new(tx),
             shutdown_rx: rx,
         })

@@ -6,17 +6,24 @@
 //! through at most two database connections. Only a job whose barrier committed (or that needs
 //! none) takes one of the `workers` handler slots, a blocking thread and a pooled connection.
 //!
-//! * `builder.rs` — [`WorkerBuilder`], its settings and the checks made before connecting;
-//! * `process.rs` — one delivery: descriptor → wait → handler in the consuming transaction;
+//! * `builder.rs` — [`WorkerBuilder`], every setting (`Config`) and the checks made before
+//!   connecting;
+//! * `process.rs` — one delivery, on a Tokio task: descriptor → wait → handler slot, and how
+//!   each outcome is counted and reported;
+//! * `run.rs` — the handler's run, on a blocking thread: claim, handler, commit;
 //! * `waiter/` — the thread that resolves every pending barrier;
 //! * `snooze.rs` — handing a delivery back to Faktory;
+//! * `retries.rs` — when Faktory brings a failed job back;
+//! * `phases.rs` — the timings of a handler's run;
 //! * `monitor.rs` — counters, the shutdown handle, why the worker stopped;
 //! * this file — [`Worker`]: the run loop, reconnecting, and the graceful drain.
 
 mod builder;
 mod monitor;
+pub(crate) mod phases;
 mod process;
 mod retries;
+mod run;
 mod snooze;
 mod waiter;
 
@@ -43,7 +50,6 @@ struct Shared<C: BarrierConnection> {
     config: Config,
     producer: Producer,
     handler_slots: Arc<tokio::sync::Semaphore>,
-    max_waiting: usize,
     /// Jobs between fetch and return, for the shutdown drain.
     in_flight: Arc<AtomicUsize>,
     stats: Arc<Stats>,
@@ -62,18 +68,21 @@ struct Shared<C: BarrierConnection> {
 impl<C: BarrierConnection> Shared<C> {
     fn waiter(&self) -> &WaiterHandle {
         self.waiter.get_or_init(|| {
-            waiter::start::<C>(
-                self.pool.clone(),
-                waiter::HintSettings {
-                    listen_pool: self.listen_pool.clone(),
-                    check_interval: self.config.check_interval.unwrap_or(C::CHECK_INTERVAL),
-                    hearing: Arc::clone(&self.stats.hearing_hints),
-                },
-                Arc::clone(&self.stats.waiting),
-                self.max_waiting,
-                Arc::clone(&self.commits),
-                Arc::clone(&self.stats.running),
-            )
+            let schedule = match self.config.check_interval {
+                Some(interval) => C::CHECKS.with_max(interval),
+                None => C::CHECKS,
+            };
+            waiter::start::<C>(waiter::WaiterConfig {
+                pool: self.pool.clone(),
+                listen_pool: self.listen_pool.clone(),
+                watchers: self.config.commit_watchers,
+                schedule,
+                max_waiting: self.config.max_waiting,
+                hearing: Arc::clone(&self.stats.hearing_hints),
+                waiting: Arc::clone(&self.stats.waiting),
+                clock: Arc::clone(&self.commits),
+                running: Arc::clone(&self.stats.running),
+            })
         })
     }
 
@@ -90,10 +99,6 @@ impl<C: BarrierConnection> Shared<C> {
 /// Faktory's web UI.
 pub struct Worker<C: BarrierConnection> {
     shared: Arc<Shared<C>>,
-    url: String,
-    workers: usize,
-    hostname: Option<String>,
-    labels: Vec<String>,
     shutdown_tx: Arc<tokio::sync::watch::Sender<bool>>,
     shutdown_rx: tokio::sync::watch::Receiver<bool>,
 }
@@ -101,8 +106,8 @@ pub struct Worker<C: BarrierConnection> {
 impl<C: BarrierConnection> fmt::Debug for Worker<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Worker")
-            .field("url", &redact(&self.url))
-            .field("workers", &self.workers)
+            .field("url", &redact(self.url()))
+            .field("workers", &self.shared.config.workers)
             .field("handlers", &self.shared.handlers)
             .finish_non_exhaustive()
     }
@@ -116,6 +121,11 @@ impl<C: BarrierConnection> Worker<C> {
 }
 
 impl<C: BarrierConnection> Worker<C> {
+    /// The Faktory server's URL, as `connect` resolved it.
+    fn url(&self) -> &str {
+        self.shared.config.url.as_deref().unwrap_or_default()
+    }
+
     /// A handle that stops this worker from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
@@ -149,10 +159,11 @@ impl<C: BarrierConnection> Worker<C> {
     }
 
     fn run_blocking(&mut self, queues: &[String]) -> Result<StopReason> {
-        let fetch_slots = self.workers + self.shared.max_waiting;
+        let config = &self.shared.config;
+        let fetch_slots = config.workers + config.max_waiting;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .max_blocking_threads(self.workers + 16)
+            .max_blocking_threads(config.workers + 16)
             .thread_name("dtb-worker")
             .enable_all()
             .build()
@@ -167,16 +178,19 @@ impl<C: BarrierConnection> Worker<C> {
             waiter.stop();
         }
         drop(maintenance);
-        runtime.shutdown_timeout(Duration::from_secs(5));
+        // A handler still running past the drain is not waited for (its job was failed back to
+        // Faktory, which hands it out again).
+        runtime.shutdown_timeout(LAST_WORDS);
         result
     }
 
     async fn run_async(&mut self, queues: &[String], fetch_slots: usize) -> Result<StopReason> {
         let mut shutdown = self.shutdown_rx.clone();
+        let config = &self.shared.config;
         tracing::info!(
-            url = %redact(&self.url),
+            url = %redact(self.url()),
             queues = ?queues,
-            handlers = self.workers,
+            handlers = config.workers,
             fetch_slots,
             kinds = ?self.shared.handlers,
             "worker starting"
@@ -185,11 +199,12 @@ impl<C: BarrierConnection> Worker<C> {
             if *shutdown.borrow() {
                 return Ok(StopReason::Shutdown);
             }
+            let config = &self.shared.config;
             let mut builder = faktory::WorkerBuilder::<Error>::default().workers(fetch_slots);
-            if let Some(h) = &self.hostname {
+            if let Some(h) = &config.hostname {
                 builder = builder.hostname(h.clone());
             }
-            builder = builder.labels(self.labels.clone());
+            builder = builder.labels(config.labels.clone());
             for kind in self.shared.handlers.kinds() {
                 let shared = Arc::clone(&self.shared);
                 builder = builder.register_fn(kind, move |job| {
@@ -204,12 +219,12 @@ impl<C: BarrierConnection> Worker<C> {
                     let _ = signal.wait_for(|stop| *stop).await;
                     drain(&shared).await;
                 })
-                .shutdown_timeout(Duration::from_secs(5));
+                .shutdown_timeout(LAST_WORDS);
 
             // faktory's clients say END when dropped and panic if the connection is already
             // broken (as after a Faktory restart), which can take `run` down with them: run it
             // on a task of its own, so that such a panic ends this attempt, not the worker.
-            let url = self.url.clone();
+            let url = self.url().to_string();
             let queues_owned = queues.to_vec();
             let attempt = tokio::spawn(async move {
                 let outcome = match builder.connect_to(&url).await {
@@ -247,6 +262,11 @@ impl<C: BarrierConnection> Worker<C> {
         }
     }
 }
+
+/// How long a stopping worker gives faktory, once the drain is over (all jobs answered, or the
+/// shutdown timeout passed), to fail back the jobs that still run and to say goodbye: a
+/// shutdown takes at most `shutdown_timeout` and this.
+const LAST_WORDS: Duration = Duration::from_secs(1);
 
 /// The first half of a shutdown: waiting jobs are handed back, new ones too, and running
 /// handlers get up to the shutdown timeout to finish. Then faktory's own graceful shutdown

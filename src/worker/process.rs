@@ -1,18 +1,19 @@
-//! One delivery, from fetch to acknowledgement: read the job's barrier descriptor, wait for
-//! the waiter's verdict, then run the handler in the worker transaction that consumes the
-//! barrier (or hand the job back, or report why it did not run).
+//! One delivery, from fetch to acknowledgement, on a Tokio task: read the job's barrier
+//! descriptor, wait for the waiter's verdict, then take a handler slot and run the handler on a
+//! blocking thread (`run.rs`) — or hand the job back, or report why it did not run. Each
+//! outcome is counted here, once.
 
 use super::builder::AbortPolicy;
 use super::monitor::{Gauge, Stats};
+use super::run::{self, Outcome};
 use super::snooze::{hand_back, snooze};
 use super::waiter::Answer;
 use super::Shared;
-use crate::backend::{diesel_transaction, poison, BarrierConnection, Claimed, DieselTransaction};
+use crate::backend::BarrierConnection;
 use crate::descriptor::{BarrierRef, Descriptor};
 use crate::error::{chain, Error, Result, TimeoutInfo};
 use crate::handlers::{BarrierMode, Registration};
 use faktory::Job;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,7 +128,6 @@ async fn run_barrier<C: BarrierConnection>(
                 Stats::count(&shared.stats.timed_out);
                 return Err(timed_out(shared, &job, &b, age + waited).await);
             }
-            Stats::count(&shared.stats.snoozed);
             snooze(
                 shared,
                 &job,
@@ -178,16 +178,8 @@ async fn timed_out<C: BarrierConnection>(
     Error::BarrierTimeout(Box::new(info))
 }
 
-enum Outcome {
-    Ran,
-    Duplicate,
-    Busy,
-    /// The barrier is another job's: the delivery carries a copied descriptor.
-    Foreign,
-}
-
-/// Takes a handler slot and runs the job on a blocking thread with a pooled connection: for a
-/// barrier job, inside the worker transaction that claims and deletes the barrier row.
+/// Takes a handler slot and runs the job on a blocking thread (see `run.rs`), then counts the
+/// outcome and reports it.
 async fn run_on_pool<C: BarrierConnection>(
     shared: &Arc<Shared<C>>,
     reg: Registration<C>,
@@ -198,178 +190,56 @@ async fn run_on_pool<C: BarrierConnection>(
         .acquire_owned()
         .await
         .map_err(|_| Error::ShuttingDown)?;
-    let shared2 = Arc::clone(shared);
-    let job2 = job.clone();
-    let b2 = barrier.clone();
-    // What binds this delivery to the barrier it may consume.
-    let digest = barrier.as_ref().map(|_| crate::binding::job_digest(&job));
     let slot_taken = Instant::now();
-    let (outcome, phases) = tokio::task::spawn_blocking(move || {
-        let _running = Gauge::up(&shared2.stats.running, Some(crate::metrics::HANDLERS_RUNNING));
-        let mut phases = Phases::new(slot_taken);
-        let mut conn = shared2.pool.get()?;
-        phases.checked_out = phases.since();
-        let mut lost = false;
-        // The handler, and for a barrier job the check that its claim still stands.
-        let mut run = |c: &mut C| -> Result<()> {
-            phases.claimed = phases.since();
-            call_handler(&reg, &job2, c)?;
-            phases.handled = phases.since();
-            if let Some(b) = &b2 {
-                // The barrier's deletion must commit with the handler's writes: the handler
-                // must not have lost the transaction (a deadlock, an implicit commit, a
-                // `COMMIT` sent as SQL), or "ran" would be a lie.
-                let intact = matches!(
-                    diesel_transaction(c),
-                    DieselTransaction::Open {
-                        depth: 1,
-                        must_roll_back: false
-                    }
-                );
-                if !intact || !c.claim_holds(&b.id)? {
-                    lost = true;
-                    return Err(Error::TransactionEnded {
-                        context: "while the handler ran",
-                    });
-                }
-            }
-            phases.checked = phases.since();
-            Ok(())
-        };
-        let result = match (&b2, &digest) {
-            (Some(b), Some(digest)) => {
-                // The claim is a write that begins after every check the waiter has made so
-                // far: once it commits, every commit those checks saw is durable (where the
-                // backend's commits are durable when they return).
-                let began = shared2.commits.now();
-                conn.claiming_transaction(&b.id, digest, &mut run)
-                    .map(|claimed| match claimed {
-                        Claimed::Ran(()) => {
-                            if C::HANDLER_COMMITS_PROVE {
-                                shared2.commits.committed(began);
-                            }
-                            Outcome::Ran
-                        }
-                        Claimed::Gone => Outcome::Duplicate,
-                        Claimed::Busy => Outcome::Busy,
-                        Claimed::Foreign => Outcome::Foreign,
-                    })
-            }
-            _ => C::worker_transaction(&mut *conn, |c| run(c).map(|()| Outcome::Ran)),
-        };
-        phases.committed = phases.since();
-        let result = if lost {
-            // Whatever the rollback attempt answered, this is what happened; and the
-            // connection's state no longer matches Diesel's: let the pool discard it.
-            poison(&mut *conn);
-            tracing::error!(jid = job2.id().as_str(), kind = %job2.kind, "the handler's transaction was ended by the database; the delivery fails and will be retried");
-            Err(Error::TransactionEnded {
-                context: "while the handler ran",
-            })
-        } else {
-            result
-        };
-        if let (Err(Error::Handler { .. } | Error::HandlerPanic { .. }), Some(b)) = (&result, &b2) {
-            // The job now lives in Faktory's retries: keep the reconciler off it until it is
-            // overdue from there.
-            let due = shared2.config.retry_schedule.due(&job2);
-            if let Err(e) = conn.mark_attempted(&b.id, due) {
-                tracing::warn!(barrier_id = %b.id, error = %chain(&e), "could not mark the barrier attempted");
-            }
-        }
-        result.map(|outcome| (outcome, phases))
+    let (shared2, job2, barrier2) = (Arc::clone(shared), job.clone(), barrier.clone());
+    let ran = tokio::task::spawn_blocking(move || {
+        let _running = Gauge::up(
+            &shared2.stats.running,
+            Some(crate::metrics::HANDLERS_RUNNING),
+        );
+        // What binds this delivery to the barrier it may consume.
+        let digest = barrier2.as_ref().map(|_| crate::binding::job_digest(&job2));
+        let claim = barrier2.as_ref().zip(digest.as_deref());
+        run::run(&shared2, &reg, &job2, claim, slot_taken)
     })
     .await
     .map_err(|e| Error::HandlerPanic {
         jid: job.id().to_string(),
         message: e.to_string(),
-    })??;
-    Stats::count(match &outcome {
-        Outcome::Ran => &shared.stats.ran,
-        Outcome::Duplicate => &shared.stats.duplicates,
-        Outcome::Busy => &shared.stats.snoozed,
-        Outcome::Foreign => &shared.stats.refused,
-    });
-    match (outcome, &barrier) {
-        (Outcome::Ran, Some(b)) => {
-            tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), checkout_us = phases.checked_out, begin_claim_us = phases.claimed, handler_us = phases.handled, check_us = phases.checked, commit_us = phases.committed, "handler ran; barrier consumed");
+    })?;
+    let (outcome, phases) = ran?;
+    let barrier_id = barrier.as_ref().map(|b| b.id);
+    match outcome {
+        Outcome::Ran => {
+            Stats::count(&shared.stats.ran);
+            match barrier_id {
+                Some(id) => {
+                    tracing::debug!(barrier_id = %id, jid = job.id().as_str(), kind = %job.kind, ?phases, "handler ran; barrier consumed");
+                }
+                None => {
+                    tracing::debug!(jid = job.id().as_str(), kind = %job.kind, ?phases, "handler ran (no barrier)");
+                }
+            }
             Ok(())
         }
-        (Outcome::Ran, None) => {
-            tracing::debug!(jid = job.id().as_str(), kind = %job.kind, took = ?slot_taken.elapsed(), checkout_us = phases.checked_out, begin_us = phases.claimed, handler_us = phases.handled, commit_us = phases.committed, "handler ran (no barrier)");
+        Outcome::Duplicate => {
+            Stats::count(&shared.stats.duplicates);
+            tracing::info!(barrier_id = ?barrier_id, jid = job.id().as_str(), kind = %job.kind, "barrier already consumed: duplicate delivery skipped");
             Ok(())
         }
-        (Outcome::Duplicate, b) => {
-            tracing::info!(barrier_id = ?b.as_ref().map(|b| b.id), jid = job.id().as_str(), kind = %job.kind, "barrier already consumed: duplicate delivery skipped");
-            Ok(())
-        }
-        (Outcome::Busy, b) => snooze(
+        Outcome::Busy => snooze(
             shared,
             &job,
-            b.as_ref(),
+            barrier.as_ref(),
             shared.config.snooze_delay,
             "another delivery holds the barrier",
         ),
-        (Outcome::Foreign, b) => {
-            let barrier_id = b.as_ref().map(|b| b.id.to_string()).unwrap_or_default();
-            tracing::error!(%barrier_id, jid = job.id().as_str(), kind = %job.kind, "the job carries the barrier of another job (its kind, queue, arguments or custom data differ from those enqueued with the barrier): refused, the barrier is left to its own job");
+        Outcome::Foreign => {
+            Stats::count(&shared.stats.refused);
+            tracing::error!(barrier_id = ?barrier_id, jid = job.id().as_str(), kind = %job.kind, "the job carries the barrier of another job (its kind, queue, arguments or custom data differ from those enqueued with the barrier): refused, the barrier is left to its own job");
             Err(Error::ForeignBarrier {
                 jid: job.id().to_string(),
-                barrier_id,
-            })
-        }
-    }
-}
-
-/// When each step of a handler run ended, in microseconds since its handler slot was taken
-/// (for the debug event that reports a run).
-struct Phases {
-    start: Instant,
-    checked_out: u64,
-    claimed: u64,
-    handled: u64,
-    checked: u64,
-    committed: u64,
-}
-
-impl Phases {
-    fn new(start: Instant) -> Phases {
-        Phases {
-            start,
-            checked_out: 0,
-            claimed: 0,
-            handled: 0,
-            checked: 0,
-            committed: 0,
-        }
-    }
-
-    fn since(&self) -> u64 {
-        super::waiter::micros_since(self.start)
-    }
-}
-
-fn call_handler<C: BarrierConnection>(
-    reg: &Registration<C>,
-    job: &Job,
-    conn: &mut C,
-) -> Result<()> {
-    match catch_unwind(AssertUnwindSafe(|| (reg.handler)(job, conn))) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(source)) => Err(Error::Handler {
-            jid: job.id().to_string(),
-            source,
-        }),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "non-string panic payload".into());
-            tracing::error!(jid = job.id().as_str(), kind = %job.kind, %message, "handler panicked");
-            Err(Error::HandlerPanic {
-                jid: job.id().to_string(),
-                message,
+                barrier_id: barrier_id.map(|id| id.to_string()).unwrap_or_default(),
             })
         }
     }

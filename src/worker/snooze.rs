@@ -30,12 +30,11 @@ pub(super) fn hand_back<C: BarrierConnection>(
         shared.config.overflow_delay
     };
     let delay = shared.config.snooze_delay.max(floor);
-    Stats::count(&shared.stats.snoozed);
     snooze(shared, job, b, delay, why)
 }
 
 /// Pushes a copy of `job` (same payload, new jid, `at` = now + `delay` when positive) and lets
-/// this delivery be acknowledged.
+/// this delivery be acknowledged; counted as snoozed.
 ///
 /// If the worker dies between the push and the ACK, both copies exist: the barrier row's
 /// consumption makes sure the handler runs for one of them only.
@@ -55,6 +54,7 @@ pub(super) fn snooze<C: BarrierConnection>(
         source: serde::de::Error::custom("the job's JSON form does not read back as a job"),
     })?;
     shared.producer.push_barrier_job(copy.job)?;
+    Stats::count(&shared.stats.snoozed);
     tracing::info!(barrier_id = ?b.map(|b| b.id), jid = job.id().as_str(), new_jid = copy.jid.as_str(), kind = %job.kind, snoozes = copy.count, reason = why, "job snoozed");
     Ok(())
 }

@@ -58,6 +58,9 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     const TEXT: &'static str;
     /// What the backend's barrier-timeout message carries about the open transaction.
     const TIMEOUT_DEBUG_INFO: &'static [&'static str];
+    /// The connections a worker's waiter takes from its pool with the default settings: a
+    /// checking and a listening one, or (MySQL) a checking one and four watchers.
+    const WAITER_CONNECTIONS: u32 = 2;
 
     /// Whether this configuration cannot run here (it says why on stderr): its scenario tests
     /// then pass without running.

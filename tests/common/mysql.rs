@@ -145,6 +145,7 @@ impl<T: MysqlDatabase> TestDb for Maria<T> {
     const INTEGER: &'static str = "SIGNED";
     const TEXT: &'static str = "CHAR";
     const TIMEOUT_DEBUG_INFO: &'static [&'static str] = &["txid", "transaction:"];
+    const WAITER_CONNECTIONS: u32 = 5;
 
     fn wrap(database: T) -> Self {
         // Before the scenario's environment would install a subscriber of its own.
@@ -190,9 +191,10 @@ impl<T: MysqlDatabase> TestDb for Maria<T> {
     }
 
     fn kill_waiter_sessions(&self) -> Option<usize> {
-        // A waiter's connection is idle between checks, and the process list shows a
-        // connection's statement only while it runs: watch for the check's count query (which
-        // nothing else runs) for a while and kill every connection caught running it.
+        // The waiter's watchers wait on the producers' rows (their lock-wait statements stay in
+        // the process list while they wait); its checking connection is idle between checks,
+        // and the process list shows a statement only while it runs: watch for both for a
+        // while and kill every connection caught running one.
         let mut admin = self.database.mysql().admin();
         let mut killed = std::collections::HashSet::new();
         let started = Instant::now();
@@ -200,7 +202,8 @@ impl<T: MysqlDatabase> TestDb for Maria<T> {
             let ids: Vec<I64Row> = diesel::sql_query(
                 "SELECT CAST(ID AS SIGNED) AS v FROM information_schema.PROCESSLIST \
                  WHERE DB = ? AND ID <> CONNECTION_ID() \
-                   AND INFO LIKE 'SELECT COUNT(*) FROM `dtb_barriers` WHERE%IN (%'",
+                   AND (INFO LIKE 'SELECT id FROM dtb_barriers WHERE id = % LOCK IN SHARE MODE%' \
+                        OR INFO LIKE '%JSON_TABLE%dtb_barriers%')",
             )
             .bind::<Text, _>(self.database.mysql().name())
             .load(&mut admin)

@@ -326,13 +326,14 @@ pub fn missing_migrations_are_reported<D: TestDb>() {
     let db = D::create_unmigrated();
     let faktory = TestFaktory::from_env_or_start().unwrap();
     // A pool too small for its handlers and the waiter is refused before anything else.
-    let err = WorkerBuilder::<D::Conn>::new(db.pool(2))
+    let needed = 1 + D::WAITER_CONNECTIONS;
+    let err = WorkerBuilder::<D::Conn>::new(db.pool(needed - 1))
         .url(faktory.url())
         .workers(1)
         .connect()
         .unwrap_err();
-    assert_pool_too_small(&err, 2, 3);
-    let err = WorkerBuilder::<D::Conn>::new(db.pool(3))
+    assert_pool_too_small(&err, needed - 1, needed);
+    let err = WorkerBuilder::<D::Conn>::new(db.pool(needed))
         .url(faktory.url())
         .workers(1)
         .connect()
@@ -710,7 +711,7 @@ pub fn backlog_is_repushed_at_most_once_per_grace<D: TestDb>() {
     // A consumer for the backlog: one copy runs, the others are duplicates.
     let mut consumer = env
         .db
-        .configure_worker(WorkerBuilder::new(env.db.pool(8)))
+        .configure_worker(WorkerBuilder::new(env.db.pool(16)))
         .handlers(handlers::<D>(&tx))
         .url(env.faktory.url())
         .reconcile_grace(None)
@@ -885,7 +886,11 @@ pub fn barrier_in_another_table_is_refused<D: TestDb>() {
     job.retry = Some(0);
     let jid = job.id().as_str().to_string();
     commit_order(&env, id, job);
-    let wrong = env.start_worker_on(elsewhere.pool(4), handlers::<D>(&tx), |b| b.workers(1));
+    let wrong = env.start_worker_on(
+        elsewhere.pool(1 + D::WAITER_CONNECTIONS),
+        handlers::<D>(&tx),
+        |b| b.workers(1),
+    );
     wait_until("the job to fail", EVENTUALLY, || {
         wrong.monitor.failed() >= 1
     });

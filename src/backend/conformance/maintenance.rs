@@ -53,7 +53,7 @@ pub(super) fn unconsumed_barriers_are_taken_once_per_grace<D: TestDatabase>() {
             .expect("take_unconsumed")
     };
     let mut producer = db.connect();
-    let taken = if Conn::<D>::ONE_WRITER {
+    let taken = if super::one_writer::<Conn<D>>() {
         take(&mut conn)
     } else {
         let mut taken = Vec::new();
@@ -139,14 +139,14 @@ pub(super) fn the_reaper_deletes_old_rows_only<D: TestDatabase>() {
     }
     let hour = Duration::from_secs(3600);
     let mut producer = db.connect();
-    let mut reaped = if Conn::<D>::ONE_WRITER {
-        conn.reap(hour).unwrap()
+    let mut reaped = if super::one_writer::<Conn<D>>() {
+        conn.reap(hour, 100).unwrap()
     } else {
         producer
             .transaction(|p| {
                 p.insert_barrier(&new_barrier(&running))?;
                 age(p, &running, "created_at", 7200);
-                let reaped = conn.reap(hour).expect("reap");
+                let reaped = conn.reap(hour, 100).expect("reap");
                 Ok::<_, diesel::result::Error>(reaped)
             })
             .unwrap()
@@ -157,8 +157,8 @@ pub(super) fn the_reaper_deletes_old_rows_only<D: TestDatabase>() {
     let ids: Vec<String> = reaped.iter().map(|r| r.id.clone()).collect();
     assert_eq!(ids, expected);
     assert_eq!(reaped[0].job_kind, "kind");
-    let left = conn.reap(hour).unwrap();
-    if Conn::<D>::ONE_WRITER {
+    let left = conn.reap(hour, 100).unwrap();
+    if super::one_writer::<Conn<D>>() {
         assert!(left.is_empty());
     } else {
         // The running producer's row, committed since.
@@ -166,7 +166,7 @@ pub(super) fn the_reaper_deletes_old_rows_only<D: TestDatabase>() {
         assert_eq!(left[0].id, running.hyphenated().to_string());
     }
     assert!(
-        conn.reap(Duration::MAX).unwrap().is_empty(),
+        conn.reap(Duration::MAX, 100).unwrap().is_empty(),
         "a maximal age reaps nothing"
     );
 }

@@ -12,7 +12,10 @@
 mod maintenance;
 
 use super::sealed::Backend;
-use super::{Checked, Claim, Claimed, NewBarrier, Pending, ServerTransaction, Verdict};
+use super::{
+    Awaited, Checked, Claim, Claimed, Durability, Hints, NewBarrier, Pending, ServerTransaction,
+    Verdict,
+};
 use crate::testing::TestDatabase;
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
@@ -34,12 +37,19 @@ pub(crate) fn new_barrier(id: &uuid::Uuid) -> NewBarrier<'_> {
     }
 }
 
+/// Whether the backend has one writer at a time (SQLite): a worker transaction then waits for
+/// any open write transaction, a producer's included, so a test cannot hold one open while
+/// another connection writes.
+pub(crate) fn one_writer<C: Backend>() -> bool {
+    C::NAME == "sqlite"
+}
+
 fn rollback<T>() -> diesel::QueryResult<T> {
     Err(diesel::result::Error::RollbackTransaction)
 }
 
 /// Checks `ids` with a fresh checker state, as the waiter does: barriers seen committed but not
-/// yet proven durable are fenced, and committed once the fence wrote. Panics on a database
+/// yet proven durable are fenced, and committed once the fence committed. Panics on a database
 /// error.
 pub(crate) fn check<C: Backend>(conn: &mut C, ids: &[uuid::Uuid]) -> Vec<Verdict> {
     let pending: Vec<Pending> = ids.iter().map(|&id| Pending { id, txid: None }).collect();
@@ -53,7 +63,11 @@ pub(crate) fn check<C: Backend>(conn: &mut C, ids: &[uuid::Uuid]) -> Vec<Verdict
         .filter(|(_, v)| **v == Verdict::Visible)
         .map(|(id, _)| *id)
         .collect();
-    if !visible.is_empty() && conn.fence(&visible).expect("fence") {
+    if !visible.is_empty() {
+        let Durability::Proven(prove) = C::durability() else {
+            panic!("a backend whose commits are durable before they are visible said Visible");
+        };
+        prove.fence(conn).expect("fence");
         for v in &mut verdicts {
             if *v == Verdict::Visible {
                 *v = Verdict::Committed;
@@ -276,7 +290,7 @@ pub(super) fn claiming_transactions_run_once<D: TestDatabase>() {
         worker.claiming_transaction(&id, DIGEST, |_| rollback());
     assert!(failed.is_err());
     assert_eq!(check(&mut db.connect(), &[id]), [Verdict::Committed]);
-    if !Conn::<D>::ONE_WRITER {
+    if !one_writer::<Conn<D>>() {
         let mut holder = db.connect();
         holder
             .worker_transaction(|h| {
@@ -326,7 +340,7 @@ pub(super) fn a_held_claim_is_neither_gone_nor_taken<D: TestDatabase>() {
         .worker_transaction(|f| {
             assert_eq!(f.claim_barrier(&id, DIGEST)?, Claim::Locked);
             assert_ne!(check(&mut waiter, &[id]), [Verdict::NotCommitted]);
-            if !Conn::<D>::ONE_WRITER {
+            if !one_writer::<Conn<D>>() {
                 let busy = second.worker_transaction(|s| s.claim_barrier(&id, DIGEST))?;
                 assert_eq!(busy, Claim::Busy);
             }
@@ -343,7 +357,7 @@ pub(super) fn a_held_claim_is_neither_gone_nor_taken<D: TestDatabase>() {
 /// job that may yet commit). Backends with one writer cannot even try: their worker
 /// transaction waits for the producer's.
 pub(super) fn a_running_producers_barrier_is_never_gone<D: TestDatabase>() {
-    if Conn::<D>::ONE_WRITER {
+    if one_writer::<Conn<D>>() {
         return;
     }
     let db = D::create();
@@ -432,15 +446,15 @@ pub(super) fn a_missing_table_is_recognised<D: TestDatabase>() {
     });
 }
 
-/// Backends with commit hints name the barriers of committed transactions (and only those);
-/// a hint is never more than a reason to check.
+/// Backends whose hints are heard on a listening connection name the barriers of committed
+/// transactions (and only those); a hint is never more than a reason to check.
 pub(super) fn hints_name_committed_barriers<D: TestDatabase>() {
-    if !Conn::<D>::HAS_HINTS {
+    let Hints::Listen(listen) = Conn::<D>::hints() else {
         return;
-    }
+    };
     let db = D::create();
     let mut listener = db.connect();
-    listener.listen_for_commits().unwrap();
+    listen.listen(&mut listener).unwrap();
     let mut producer = db.connect();
     let (committed_id, rolled_back) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     let _ = producer.transaction(|p| {
@@ -455,12 +469,78 @@ pub(super) fn hints_name_committed_barriers<D: TestDatabase>() {
             started.elapsed() < Duration::from_secs(10),
             "no hint for the commit"
         );
-        hinted.extend(listener.take_commit_hints().unwrap());
+        hinted.extend(listen.take(&mut listener).unwrap());
         std::thread::sleep(Duration::from_millis(1));
     }
-    hinted.extend(listener.take_commit_hints().unwrap());
+    hinted.extend(listen.take(&mut listener).unwrap());
     assert!(!hinted.contains(&rolled_back), "a rollback is never hinted");
-    listener.stop_listening().unwrap();
+    listen.unlisten(&mut listener).unwrap();
+}
+
+/// Backends whose hints are lock waits: a wait on a running producer's row ends when the
+/// producer does — with the row when it committed, without when it rolled back — and is
+/// bounded; a row already committed or gone answers at once.
+pub(super) fn lock_waits_end_with_the_transaction<D: TestDatabase>() {
+    let Hints::LockWaits(waits) = Conn::<D>::hints() else {
+        return;
+    };
+    let db = D::create();
+    let second = Duration::from_secs(1);
+    for commits in [true, false] {
+        let id = uuid::Uuid::new_v4();
+        let (inserted_tx, inserted) = std::sync::mpsc::channel();
+        let (end_tx, end) = std::sync::mpsc::channel::<()>();
+        let mut producer = db.connect();
+        let thread = std::thread::spawn(move || {
+            let _ = producer.transaction(|p| {
+                p.insert_barrier(&new_barrier(&id))?;
+                inserted_tx.send(()).unwrap();
+                end.recv().unwrap();
+                // Let the watcher's wait begin before the end.
+                std::thread::sleep(Duration::from_millis(100));
+                if commits {
+                    Ok(())
+                } else {
+                    rollback::<()>()
+                }
+            });
+        });
+        inserted.recv().unwrap();
+        let mut watcher = db.connect();
+        let started = Instant::now();
+        assert_eq!(
+            waits.await_row(&mut watcher, &id, second).unwrap(),
+            Awaited::Held
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "the wait is bounded, not skipped"
+        );
+        end_tx.send(()).unwrap();
+        let awaited = waits
+            .await_row(&mut watcher, &id, Duration::from_secs(8))
+            .unwrap();
+        thread.join().unwrap();
+        let expected = if commits {
+            Awaited::Present
+        } else {
+            Awaited::Absent
+        };
+        assert_eq!(awaited, expected, "commits: {commits}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woken by the end, not the bound"
+        );
+        // Decided rows answer at once, again and again.
+        for _ in 0..2 {
+            let at_once = Instant::now();
+            assert_eq!(
+                waits.await_row(&mut watcher, &id, second).unwrap(),
+                expected
+            );
+            assert!(at_once.elapsed() < Duration::from_millis(500));
+        }
+    }
 }
 
 /// Checks decide by the barrier row, whatever isolation level the session defaults to.
@@ -566,6 +646,10 @@ macro_rules! conformance {
             #[test]
             fn hints_name_committed_barriers() {
                 super::hints_name_committed_barriers::<Db>();
+            }
+            #[test]
+            fn lock_waits_end_with_the_transaction() {
+                super::lock_waits_end_with_the_transaction::<Db>();
             }
             #[test]
             fn checks_ignore_the_default_isolation() {

@@ -2,7 +2,8 @@
 //! out (from `information_schema`, which is a cache and needs the PROCESS privilege, so never
 //! used for a verdict), and the server settings the durability argument rests on.
 
-use super::{last_errno, CountRow, ER_SPECIFIC_ACCESS_DENIED};
+use super::errors::{last_errno, ER_SPECIFIC_ACCESS_DENIED};
+use super::CountRow;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Unsigned};

@@ -1,7 +1,7 @@
 //! What an operator sees of the barrier table on MySQL (see `src/backend/inspect.rs`): every
 //! row, committed or not, and what `information_schema` says of a pending row's producer.
 
-use super::{in_transaction, SET_READ_UNCOMMITTED};
+use super::session::{in_transaction, SET_READ_UNCOMMITTED};
 use crate::backend::inspect::{BarrierRow, ListedRow, Listing, RowState};
 use crate::backend::sealed::Backend;
 use diesel::mysql::MysqlConnection;

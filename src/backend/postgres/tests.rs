@@ -1,9 +1,13 @@
 //! PostgreSQL's own mechanics, against a live server: the probe schedule, session sharing.
 //! The contract every backend keeps is tested in `backend/conformance`.
 
+use super::check::{Due, ProbeSchedule, FIRST_PROBE};
+use super::hints::NOTIFICATIONS;
 use super::*;
 use crate::backend::conformance::new_barrier;
+use crate::backend::{Listen, Verdict};
 use crate::testing::{PgTestSchema, TestDatabase};
+use std::time::Instant;
 
 fn pending(id: uuid::Uuid, txid: Option<String>) -> [Pending; 1] {
     [Pending { id, txid }]
@@ -68,32 +72,7 @@ fn direct_connections_share_no_session() {
     let mut a = schema.connect();
     let mut b = schema.connect();
     for _ in 0..3 {
-        assert!(!a.shares_sessions(&mut b).unwrap());
-        assert!(!b.shares_sessions(&mut a).unwrap());
+        assert!(!NOTIFICATIONS.shares_sessions(&mut a, &mut b).unwrap());
+        assert!(!NOTIFICATIONS.shares_sessions(&mut b, &mut a).unwrap());
     }
-}
-
-/// Probes of a long-running producer back off, and at most a few run per check.
-#[test]
-fn probes_back_off_and_are_rationed() {
-    let mut schedule = ProbeSchedule::default();
-    let start = Instant::now();
-    let ids: Vec<uuid::Uuid> = (0..20).map(|_| uuid::Uuid::new_v4()).collect();
-    let mut budget = MAX_PROBES_PER_CHECK;
-    assert!(ids.iter().all(|id| !schedule.take(*id, start, &mut budget)));
-    let later = start + FIRST_PROBE;
-    let taken = ids
-        .iter()
-        .filter(|id| schedule.take(**id, later, &mut budget))
-        .count();
-    assert_eq!(taken, MAX_PROBES_PER_CHECK);
-    schedule.probed_running(&ids[0], later);
-    let next = schedule.due[&ids[0]].next;
-    assert_eq!(next, later + FIRST_PROBE);
-    let much_later = start + Duration::from_secs(600);
-    schedule.take(ids[0], much_later, &mut MAX_PROBES_PER_CHECK.clone());
-    schedule.probed_running(&ids[0], much_later);
-    assert_eq!(schedule.due[&ids[0]].next, much_later + MAX_PROBE_INTERVAL);
-    schedule.forget_unseen(much_later);
-    assert_eq!(schedule.due.len(), 1, "only the barrier seen last is kept");
 }

@@ -4,7 +4,7 @@
 use super::locks::busy_timeout;
 use super::*;
 use crate::backend::conformance::{check, new_barrier, DIGEST};
-use crate::backend::Verdict;
+use crate::backend::{Listen, Verdict};
 use crate::testing::{SqliteTestFile, TestDatabase};
 use std::sync::mpsc;
 
@@ -147,31 +147,40 @@ fn hints_follow_a_cursor_that_consumed_rows_do_not_move() {
     let db = SqliteTestFile::create();
     insert(&mut db.connect(), &uuid::Uuid::new_v4());
     let mut listener = worker(&db);
-    listener.listen_for_commits().unwrap();
+    hints::NEW_ROWS.listen(&mut listener).unwrap();
     assert!(
-        listener.take_commit_hints().unwrap().is_empty(),
+        hints::NEW_ROWS.take(&mut listener).unwrap().is_empty(),
         "rows from before"
     );
     let open = uuid::Uuid::new_v4();
     let (end, producer) = open_transaction(&db, open);
-    assert!(listener.take_commit_hints().unwrap().is_empty(), "open");
+    assert!(
+        hints::NEW_ROWS.take(&mut listener).unwrap().is_empty(),
+        "open"
+    );
     end.send(()).unwrap();
     producer.join().unwrap();
     let committed = uuid::Uuid::new_v4();
     insert(&mut db.connect(), &committed);
-    assert_eq!(listener.take_commit_hints().unwrap(), [open, committed]);
-    assert!(listener.take_commit_hints().unwrap().is_empty(), "once");
+    assert_eq!(
+        hints::NEW_ROWS.take(&mut listener).unwrap(),
+        [open, committed]
+    );
+    assert!(
+        hints::NEW_ROWS.take(&mut listener).unwrap().is_empty(),
+        "once"
+    );
     // A consumed row's seq is not reused, so the next commit is still seen.
     worker(&db)
         .worker_transaction(|c| c.claim_barrier(&committed, DIGEST))
         .unwrap();
     let next = uuid::Uuid::new_v4();
     insert(&mut db.connect(), &next);
-    assert_eq!(listener.take_commit_hints().unwrap(), [next]);
-    listener.stop_listening().unwrap();
-    listener.listen_for_commits().unwrap();
+    assert_eq!(hints::NEW_ROWS.take(&mut listener).unwrap(), [next]);
+    hints::NEW_ROWS.unlisten(&mut listener).unwrap();
+    hints::NEW_ROWS.listen(&mut listener).unwrap();
     assert!(
-        listener.take_commit_hints().unwrap().is_empty(),
+        hints::NEW_ROWS.take(&mut listener).unwrap().is_empty(),
         "a new cursor"
     );
 }

@@ -1,5 +1,6 @@
 //! The commit clock: the worker's own commits as proofs of durability.
 
+use crate::worker::phases::micros_since;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -32,12 +33,7 @@ impl CommitClock {
     }
 
     /// Whether a commit seen at `seen` is proven durable.
-    pub(super) fn proves(&self, seen: u64) -> bool {
+    pub(crate) fn proves(&self, seen: u64) -> bool {
         self.proven.load(Ordering::SeqCst) > seen
     }
-}
-
-/// Microseconds since `origin`, saturating.
-pub(crate) fn micros_since(origin: Instant) -> u64 {
-    u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX)
 }

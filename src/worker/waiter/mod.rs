@@ -1,45 +1,48 @@
-//! The waiter: one thread per worker that resolves every pending barrier through at most two
-//! database connections, however many jobs wait.
+//! The waiter: one thread per worker that resolves every pending barrier through a small,
+//! fixed number of database connections, however many jobs wait.
 //!
-//! Job tasks register the barrier they wait for and get a one-shot channel; the waiter owns the
-//! pending set and answers each registration once its verdict is known:
+//! Job tasks register the barrier they wait for and get a one-shot channel; the waiter answers
+//! each registration once its verdict is known. Its rooms:
 //!
-//! * **Commit hints** (PostgreSQL's `NOTIFY`, SQLite's newly visible rows): the waiter's
-//!   listening connection reads them every [`Backend::HINT_POLL`] (on PostgreSQL from its socket
-//!   buffer, without a query). A hint is never a verdict — any PostgreSQL session may `NOTIFY`
-//!   any channel with any payload — it only makes the waiter check the hinted barriers at once.
-//! * **Checks**: every [`Backend::CHECK_INTERVAL`] (and at once for new registrations and for
-//!   hinted barriers) one batched query per backend decides what it can — a visible row is
-//!   committed; a transaction that has ended without a visible row is confirmed by the
-//!   backend's authoritative probe before it is called not committed. Every verdict comes from
-//!   the database.
+//! * `pending.rs` — the bookkeeping, free of any database: who waits for what, when each
+//!   barrier is due for its next check (at once when new, then on the backend's schedule: a
+//!   steady pace, or backing off), admission (`max_waiting`), what waits for a proof;
+//! * `listener.rs` — the listening connection of backends whose commit hints are heard on one
+//!   (PostgreSQL's `NOTIFY`, SQLite's newly visible rows), its hint test and the PgBouncer
+//!   detection;
+//! * `watchers.rs` — the watchers of backends whose hints are lock waits (MySQL): a few
+//!   threads blocked on the youngest running transactions' rows;
+//! * `durability.rs` — the proofs that a commit seen is durable;
+//! * `clock.rs` — the worker's own commits, on a clock, as such proofs;
+//! * this file — the thread that drives them: registrations and watcher reports arrive as
+//!   events, hints make barriers due at once, checks run in batches.
 //!
-//! A job whose verdict does not come within its block limit gives up its registration (its
-//! receiver is dropped) and is snoozed; the waiter forgets registrations nobody listens to.
-//!
-//! Hints are optional (`WorkerBuilder::commit_hints`), and may come through a connection of
-//! their own (`WorkerBuilder::listen_url`). A `LISTEN` through PgBouncer in transaction pooling
-//! mode is accepted and never hears anything, so before listening the waiter looks for a
-//! session its listening connection visibly shares with its checking one
-//! (`Backend::shares_sessions`; no listening then), and a new listening connection must prove
-//! that it hears hints: the waiter sends one itself (`Backend::send_test_hint`), and a listener
-//! that hears nothing within [`HINT_TEST_TIMEOUT`] is given up on. Either way the waiter warns,
-//! and its checks alone find every commit.
+//! A hint is never a verdict: anyone able to send one could forge it (any PostgreSQL session
+//! may `NOTIFY` any channel), so it only makes the waiter check the hinted barriers at once.
+//! Every verdict comes from the database. A job whose verdict does not come within its block
+//! limit gives up its registration (its receiver is dropped) and is snoozed; the waiter forgets
+//! registrations nobody listens to.
 
 mod clock;
+mod durability;
 mod listener;
+mod pending;
+mod watchers;
 
 use super::monitor::Gauge;
-use crate::backend::{BarrierConnection, Checked, ConnectionPool, Pending, Verdict};
+use crate::backend::{BarrierConnection, CheckSchedule, Checked, ConnectionPool, Hints};
 use crate::error::chain;
-pub(crate) use clock::{micros_since, CommitClock};
+pub(crate) use clock::CommitClock;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-pub(crate) use listener::Listener;
+use durability::Prover;
+use listener::{Listener, Pooled};
+use pending::{Group, PendingSet};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use watchers::{Assignment, Report, Watched, Watchers};
 
 /// What a waiting job hears back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +80,17 @@ struct Registration {
     reply: oneshot::Sender<Answer>,
 }
 
+/// What wakes the waiter thread.
+enum Event {
+    Register(Registration),
+    Watched(Report),
+    Stop,
+}
+
 /// The handle job tasks use; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct WaiterHandle {
-    tx: Sender<Registration>,
+    tx: Sender<Event>,
     stopping: Arc<AtomicBool>,
     waiting: Arc<AtomicUsize>,
 }
@@ -96,8 +106,13 @@ impl WaiterHandle {
         let (reply, rx) = oneshot::channel();
         if self.stopping.load(Ordering::SeqCst) {
             let _ = reply.send(Answer::ShuttingDown);
-        } else if let Err(e) = self.tx.send(Registration { id, txid, reply }) {
-            let _ = e.into_inner().reply.send(Answer::ShuttingDown);
+        } else if let Err(e) = self
+            .tx
+            .send(Event::Register(Registration { id, txid, reply }))
+        {
+            if let Event::Register(r) = e.into_inner() {
+                let _ = r.reply.send(Answer::ShuttingDown);
+            }
         }
         (rx, guard)
     }
@@ -105,529 +120,278 @@ impl WaiterHandle {
     /// Tells every waiting job to hand its job back, and stops the waiter thread.
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(Event::Stop);
     }
 }
 
-/// Where the waiter's commit hints come from, and how often it checks.
-pub(crate) struct HintSettings<C: BarrierConnection> {
-    /// The pool of the listening connection (the worker's own, or one of its own); `None`: no
-    /// commit hints.
+/// What the waiter runs with.
+pub(crate) struct WaiterConfig<C: BarrierConnection> {
+    /// The worker's pool: the checking connection, and the watchers'.
+    pub(crate) pool: ConnectionPool<C>,
+    /// Where the listening connection comes from, on backends that listen (the worker's pool,
+    /// or one of a `listen_url`); `None`: no listening.
     pub(crate) listen_pool: Option<ConnectionPool<C>>,
-    /// How often every pending barrier is checked.
-    pub(crate) check_interval: Duration,
+    /// How many watchers, on backends whose hints are lock waits.
+    pub(crate) watchers: usize,
+    /// When waiting barriers are checked.
+    pub(crate) schedule: CheckSchedule,
+    /// How many jobs may wait for running transactions.
+    pub(crate) max_waiting: usize,
     /// Set while the listening connection is known to hear hints (for the monitor).
     pub(crate) hearing: Arc<AtomicBool>,
+    /// Jobs waiting now (for the monitor).
+    pub(crate) waiting: Arc<AtomicUsize>,
+    /// The worker's commits, as proofs of durability.
+    pub(crate) clock: Arc<CommitClock>,
+    /// Handlers running now.
+    pub(crate) running: Arc<AtomicUsize>,
+}
+
+impl<C: BarrierConnection> WaiterConfig<C> {
+    /// How many connections the waiter takes from the worker's pool with these settings: its
+    /// checking connection, its listening one when it comes from the pool, its watchers'.
+    pub(crate) fn pooled_connections(listens_from_pool: bool, watchers: usize) -> u32 {
+        let hints = match C::hints() {
+            Hints::None => 0,
+            Hints::Listen(_) => usize::from(listens_from_pool),
+            Hints::LockWaits(_) => watchers,
+        };
+        u32::try_from(1 + hints).unwrap_or(u32::MAX)
+    }
 }
 
 /// Starts the waiter thread.
-pub(crate) fn start<C: BarrierConnection>(
-    pool: ConnectionPool<C>,
-    hints: HintSettings<C>,
-    waiting: Arc<AtomicUsize>,
-    max_waiting: usize,
-    clock: Arc<CommitClock>,
-    running: Arc<AtomicUsize>,
-) -> WaiterHandle {
+pub(crate) fn start<C: BarrierConnection>(config: WaiterConfig<C>) -> WaiterHandle {
     let (tx, rx) = crossbeam_channel::unbounded();
     let stopping = Arc::new(AtomicBool::new(false));
     let handle = WaiterHandle {
-        tx,
+        tx: tx.clone(),
         stopping: Arc::clone(&stopping),
-        waiting,
+        waiting: Arc::clone(&config.waiting),
     };
     std::thread::Builder::new()
         .name("dtb-waiter".into())
-        .spawn(move || {
-            Waiter::<C>::new(pool, hints, rx, stopping, max_waiting, clock, running).run()
-        })
+        .spawn(move || Waiter::new(config, tx, rx, stopping).run())
         .expect("spawning the waiter thread");
     handle
 }
 
-struct Entry {
-    txid: Option<String>,
-    since: Instant,
-    /// Whether a check found its transaction still running (until then it may well be
-    /// committed already, and does not count against `max_waiting`).
-    running: bool,
-    /// When a check saw it committed but not yet proven durable (`Verdict::Visible`).
-    seen_committed: Option<Seen>,
-    replies: Vec<oneshot::Sender<Answer>>,
+/// Where the waiter's hints come from.
+enum HintSource<C: BarrierConnection> {
+    None,
+    Listen(Listener<C>),
+    Watch {
+        watchers: Watchers,
+        /// The group each busy watcher waits on.
+        watching: HashMap<usize, Group>,
+    },
 }
 
-/// When a check saw a barrier committed before its commit was proven durable.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    /// On the commit clock: a worker write begun later and committed proves it durable.
-    clock: u64,
-    /// Where the database's log stood (`Checked::position`): once the flushed position
-    /// reaches it, the commit is durable.
-    position: Option<u64>,
-}
-
-/// Where a new listening connection stands in proving that it hears hints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HintTest {
-    /// Nothing to prove: no listener, or it heard a hint, or the backend needs no test.
-    Done,
-    /// A test hint is to be sent (once the checking connection is there).
-    Due,
-    /// A test hint was sent; the listener must hear a hint by then.
-    Sent(Instant),
-}
+/// The least time between two checks: under load, registrations arriving one by one are
+/// checked in batches, not one query each.
+const CHECK_GAP: Duration = Duration::from_micros(500);
+/// How often an idle waiter wakes (to read its listening connection: unread notifications pile
+/// up on the server for every session of the database).
+const IDLE_WAKE: Duration = Duration::from_millis(10);
+/// How long the waiter waits before it tries again to take its checking connection.
+const RETRY: Duration = Duration::from_millis(500);
 
 struct Waiter<C: BarrierConnection> {
     pool: ConnectionPool<C>,
-    /// Where commit hints come from: `None` when there are none (the backend has none, the
-    /// worker was built without them, or the listener heard nothing and was given up on).
-    listen_pool: Option<ConnectionPool<C>>,
-    check_interval: Duration,
-    hint_test: HintTest,
-    hearing: Arc<AtomicBool>,
-    rx: Receiver<Registration>,
+    checker: Option<Pooled<C>>,
+    retry_connect_at: Instant,
+    events: Receiver<Event>,
     stopping: Arc<AtomicBool>,
-    pending: HashMap<uuid::Uuid, Entry>,
+    pending: PendingSet,
     /// The backend's own state between checks.
     checker_state: C::Checker,
-    listener: Option<Listener<C>>,
-    checker: Option<r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>>,
-    next_check: Instant,
-    /// When the last check of any kind began.
+    hints: HintSource<C>,
+    prover: Prover<C>,
+    /// When the last check began.
     last_check: Instant,
-    retry_connect_at: Instant,
-    /// How many jobs may wait for running transactions.
-    max_waiting: usize,
-    /// Barriers registered since the last check: checked at once.
-    fresh: Vec<uuid::Uuid>,
-    clock: Arc<CommitClock>,
-    /// Handlers running now: their commits will prove durability; with none, fence at once.
-    running_handlers: Arc<AtomicUsize>,
-    /// When the database's flushed log position was last read (backends that report one).
-    last_flush_read: Instant,
 }
-
-/// The least time between two checks of newly registered barriers: under load, registrations
-/// arriving one by one are checked in batches, not one query each.
-const FRESH_CHECK_GAP: Duration = Duration::from_micros(500);
-
-/// How long barriers seen committed wait for a handler's commit to prove them durable before
-/// the waiter commits a fence of its own.
-const PROOF_WAIT: Duration = Duration::from_millis(5);
-
-/// The least time between two readings of the database's flushed log position while barriers
-/// wait for it.
-const FLUSH_READ_GAP: Duration = Duration::from_millis(1);
-
-/// How long a new listening connection may take to hear a hint (the waiter's own test hint, or
-/// any other) before the waiter stops listening and relies on its checks alone.
-pub(crate) const HINT_TEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl<C: BarrierConnection> Waiter<C> {
     fn new(
-        pool: ConnectionPool<C>,
-        hints: HintSettings<C>,
-        rx: Receiver<Registration>,
+        config: WaiterConfig<C>,
+        events_tx: Sender<Event>,
+        events: Receiver<Event>,
         stopping: Arc<AtomicBool>,
-        max_waiting: usize,
-        clock: Arc<CommitClock>,
-        running_handlers: Arc<AtomicUsize>,
     ) -> Self {
+        let hints = match (C::hints(), config.listen_pool) {
+            (Hints::Listen(listen), Some(pool)) => HintSource::Listen(Listener::new(
+                listen,
+                pool,
+                config.hearing,
+                config.schedule.max,
+            )),
+            (Hints::LockWaits(waits), _) if config.watchers > 0 => HintSource::Watch {
+                watchers: Watchers::start(
+                    config.watchers,
+                    waits,
+                    config.pool.clone(),
+                    events_tx,
+                    Arc::clone(&config.clock),
+                ),
+                watching: HashMap::new(),
+            },
+            _ => HintSource::None,
+        };
         let now = Instant::now();
         Waiter {
-            pool,
-            listen_pool: hints.listen_pool.filter(|_| C::HAS_HINTS),
-            check_interval: hints.check_interval,
-            hint_test: HintTest::Done,
-            hearing: hints.hearing,
-            rx,
-            stopping,
-            max_waiting,
-            fresh: Vec::new(),
-            clock,
-            running_handlers,
-            pending: HashMap::new(),
-            checker_state: C::Checker::default(),
-            listener: None,
+            pool: config.pool,
             checker: None,
-            next_check: now,
-            last_check: now - FRESH_CHECK_GAP,
-            last_flush_read: now,
             retry_connect_at: now,
+            events,
+            stopping,
+            pending: PendingSet::new(config.schedule, config.max_waiting),
+            checker_state: C::Checker::default(),
+            hints,
+            prover: Prover::new(config.clock, config.running),
+            last_check: now - CHECK_GAP,
         }
     }
 
     fn run(mut self) {
         loop {
             if self.stopping.load(Ordering::SeqCst) {
-                self.answer_all(Answer::ShuttingDown);
-                // Drain registrations that raced with the stop.
-                while let Ok(r) = self.rx.try_recv() {
-                    let _ = r.reply.send(Answer::ShuttingDown);
+                self.pending.answer_all(Answer::ShuttingDown);
+                // Registrations that raced with the stop.
+                while let Ok(event) = self.events.try_recv() {
+                    if let Event::Register(r) = event {
+                        let _ = r.reply.send(Answer::ShuttingDown);
+                    }
                 }
-                self.close_listener();
                 return;
             }
-            let timeout = if self.pending.is_empty() {
-                // Idle, but hints must still be read: unread notifications pile up on the
-                // server for every session of the database.
-                Duration::from_millis(10)
-            } else {
-                let now = Instant::now();
-                let mut wake = self.next_check;
-                if !self.fresh.is_empty() {
-                    wake = wake.min(self.last_check + FRESH_CHECK_GAP);
-                }
-                let poll = if self.listener.is_some() || !C::HAS_HINTS {
-                    C::HINT_POLL
-                } else {
-                    // Hints turned off: nothing to read between checks but new registrations,
-                    // which wake the waiter as they arrive.
-                    self.check_interval
-                };
-                poll.min(wake.saturating_duration_since(now))
-            };
-            match self.rx.recv_timeout(timeout) {
-                Ok(r) => {
-                    self.add(r);
-                    while let Ok(r) = self.rx.try_recv() {
-                        self.add(r);
+            match self.events.recv_timeout(self.timeout()) {
+                Ok(event) => {
+                    self.handle(event);
+                    while let Ok(event) = self.events.try_recv() {
+                        self.handle(event);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    // The worker is gone.
-                    self.close_listener();
-                    return;
-                }
+                // The worker is gone.
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            self.pending.retain(|_, e| {
-                e.replies.retain(|r| !r.is_closed());
-                !e.replies.is_empty()
-            });
+            self.pending.prune();
             self.ensure_connections();
             self.take_hints();
             if self.pending.is_empty() {
-                self.fresh.clear();
                 continue;
             }
-            if Instant::now() >= self.next_check {
-                self.fresh.clear();
-                self.check();
-                self.next_check = Instant::now() + self.check_interval;
-            } else if !self.fresh.is_empty() && Instant::now() >= self.last_check + FRESH_CHECK_GAP
-            {
-                // New registrations are checked at once (a job fetched after its commit runs
-                // now), or, under load, with the others that arrived meanwhile.
-                let fresh = std::mem::take(&mut self.fresh);
-                self.check_ids(fresh);
-            }
+            self.check_due();
             self.prove_durable();
+            self.assign_watchers();
         }
     }
 
-    /// Answers the barriers seen committed whose durability is now proven (by a worker commit
-    /// begun after the check, or by the database's flushed log position); commits a fence when
-    /// no such proof came soon enough.
-    fn prove_durable(&mut self) {
-        let unproven: Vec<(uuid::Uuid, Seen)> = self
+    /// How long to sleep until something is due.
+    fn timeout(&self) -> Duration {
+        let now = Instant::now();
+        let listening = match &self.hints {
+            HintSource::Listen(listener) => listener.poll_interval(),
+            _ => None,
+        };
+        if self.pending.is_empty() {
+            return listening.map_or(Duration::from_secs(1), |_| IDLE_WAKE);
+        }
+        let mut wake = self
             .pending
-            .iter()
-            .filter_map(|(id, e)| e.seen_committed.map(|seen| (*id, seen)))
-            .collect();
-        if unproven.is_empty() {
-            return;
+            .next_due()
+            .map_or(now + Duration::from_secs(1), |due| {
+                due.max(self.last_check + CHECK_GAP)
+            });
+        if let Some(by) = self.prover.wake_by(&self.pending) {
+            wake = wake.min(by);
         }
-        let flushed = self.read_flushed_position(&unproven);
-        let mut waiting_longest = 0;
-        for &(id, seen) in &unproven {
-            let flushed_past = matches!((flushed, seen.position), (Some(f), Some(p)) if f >= p);
-            if self.clock.proves(seen.clock) || flushed_past {
-                self.answer(&id, Answer::Committed);
-            } else {
-                waiting_longest = waiting_longest.max(self.clock.now().saturating_sub(seen.clock));
-            }
+        if let Some(poll) = listening {
+            wake = wake.min(now + poll);
         }
-        // Handler commits prove durability where the backend's commits are durable when they
-        // return: while handlers run, wait a little for theirs.
-        let idle = !C::HANDLER_COMMITS_PROVE || self.running_handlers.load(Ordering::SeqCst) == 0;
-        let overdue = Duration::from_micros(waiting_longest) >= PROOF_WAIT;
-        let flush_may_come = !C::HANDLER_COMMITS_PROVE && !overdue;
-        if waiting_longest == 0 || flush_may_come || !(idle || overdue) {
-            return;
+        wake.saturating_duration_since(now)
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Register(r) => self.pending.add(r.id, r.txid, r.reply, Instant::now()),
+            Event::Watched(report) => self.watched(report),
+            Event::Stop => {}
         }
-        let Some(conn) = self.checker.as_mut() else {
+    }
+
+    /// A watcher's report: the barrier it waited on is decided (a durable commit), or its
+    /// transaction ended, and the barriers of that transaction are checked at once.
+    fn watched(&mut self, report: Report) {
+        let HintSource::Watch { watchers, watching } = &mut self.hints else {
             return;
         };
-        let ids: Vec<uuid::Uuid> = unproven
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| self.pending.contains_key(id))
-            .collect();
-        let began = self.clock.now();
-        let fenced = conn.fence(&ids);
-        tracing::trace!(barriers = ids.len(), ?fenced, "durability fence");
-        match fenced {
-            Ok(true) => {
-                self.clock.committed(began);
-                for id in ids {
-                    self.answer(&id, Answer::Committed);
-                }
-            }
-            // Nothing written: every row is held by a handler (another delivery of the same
-            // barrier) or already gone, consumed by one. Neither needs a proof any longer, and
-            // no commit of the worker's is bound to come after them: check them again, on the
-            // regular schedule, and let that check decide.
-            Ok(false) => {
-                for id in ids {
-                    if let Some(entry) = self.pending.get_mut(&id) {
-                        entry.seen_committed = None;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %chain(&e), "the durability fence failed; reconnecting");
-                self.checker = None;
-            }
+        watchers.reported(&report);
+        if let Some(group) = watching.remove(&report.watcher) {
+            self.pending.set_watched(group, false);
         }
-    }
-
-    /// The database's flushed log position, read at most every [`FLUSH_READ_GAP`], when some
-    /// of `unproven` wait for it.
-    fn read_flushed_position(&mut self, unproven: &[(uuid::Uuid, Seen)]) -> Option<u64> {
-        if unproven.iter().all(|(_, seen)| seen.position.is_none())
-            || self.last_flush_read.elapsed() < FLUSH_READ_GAP
-        {
-            return None;
-        }
-        let conn = self.checker.as_mut()?;
-        self.last_flush_read = Instant::now();
-        match conn.flushed_position() {
-            Ok(position) => position,
-            Err(e) => {
-                tracing::warn!(error = %chain(&e), "reading the database's flushed log position failed; reconnecting");
-                self.checker = None;
-                None
+        tracing::trace!(barrier_id = %report.id, watched = ?report.watched, "watcher report");
+        match report.watched {
+            Watched::Durable { .. } => {
+                self.pending.hint(&[report.id], Instant::now());
+                self.pending.answer(&report.id, Answer::Committed);
             }
-        }
-    }
-
-    fn add(&mut self, r: Registration) {
-        let now = Instant::now();
-        let entry = self.pending.entry(r.id).or_insert_with(|| Entry {
-            txid: r.txid.clone(),
-            since: now,
-            running: false,
-            seen_committed: None,
-            replies: Vec::new(),
-        });
-        entry.replies.push(r.reply);
-        if entry.replies.len() == 1 {
-            self.fresh.push(r.id);
-        }
-    }
-
-    fn answer(&mut self, id: &uuid::Uuid, answer: Answer) {
-        if let Some(entry) = self.pending.remove(id) {
-            tracing::trace!(barrier_id = %id, ?answer, waited = ?entry.since.elapsed(), "barrier answered");
-            for r in entry.replies {
-                let _ = r.send(answer);
-            }
-        }
-    }
-
-    fn answer_all(&mut self, answer: Answer) {
-        for (_, entry) in self.pending.drain() {
-            for r in entry.replies {
-                let _ = r.send(answer);
-            }
+            Watched::Visible | Watched::Ended => self.pending.hint(&[report.id], Instant::now()),
+            Watched::Running | Watched::Failed => {}
         }
     }
 
     fn ensure_connections(&mut self) {
-        let wants_listener = self.listen_pool.is_some() && self.listener.is_none();
-        if !wants_listener && self.checker.is_some() {
-            self.test_hints();
-            return;
-        }
-        if Instant::now() < self.retry_connect_at {
-            return;
-        }
-        let result = (|| -> Result<(), crate::Error> {
-            if self.checker.is_none() {
-                self.checker = Some(self.pool.get()?);
-            }
-            if let (Some(pool), None, Some(checker)) = (
-                self.listen_pool.clone(),
-                &self.listener,
-                self.checker.as_mut(),
-            ) {
-                let mut conn = pool.get()?;
-                if conn.shares_sessions(checker)? {
-                    tracing::warn!(
-                        check_interval = ?self.check_interval,
-                        "the waiter's listening connection shares its server session with \
-                         other clients (PgBouncer in transaction pooling mode?), where a LISTEN \
-                         hears nothing: the waiter does not listen, and finds commits by its \
-                         checks alone (give the worker a direct listen_url, or turn \
-                         commit_hints off)"
-                    );
-                    self.listen_pool = None;
-                } else {
-                    self.listener = Some(Listener::start(conn)?);
-                    self.hint_test = HintTest::Due;
+        if self.checker.is_none() && Instant::now() >= self.retry_connect_at {
+            match self.pool.get() {
+                Ok(conn) => self.checker = Some(conn),
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "the waiter cannot get a database connection; retrying");
+                    self.retry_connect_at = Instant::now() + RETRY;
                 }
             }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            tracing::warn!(error = %chain(&e), "the waiter cannot get a database connection; retrying");
-            self.retry_connect_at = Instant::now() + Duration::from_millis(500);
         }
-        self.test_hints();
-    }
-
-    /// Sends the test hint a new listener is due, from the checking connection.
-    fn test_hints(&mut self) {
-        if self.hint_test != HintTest::Due {
-            return;
+        if let (HintSource::Listen(listener), Some(checker)) = (&mut self.hints, &mut self.checker)
+        {
+            listener.ensure(checker);
         }
-        let Some(conn) = self.checker.as_mut() else {
-            return;
-        };
-        match conn.send_test_hint(&uuid::Uuid::new_v4()) {
-            Ok(true) => self.hint_test = HintTest::Sent(Instant::now() + HINT_TEST_TIMEOUT),
-            Ok(false) => {
-                self.hint_test = HintTest::Done;
-                self.hearing.store(true, Ordering::SeqCst);
-            }
-            Err(e) => {
-                tracing::warn!(error = %chain(&e), "the waiter could not send its test hint; reconnecting");
-                self.checker = None;
-            }
-        }
-    }
-
-    fn close_listener(&mut self) {
-        // Dropping it stops its listening (see `Listener`).
-        self.listener = None;
-        self.hint_test = HintTest::Done;
-        self.hearing.store(false, Ordering::SeqCst);
     }
 
     fn take_hints(&mut self) {
-        let Some(conn) = self.listener.as_mut() else {
+        let HintSource::Listen(listener) = &mut self.hints else {
             return;
         };
-        match conn.take_commit_hints() {
-            Ok(ids) => {
-                if !ids.is_empty() && self.hint_test != HintTest::Done {
-                    // Any hint proves that the listener hears them.
-                    self.hint_test = HintTest::Done;
-                    self.hearing.store(true, Ordering::SeqCst);
-                    tracing::debug!("the waiter's listening connection hears commit hints");
-                }
-                if let HintTest::Sent(by) = self.hint_test {
-                    if Instant::now() >= by {
-                        tracing::warn!(
-                            check_interval = ?self.check_interval,
-                            "the waiter's listening connection heard no commit hint, not even its \
-                             own test hint, within {HINT_TEST_TIMEOUT:?}: the waiter stops \
-                             listening and finds commits by its checks alone (a LISTEN through \
-                             PgBouncer in transaction pooling mode hears nothing: give the worker \
-                             a direct listen_url, or turn commit_hints off)"
-                        );
-                        self.close_listener();
-                        self.listen_pool = None;
-                        return;
-                    }
-                }
-                // A hint only says where to look now; the check decides. Hints for barriers
-                // nobody waits for are dropped: a job fetched later is checked when it
-                // registers.
-                self.check_ids(ids);
-            }
-            Err(e) => {
-                tracing::warn!(error = %chain(&e), "the waiter's listening connection failed; reconnecting");
-                self.close_listener();
-                self.next_check = Instant::now();
-            }
+        match listener.take() {
+            Ok(ids) => self.pending.hint(&ids, Instant::now()),
+            // A hint may have been lost with the connection: check everything now.
+            Err(()) => self.pending.all_due(Instant::now()),
         }
     }
 
-    fn check(&mut self) {
-        let ids: Vec<uuid::Uuid> = self
-            .pending
-            .iter()
-            .filter(|(_, e)| e.seen_committed.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        self.check_ids(ids);
-    }
-
-    /// Checks the pending barriers `ids`.
-    fn check_ids(&mut self, ids: Vec<uuid::Uuid>) {
-        let batch: Vec<Pending> = ids
-            .into_iter()
-            .filter_map(|id| {
-                let e = self.pending.get(&id)?;
-                (e.seen_committed.is_none()).then(|| Pending {
-                    id,
-                    txid: e.txid.clone(),
-                })
-            })
-            .collect();
-        if !batch.is_empty() {
-            self.check_batch(batch);
+    /// Checks the barriers due, in one batch.
+    fn check_due(&mut self) {
+        let now = Instant::now();
+        if now < self.last_check + CHECK_GAP {
+            return;
         }
-    }
-
-    /// Checks `batch` and answers every barrier it decides.
-    fn check_batch(&mut self, batch: Vec<Pending>) {
+        let batch = self.pending.due(now);
+        if batch.is_empty() {
+            return;
+        }
         let Some(conn) = self.checker.as_mut() else {
             return;
         };
-        let started = Instant::now();
-        self.last_check = started;
+        self.last_check = now;
         match conn.check_pending(&mut self.checker_state, &batch) {
             Ok(Checked {
                 verdicts,
                 probed,
                 position,
             }) => {
-                tracing::trace!(batch = batch.len(), probed, took = ?started.elapsed(), "checked pending barriers");
-                let seen = self.clock.now();
-                let mut running = self.pending.values().filter(|e| e.running).count();
-                for (p, verdict) in batch.iter().zip(verdicts) {
-                    match verdict {
-                        Verdict::Committed => self.answer(&p.id, Answer::Committed),
-                        Verdict::NotCommitted => self.answer(&p.id, Answer::NotCommitted),
-                        Verdict::Visible => {
-                            if let Some(entry) = self.pending.get_mut(&p.id) {
-                                entry.seen_committed = Some(Seen {
-                                    clock: seen,
-                                    position,
-                                });
-                            }
-                        }
-                        Verdict::Pending => {}
-                    }
-                    if verdict != Verdict::Pending {
-                        continue;
-                    }
-                    let Some(entry) = self.pending.get_mut(&p.id) else {
-                        continue;
-                    };
-                    if entry.running {
-                        continue;
-                    }
-                    // Found running for the first time: it waits only if there is room.
-                    if running >= self.max_waiting {
-                        self.answer(&p.id, Answer::Overflow);
-                    } else {
-                        entry.running = true;
-                        running += 1;
-                    }
-                }
+                tracing::trace!(batch = batch.len(), probed, took = ?now.elapsed(), "checked pending barriers");
+                let seen = self.prover_clock_now();
+                self.pending
+                    .apply(&batch, &verdicts, seen, position, Instant::now());
             }
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "checking pending barriers failed; reconnecting");
@@ -635,6 +399,55 @@ impl<C: BarrierConnection> Waiter<C> {
             }
         }
     }
+
+    fn prover_clock_now(&self) -> u64 {
+        self.prover.clock_now()
+    }
+
+    fn prove_durable(&mut self) {
+        let Some(conn) = self.checker.as_mut() else {
+            return;
+        };
+        if let Err(e) = self.prover.prove(&mut self.pending, conn) {
+            tracing::warn!(error = %chain(&e), "proving commits durable failed; reconnecting");
+            self.checker = None;
+        }
+    }
+
+    /// Gives free watchers the youngest running transactions no other watches.
+    fn assign_watchers(&mut self) {
+        let HintSource::Watch { watchers, watching } = &mut self.hints else {
+            return;
+        };
+        let free = watchers.free();
+        if free == 0 {
+            return;
+        }
+        for (group, id, waited) in self.pending.watch_candidates(free, Instant::now()) {
+            let assignment = Assignment {
+                id,
+                wait: wait_for(waited),
+            };
+            let Some(watcher) = watchers.assign(assignment) else {
+                break;
+            };
+            watching.insert(watcher, group.clone());
+            self.pending.set_watched(group, true);
+        }
+    }
+}
+
+/// How long a watcher waits on a transaction that has run for `waited`: short while it is
+/// young (it will likely end soon, and a younger one may need the watcher next), longer as
+/// it ages, so that a long transaction costs few round trips.
+fn wait_for(waited: Duration) -> Duration {
+    let secs = match waited.as_secs() {
+        0 => 1,
+        1..=3 => 2,
+        4..=15 => 4,
+        _ => 8,
+    };
+    Duration::from_secs(secs)
 }
 
 #[cfg(all(test, feature = "testing"))]
