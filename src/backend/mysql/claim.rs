@@ -2,7 +2,9 @@
 //! that the server still holds that transaction. MariaDB claims in one statement; MySQL, which
 //! lacks `SET STATEMENT`, with two locking reads and a delete.
 
-use super::errors::{last_errno, ER_LOCK_NOWAIT, ER_LOCK_WAIT_TIMEOUT, ER_PARSE_ERROR};
+use super::errors::{
+    last_errno, looks_like_lock_wait_timeout, ER_LOCK_NOWAIT, ER_LOCK_WAIT_TIMEOUT, ER_PARSE_ERROR,
+};
 use super::schema::dtb_barriers;
 use super::session::{
     learnt_set_statement, set_statement_may_work, with_in_transaction, Statement,
@@ -72,6 +74,7 @@ pub(super) fn claim_in_one_statement(
                 Claim::Gone
             }))
         }
+        Err(e) if looks_like_lock_wait_timeout(&e) => Ok(Some(Claim::Busy)),
         Err(e) => match last_errno(conn)? {
             Some(ER_LOCK_WAIT_TIMEOUT) => Ok(Some(Claim::Busy)),
             Some(ER_PARSE_ERROR) => {

@@ -11,7 +11,9 @@
 //! nothing is in no cycle, so InnoDB never chooses a victim because of a watcher. Once granted
 //! (the producer ended), the statement ends at once, and its lock with it.
 
-use super::errors::{last_errno, ER_LOCK_WAIT_TIMEOUT, ER_PARSE_ERROR};
+use super::errors::{
+    last_errno, looks_like_lock_wait_timeout, ER_LOCK_WAIT_TIMEOUT, ER_PARSE_ERROR,
+};
 use super::session::{Statement, SET_READ_COMMITTED};
 use crate::backend::{Awaited, LockWaits};
 use diesel::mysql::MysqlConnection;
@@ -89,17 +91,11 @@ impl LockWaits<MysqlConnection> for RowLocks {
         // READ COMMITTED for this statement's own transaction: no gap lock, ever.
         Statement::plain(SET_READ_COMMITTED).execute(conn)?;
         let mut found = Statement::new(sql, &[&key]).load::<IdRow>(conn);
-        let mut errno = match &found {
-            Ok(_) => None,
-            Err(_) => last_errno(conn)?,
-        };
+        let mut errno = errno_of(conn, &found)?;
         if errno == Some(ER_PARSE_ERROR) {
             Statement::plain(SET_READ_COMMITTED).execute(conn)?;
             found = Statement::new(WAIT_SESSION_TIMEOUT, &[&key]).load::<IdRow>(conn);
-            errno = match &found {
-                Ok(_) => None,
-                Err(_) => last_errno(conn)?,
-            };
+            errno = errno_of(conn, &found)?;
         }
         match found {
             Ok(rows) if rows.is_empty() => Ok(Awaited::Absent),
@@ -107,5 +103,15 @@ impl LockWaits<MysqlConnection> for RowLocks {
             Err(_) if errno == Some(ER_LOCK_WAIT_TIMEOUT) => Ok(Awaited::Held),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The error number of `result`'s error, if it failed; a lock wait timeout is known by its
+/// message without asking (the wait's usual end).
+fn errno_of<T>(conn: &mut MysqlConnection, result: &QueryResult<T>) -> QueryResult<Option<i32>> {
+    match result {
+        Ok(_) => Ok(None),
+        Err(e) if looks_like_lock_wait_timeout(e) => Ok(Some(ER_LOCK_WAIT_TIMEOUT)),
+        Err(_) => last_errno(conn),
     }
 }

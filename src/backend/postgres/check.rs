@@ -47,6 +47,21 @@ pub(super) fn probe(conn: &mut PgConnection, id: &str) -> QueryResult<Verdict> {
     parse_verdict(&probe.value)
 }
 
+/// [`probe`] for each of `ids`, in order, in one statement of a READ COMMITTED transaction of
+/// its own.
+fn probe_all(conn: &mut PgConnection, ids: &[&str]) -> QueryResult<Vec<Verdict>> {
+    let ids: Vec<&str> = ids.to_vec();
+    let rows: Vec<TextRow> = conn.build_transaction().read_committed().run(|c| {
+        diesel::sql_query(
+            "SELECT dtb_await_barrier(p.id::uuid, 1) AS value \
+             FROM unnest($1::text[]) WITH ORDINALITY AS p(id, n) ORDER BY p.n",
+        )
+        .bind::<Array<Text>, _>(&ids)
+        .load(c)
+    })?;
+    rows.iter().map(|r| parse_verdict(&r.value)).collect()
+}
+
 /// How soon a pending barrier gets its first authoritative probe even if its transaction looks
 /// alive (which catches a savepoint rolled back inside a running transaction). Later probes
 /// back off with the barrier's age, to at most [`MAX_PROBE_INTERVAL`].
@@ -56,6 +71,10 @@ const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// At most this many barriers of live-looking transactions are probed per check: each probe
 /// is a lock wait of up to 1 ms on the waiter's thread.
 const MAX_PROBES_PER_CHECK: usize = 8;
+/// Live-looking transactions are probed in at most one check this often: what the probes look
+/// for (a savepoint rolled back inside a transaction that runs on) can wait a second, and a
+/// batch of many barriers waiting on a long transaction should not cost a round trip per check.
+const LIVE_PROBE_GAP: Duration = Duration::from_secs(1);
 /// A barrier no check has named for this long is forgotten by the schedule.
 const FORGET_AFTER: Duration = Duration::from_secs(10);
 
@@ -65,6 +84,8 @@ const FORGET_AFTER: Duration = Duration::from_secs(10);
 #[allow(unreachable_pub)] // named by the sealed trait
 pub struct ProbeSchedule {
     pub(super) due: HashMap<uuid::Uuid, Due>,
+    /// When live-looking transactions were last probed.
+    live_round: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -157,8 +178,12 @@ pub(super) fn check_pending(
     let by_id: HashMap<String, CheckRow> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
     let now = Instant::now();
     schedule.forget_unseen(now);
-    // Probing a live transaction costs a lock wait: only a few per check.
-    let mut budget = MAX_PROBES_PER_CHECK;
+    // Probing a live transaction costs a lock wait: only a few per check, and in one check a
+    // second.
+    let live_round = schedule
+        .live_round
+        .is_none_or(|last| now.duration_since(last) >= LIVE_PROBE_GAP);
+    let mut budget = if live_round { MAX_PROBES_PER_CHECK } else { 0 };
     let mut verdicts = Vec::with_capacity(pending.len());
     let mut to_probe = Vec::new();
     for (i, (p, id)) in pending.iter().zip(&ids).enumerate() {
@@ -178,13 +203,14 @@ pub(super) fn check_pending(
     if !to_probe.is_empty() {
         // The transaction has ended (or it is time to look closer): only the
         // conflicting-insert probe may say "not committed". It waits at most 1 ms each.
-        conn.build_transaction().read_committed().run(|c| {
-            for &i in &to_probe {
-                verdicts[i] = probe(c, &ids[i])?;
-                probed_committed |= verdicts[i] == Verdict::Committed;
-            }
-            Ok::<_, diesel::result::Error>(())
-        })?;
+        let probe_ids: Vec<&str> = to_probe.iter().map(|&i| ids[i].as_str()).collect();
+        for (&i, verdict) in to_probe.iter().zip(probe_all(conn, &probe_ids)?) {
+            verdicts[i] = verdict;
+            probed_committed |= verdict == Verdict::Committed;
+        }
+        if budget < MAX_PROBES_PER_CHECK {
+            schedule.live_round = Some(now);
+        }
     }
     if probed_committed {
         // A probe saw a commit after the positions above were read: read them again.

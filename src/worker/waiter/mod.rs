@@ -442,9 +442,8 @@ impl<C: BarrierConnection> Waiter<C> {
 /// it ages, so that a long transaction costs few round trips.
 fn wait_for(waited: Duration) -> Duration {
     let secs = match waited.as_secs() {
-        0 => 1,
-        1..=3 => 2,
-        4..=15 => 4,
+        0 => 2,
+        1..=3 => 4,
         _ => 8,
     };
     Duration::from_secs(secs)
