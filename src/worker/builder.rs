@@ -41,6 +41,7 @@ pub struct WorkerBuilder<C: BarrierConnection> {
     labels: Vec<String>,
     commit_hints: bool,
     listen_url: Option<String>,
+    handle_signals: bool,
 }
 
 /// The settings the running worker reads.
@@ -68,6 +69,7 @@ impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
             .field("config", &self.config)
             .field("commit_hints", &self.commit_hints)
             .field("listen_url", &self.listen_url.as_deref().map(redact))
+            .field("handle_signals", &self.handle_signals)
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +108,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
             labels: Vec::new(),
             commit_hints: true,
             listen_url: None,
+            handle_signals: false,
         }
     }
 
@@ -300,6 +303,31 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
+    /// Whether [`run`](Worker::run) stops on the process's signals, as Sidekiq and
+    /// faktory_worker_ruby do, for `systemctl stop`, `docker stop`, Kubernetes and Ctrl-C:
+    ///
+    /// * **SIGTERM or SIGINT**: the graceful stop of [`ShutdownHandle::shutdown`](crate::ShutdownHandle::shutdown).
+    ///   No new job is taken, jobs waiting for their transactions go back to Faktory at once
+    ///   (without the retry penalty), running handlers get up to the
+    ///   [`shutdown_timeout`](Self::shutdown_timeout) to finish, and `run` returns
+    ///   [`StopReason::Signal`](crate::StopReason::Signal).
+    /// * **A second SIGTERM or SIGINT** during that drain: `run` returns at once; handlers still
+    ///   running are failed back to Faktory, which retries them.
+    /// * **SIGTSTP**: quiet. No new job is taken (a job fetched from then on waits, without
+    ///   running, until what runs has finished or [`block_limit`](Self::block_limit) passed,
+    ///   then goes back to Faktory); running handlers and waiting jobs finish; then the worker
+    ///   closes its Faktory connections and waits for SIGTERM or SIGINT.
+    ///
+    /// The handlers are installed when `run` starts (through Tokio's `signal` module) and stay
+    /// installed for the life of the process: after `run` returns, these signals no longer end
+    /// or suspend the process. Elsewhere than on Unix, only Ctrl-C is handled (as SIGINT).
+    ///
+    /// Defaults to `false`: the worker leaves the process's signals alone.
+    pub fn handle_signals(mut self, enabled: bool) -> Self {
+        self.handle_signals = enabled;
+        self
+    }
+
     /// The hostname reported to Faktory.
     ///
     /// Defaults to the machine's hostname.
@@ -387,6 +415,8 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
             labels: self.labels,
             shutdown_tx: Arc::new(tx),
             shutdown_rx: rx,
+            handle_signals: self.handle_signals,
+            control: Arc::new(super::signals::Control::new()),
         })
     }
 }
