@@ -458,7 +458,8 @@ fn second_term_stops_at_once() {
     assert!(child.runs(), "the first SIGTERM waits for the handler");
     let second = Instant::now();
     child.signal("TERM");
-    let status = child.exit_within(Duration::from_secs(10));
+    // Not the 5 s a runtime's shutdown would give the handler's thread.
+    let status = child.exit_within(Duration::from_secs(2));
     let took = second.elapsed();
     assert!(status.success(), "{status}");
     assert_eq!(
@@ -487,6 +488,48 @@ fn second_term_stops_at_once() {
         let _worker = env.start_worker(handlers, 1);
         expect_each_ran_once(&rx, &[id], EVENTUALLY);
         assert_eq!(runs_of(&env.db, id), 1);
+    }
+}
+
+/// SIGTERM while a handler runs past the shutdown timeout: the process exits 0 right after the
+/// timeout, the handler's writes are not committed, and its job is failed back to Faktory.
+#[test]
+fn term_gives_up_on_a_handler_after_the_shutdown_timeout() {
+    let env = Env::<Pg>::new();
+    let timeout = Duration::from_secs(1);
+    let mut child = WorkerChild::start(&env, 2, 8, timeout);
+    let id = next_id();
+    let job = env.job(HELD, id);
+    let jid = job.id().to_string();
+    env.producer.push(job).expect("push");
+    child.wait_started(id);
+
+    let term = Instant::now();
+    child.signal("TERM");
+    // Not the 5 s more a runtime's shutdown would give the handler's thread.
+    let status = child.exit_within(timeout + Duration::from_secs(2));
+    let took = term.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= timeout,
+        "the handler had the whole timeout: {took:?}"
+    );
+    assert_eq!(child.stop_reason(), graceful("Term"));
+    eprintln!(
+        "measured: SIGTERM -> exit with a handler running past a {} shutdown timeout: {}",
+        ms(timeout),
+        ms(took)
+    );
+    assert_eq!(runs_of(&env.db, id), 0, "the handler never finished");
+    if let Some(server) = env
+        .faktory
+        .server_or_skip("the unfinished job failed back to Faktory")
+    {
+        assert!(
+            server.wait_until_history(&jid, JobEventKind::Failed, EVENTUALLY),
+            "{:?}",
+            server.history(&jid)
+        );
     }
 }
 

@@ -179,8 +179,11 @@ impl<C: BarrierConnection> Worker<C> {
             waiter.stop();
         }
         drop(maintenance);
-        // Stopped at once: handlers still running are not waited for.
-        runtime.shutdown_timeout(if self.control.immediate() {
+        // Handlers still running now were failed back to Faktory (a stop at once, or past the
+        // shutdown timeout): they are not waited for.
+        let abandoned =
+            self.control.immediate() || self.shared.stats.running.load(Ordering::SeqCst) > 0;
+        runtime.shutdown_timeout(if abandoned {
             Duration::ZERO
         } else {
             Duration::from_secs(5)
