@@ -114,16 +114,22 @@ pub struct Settings {
 impl Settings {
     /// Reads the settings from the environment. `FAKTORY_URL` is read by the worker itself.
     pub fn from_env() -> Result<Settings, BoxError> {
+        let queues: Vec<String> = env_or("DTB_QUEUES", app::QUEUE.to_string())?
+            .split(',')
+            .map(|q| q.trim().to_string())
+            .filter(|q| !q.is_empty())
+            .collect();
+        if queues.is_empty() {
+            return Err("DTB_QUEUES names no queue".into());
+        }
+        let shutdown_timeout = env_or("DTB_SHUTDOWN_TIMEOUT", 20.0)?;
         Ok(Settings {
             database_url: app::database_url(),
-            queues: env_or("DTB_QUEUES", app::QUEUE.to_string())?
-                .split(',')
-                .map(|q| q.trim().to_string())
-                .filter(|q| !q.is_empty())
-                .collect(),
+            queues,
             workers: env_or("DTB_WORKERS", 4)?,
             max_waiting: env_or("DTB_MAX_WAITING", 32)?,
-            shutdown_timeout: Duration::from_secs_f64(env_or("DTB_SHUTDOWN_TIMEOUT", 20.0)?),
+            shutdown_timeout: Duration::try_from_secs_f64(shutdown_timeout)
+                .map_err(|e| format!("DTB_SHUTDOWN_TIMEOUT={shutdown_timeout}: {e}"))?,
             http_addr: env_or("DTB_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 9100)))?,
         })
     }
