@@ -2,14 +2,19 @@
 """Checks the Docker files without a Docker engine.
 
 Dockerfile: every instruction is a known one, the first is FROM (or ARG), every image is
-pinned to a tag, `COPY --from` names an earlier stage, exec-form CMD/ENTRYPOINT are JSON
-arrays of strings, and the entry point script that the image runs exists in the repository,
-is executable (on disk and in git) and passes `bash -n`.
+pinned to a tag, `COPY --from` names an earlier stage, exec-form CMD/ENTRYPOINT/HEALTHCHECK
+are JSON arrays of strings, and the entry point of each stage that has one is either a script
+of the repository that the stage copied (it exists, is executable on disk and in git and
+passes `bash -n`) or a program the stage copied from an earlier one, which built it from an
+example of the repository (`cargo build ... --example NAME`, examples/NAME.rs); such a stage's
+health check runs the same program.
 
 .dockerignore: keeps target/ out and does not hide what the build copies.
 
 docker-compose.yml: valid YAML with the postgres, mariadb and faktory services, each on a
-pinned image, publishing the ports and setting the variables that the tests' defaults expect.
+pinned image, publishing the ports and setting the variables that the tests' defaults expect;
+a worker service, if any, builds a stage of the Dockerfile and gives the worker longer to stop
+than its DTB_SHUTDOWN_TIMEOUT.
 
 Prints every problem found and exits 1 if there is any.
 """
@@ -48,6 +53,7 @@ COMPOSE = {
 }
 
 problems = []
+dockerfile_stages = []  # the Dockerfile's stage names, for docker-compose.yml's builds
 
 
 def problem(where, message):
@@ -92,8 +98,11 @@ def check_dockerfile(path, ignore_patterns):
         return
     stages = []
     workdir = "/"
-    copied_root = None  # where `COPY . <dest>` put the build context
-    entrypoint = None
+    copied_root = None  # where `COPY . <dest>` put the build context, in this stage
+    runs = {}  # stage index -> its RUN lines
+    copied_from = {}  # destination in this stage -> (earlier stage, source)
+    entrypoints = []  # (where, program, workdir, copied root, copied_from, stage index)
+    healthchecks = {}  # stage index -> (where, program) of its exec-form HEALTHCHECK
     seen_from = False
     for number, line in logical_lines(text):
         where = f"{path}:{number}"
@@ -124,6 +133,8 @@ def check_dockerfile(path, ignore_patterns):
             if image.lower() not in stages[:-1] and image != "scratch" and not pinned(image):
                 problem(where, f"image {image!r} is not pinned to a tag")
             workdir = "/"
+            copied_root = None
+            copied_from = {}
         elif keyword_upper in ("COPY", "ADD"):
             flags = re.findall(r"--(\w[\w-]*)(?:=(\S+))?", rest)
             args = [w for w in rest.split() if not w.startswith("--")]
@@ -136,6 +147,9 @@ def check_dockerfile(path, ignore_patterns):
                     if not (ref in earlier or is_index or is_image):
                         problem(where, f"COPY --from={value}: no earlier stage has that name "
                                        f"(stages: {[s for s in earlier if s]})")
+                    elif ref in earlier and len(args) == 2:
+                        dest = os.path.normpath(os.path.join(workdir, args[1]))
+                        copied_from[dest] = (earlier.index(ref), args[0])
             if len(args) < 2:
                 problem(where, f"{keyword_upper} needs a source and a destination")
             elif not any(n == "from" for n, _ in flags):
@@ -149,6 +163,19 @@ def check_dockerfile(path, ignore_patterns):
                         problem(where, f"{keyword_upper} source {src!r} is excluded by .dockerignore")
         elif keyword_upper == "WORKDIR":
             workdir = os.path.normpath(os.path.join(workdir, rest))
+        elif keyword_upper == "RUN":
+            runs.setdefault(len(stages) - 1, []).append(rest)
+        elif keyword_upper == "HEALTHCHECK" and "CMD [" in rest:
+            exec_form = rest[rest.index("CMD [") + len("CMD "):]
+            try:
+                value = json.loads(exec_form)
+            except json.JSONDecodeError as e:
+                problem(where, f"HEALTHCHECK CMD is not a valid JSON array: {e}")
+                continue
+            if value and all(isinstance(v, str) for v in value):
+                healthchecks[len(stages) - 1] = (where, value[0])
+            else:
+                problem(where, "HEALTHCHECK CMD must be a JSON array of strings")
         elif keyword_upper in ("CMD", "ENTRYPOINT"):
             if rest.startswith("["):
                 try:
@@ -160,13 +187,38 @@ def check_dockerfile(path, ignore_patterns):
                     problem(where, f"{keyword_upper} must be a JSON array of strings")
                     continue
                 if keyword_upper == "ENTRYPOINT" and value:
-                    entrypoint = (where, value[0], workdir, copied_root)
+                    entrypoints.append((where, value[0], workdir, copied_root,
+                                        dict(copied_from), len(stages) - 1))
+    dockerfile_stages.extend(s for s in stages if s)
     if not seen_from:
         problem(path, "no FROM instruction")
-    if entrypoint is None:
+    if not entrypoints:
         problem(path, "no exec-form ENTRYPOINT")
-    else:
-        check_entrypoint(*entrypoint, ignore_patterns)
+    for where, program, at, root, copies, stage in entrypoints:
+        full = os.path.normpath(os.path.join(at, program))
+        if full in copies:
+            check_built_entrypoint(where, full, copies[full], stages, runs,
+                                   healthchecks.get(stage))
+        else:
+            check_entrypoint(where, program, at, root, ignore_patterns)
+
+
+def check_built_entrypoint(where, program, copied, stages, runs, healthcheck):
+    """An entry point copied from an earlier stage: that stage built it from an example of
+    the repository, and the stage's health check runs the same program."""
+    stage, source = copied
+    name = os.path.basename(program)
+    built = [r for r in runs.get(stage, [])
+             if re.search(rf"--example[ =]{re.escape(name)}(\s|$)", r) and source in r]
+    if not built:
+        problem(where, f"the entry point {program} comes from stage {stages[stage] or stage}, "
+                       f"whose RUN lines do not build --example {name} into {source}")
+    elif not os.path.isfile(f"examples/{name}.rs"):
+        problem(where, f"the entry point {program} is built from examples/{name}.rs, "
+                       "which does not exist")
+    if healthcheck is not None and healthcheck[1] != program:
+        problem(healthcheck[0], f"the health check runs {healthcheck[1]}, not the entry point "
+                                f"{program}")
 
 
 def check_entrypoint(where, program, workdir, copied_root, ignore_patterns):
@@ -247,6 +299,34 @@ def environment(service):
     return {k: None if v is None else str(v) for k, v in env.items()}
 
 
+def seconds(value):
+    """A compose duration such as `30s`, `1m30s` or `90`, in seconds; None if unreadable."""
+    text = str(value).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def check_worker_service(path, service):
+    where = f"{path}: service worker"
+    build = service.get("build")
+    target = build.get("target") if isinstance(build, dict) else None
+    if target not in dockerfile_stages:
+        problem(where, f"builds target {target!r}, not a stage of the Dockerfile "
+                       f"({dockerfile_stages})")
+    timeout = seconds(environment(service).get("DTB_SHUTDOWN_TIMEOUT") or 20)
+    grace = seconds(service.get("stop_grace_period", "10s"))
+    if timeout is None or grace is None:
+        problem(where, "cannot read DTB_SHUTDOWN_TIMEOUT or stop_grace_period")
+    elif grace <= timeout:
+        problem(where, f"stop_grace_period ({grace:g} s) must exceed the worker's "
+                       f"DTB_SHUTDOWN_TIMEOUT ({timeout:g} s), or the drain is cut by SIGKILL")
+
+
 def check_compose(path):
     try:
         import yaml
@@ -283,6 +363,8 @@ def check_compose(path):
         for key, value in expected["environment"].items():
             if env.get(key) != value:
                 problem(where, f"{key} should be {value!r}, is {env.get(key)!r}")
+    if isinstance(services.get("worker"), dict):
+        check_worker_service(path, services["worker"])
 
 
 def main():

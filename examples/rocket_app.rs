@@ -33,7 +33,7 @@
 //!
 //! ```text
 //! export DATABASE_URL=postgres://postgres@127.0.0.1:5432/test FAKTORY_URL=tcp://127.0.0.1:7419
-//! cargo run --example rocket_worker &
+//! cargo run --features metrics --example rocket_worker &
 //! cargo run --example rocket_app
 //! curl -X POST -H 'Content-Type: application/json' -d '{"amount": 42}' localhost:8000/orders/1/pay
 //! curl -X POST -H 'Content-Type: application/json' -d '{"amount": -1}' localhost:8000/orders/2/pay

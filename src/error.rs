@@ -200,6 +200,11 @@ pub enum Error {
     #[error("cannot start a Tokio runtime")]
     Runtime(#[source] std::io::Error),
 
+    /// The worker could not install its signal handlers
+    /// ([`WorkerBuilder::handle_signals`](crate::WorkerBuilder::handle_signals)).
+    #[error("cannot listen for the process's signals")]
+    Signals(#[source] std::io::Error),
+
     /// The producer's runtime stopped before it answered (the producer is being dropped).
     #[error("the producer stopped before the push was answered")]
     ProducerStopped,

@@ -41,6 +41,8 @@ pub use handlers::Handlers;
 pub use maintenance::{inspect, reap_barriers, reconcile_barriers};
 pub use migrations::{barrier_schema_present, run_migrations};
 pub use producer::{Producer, ProducerBuilder};
-pub use worker::{AbortPolicy, ShutdownHandle, StopReason, Worker, WorkerBuilder, WorkerMonitor};
+pub use worker::{
+    AbortPolicy, ShutdownHandle, Signal, StopReason, Worker, WorkerBuilder, WorkerMonitor,
+};
 
 pub use faktory::{Job, JobId};

@@ -27,7 +27,9 @@
 //! The names are the constants of this module. Every worker of a process records into the same
 //! series; the recorder (or its exporter) adds whatever labels tell processes apart. Install the
 //! recorder before the first worker connects: the metrics' units and help texts are described
-//! to the recorder installed then.
+//! to the recorder installed then, and every counter and gauge is recorded at zero, so that its
+//! series exists from the start (the histogram's appear with their first sample of each
+//! verdict).
 
 /// Counter: deliveries processed to the end, whatever the outcome.
 pub const JOBS_PROCESSED: &str = "dtb_jobs_processed_total";
@@ -87,7 +89,8 @@ mod record {
             .record(waited.as_secs_f64());
     }
 
-    /// Describes every metric to the recorder installed now, once per process.
+    /// Describes every metric to the recorder installed now, and records each counter and
+    /// gauge at zero; once per process.
     pub(crate) fn describe() {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
@@ -125,6 +128,7 @@ mod record {
             ];
             for (name, help) in counters {
                 describe_counter!(name, Unit::Count, help);
+                counter!(name).increment(0);
             }
             describe_gauge!(
                 JOBS_WAITING,
@@ -132,6 +136,9 @@ mod record {
                 "Jobs waiting for their transactions."
             );
             describe_gauge!(HANDLERS_RUNNING, Unit::Count, "Handlers running.");
+            for name in [JOBS_WAITING, HANDLERS_RUNNING] {
+                gauge!(name).increment(0.0);
+            }
             describe_histogram!(
                 BARRIER_WAIT_SECONDS,
                 Unit::Seconds,

@@ -50,6 +50,8 @@ pub(crate) struct Config {
     pub(crate) listen_url: Option<String>,
     /// How many watchers wait on running transactions, where hints are lock waits.
     pub(crate) commit_watchers: usize,
+    /// Whether `run` stops on SIGTERM or SIGINT and quiets on SIGTSTP.
+    pub(crate) handle_signals: bool,
     pub(crate) abort_policy: AbortPolicy,
     pub(crate) block_limit: Duration,
     pub(crate) deadline: Duration,
@@ -117,6 +119,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 commit_hints: true,
                 listen_url: None,
                 commit_watchers: 4,
+                handle_signals: false,
                 abort_policy: AbortPolicy::Ack,
                 block_limit: Duration::from_secs(30),
                 deadline: Duration::from_secs(15 * 60),
@@ -360,6 +363,31 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
+    /// Whether [`run`](Worker::run) stops on the process's signals, as Sidekiq and
+    /// faktory_worker_ruby do, for `systemctl stop`, `docker stop`, Kubernetes and Ctrl-C:
+    ///
+    /// * **SIGTERM or SIGINT**: the graceful stop of [`ShutdownHandle::shutdown`](crate::ShutdownHandle::shutdown).
+    ///   No new job is taken, jobs waiting for their transactions go back to Faktory at once
+    ///   (without the retry penalty), running handlers get up to the
+    ///   [`shutdown_timeout`](Self::shutdown_timeout) to finish, and `run` returns
+    ///   [`StopReason::Signal`](crate::StopReason::Signal).
+    /// * **A second SIGTERM or SIGINT** during that drain: `run` returns at once; handlers still
+    ///   running are failed back to Faktory, which retries them.
+    /// * **SIGTSTP**: quiet. No new job is taken (a job fetched from then on waits, without
+    ///   running, until what runs has finished or [`block_limit`](Self::block_limit) passed,
+    ///   then goes back to Faktory); running handlers and waiting jobs finish; then the worker
+    ///   closes its Faktory connections and waits for SIGTERM or SIGINT.
+    ///
+    /// The handlers are installed when `run` starts (through Tokio's `signal` module) and stay
+    /// installed for the life of the process: after `run` returns, these signals no longer end
+    /// or suspend the process. Elsewhere than on Unix, only Ctrl-C is handled (as SIGINT).
+    ///
+    /// Defaults to `false`: the worker leaves the process's signals alone.
+    pub fn handle_signals(mut self, enabled: bool) -> Self {
+        self.config.handle_signals = enabled;
+        self
+    }
+
     /// The hostname reported to Faktory.
     ///
     /// Defaults to the machine's hostname.
@@ -443,6 +471,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
             }),
             shutdown_tx: Arc::new(tx),
             shutdown_rx: rx,
+            control: Arc::new(super::signals::Control::new()),
         })
     }
 }

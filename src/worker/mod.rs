@@ -16,6 +16,7 @@
 //! * `retries.rs` — when Faktory brings a failed job back;
 //! * `phases.rs` — the timings of a handler's run;
 //! * `monitor.rs` — counters, the shutdown handle, why the worker stopped;
+//! * `signals.rs` — SIGTERM, SIGINT and SIGTSTP (`WorkerBuilder::handle_signals`);
 //! * this file — [`Worker`]: the run loop, reconnecting, and the graceful drain.
 
 mod builder;
@@ -24,11 +25,13 @@ pub(crate) mod phases;
 mod process;
 mod retries;
 mod run;
+mod signals;
 mod snooze;
 mod waiter;
 
 pub use builder::{AbortPolicy, WorkerBuilder};
 pub use monitor::{ShutdownHandle, StopReason, WorkerMonitor};
+pub use signals::Signal;
 
 use crate::backend::{BarrierConnection, ConnectionPool};
 use crate::error::{Error, Result};
@@ -37,6 +40,7 @@ use crate::maintenance::Maintenance;
 use crate::producer::{redact, Producer};
 use builder::Config;
 use monitor::Stats;
+use signals::Control;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -89,6 +93,12 @@ impl<C: BarrierConnection> Shared<C> {
     fn is_draining(&self) -> bool {
         *self.draining.borrow()
     }
+
+    /// From now on, jobs that arrive are handed back (quiet, or a shutdown began).
+    fn stop_taking_jobs(&self) {
+        self.draining.send_replace(true);
+        self.stats.quiet.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Fetches jobs from Faktory and runs each one's handler once its barrier says the producer's
@@ -101,6 +111,7 @@ pub struct Worker<C: BarrierConnection> {
     shared: Arc<Shared<C>>,
     shutdown_tx: Arc<tokio::sync::watch::Sender<bool>>,
     shutdown_rx: tokio::sync::watch::Receiver<bool>,
+    control: Arc<Control>,
 }
 
 impl<C: BarrierConnection> fmt::Debug for Worker<C> {
@@ -174,30 +185,52 @@ impl<C: BarrierConnection> Worker<C> {
             &self.shared.config.maintenance,
         );
         let result = runtime.block_on(self.run_async(queues, fetch_slots));
+        self.shared.stats.connected.store(false, Ordering::SeqCst);
         if let Some(waiter) = self.shared.waiter.get() {
             waiter.stop();
         }
         drop(maintenance);
-        // A handler still running past the drain is not waited for (its job was failed back to
-        // Faktory, which hands it out again).
-        runtime.shutdown_timeout(LAST_WORDS);
+        // Handlers still running now were failed back to Faktory (a stop at once, or past the
+        // shutdown timeout): they are not waited for.
+        let abandoned =
+            self.control.immediate() || self.shared.stats.running.load(Ordering::SeqCst) > 0;
+        runtime.shutdown_timeout(if abandoned {
+            Duration::ZERO
+        } else {
+            LAST_WORDS
+        });
         result
     }
 
     async fn run_async(&mut self, queues: &[String], fetch_slots: usize) -> Result<StopReason> {
         let mut shutdown = self.shutdown_rx.clone();
         let config = &self.shared.config;
+        let _signals = match config.handle_signals {
+            true => Some(
+                signals::listen(Arc::clone(&self.control), Arc::clone(&self.shutdown_tx))
+                    .map_err(Error::Signals)?,
+            ),
+            false => None,
+        };
         tracing::info!(
             url = %redact(self.url()),
             queues = ?queues,
             handlers = config.workers,
             fetch_slots,
             kinds = ?self.shared.handlers,
+            signals = config.handle_signals,
             "worker starting"
         );
         loop {
             if *shutdown.borrow() {
-                return Ok(StopReason::Shutdown);
+                return Ok(self.control.reason(StopReason::Shutdown));
+            }
+            if self.control.is_quiet() {
+                // Quiet, with nothing left of its own: no connection until it is stopped.
+                self.shared.stop_taking_jobs();
+                tracing::info!("worker quiet and idle; waiting to be stopped");
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                return Ok(self.control.reason(StopReason::Shutdown));
             }
             let config = &self.shared.config;
             let mut builder = faktory::WorkerBuilder::<Error>::default().workers(fetch_slots);
@@ -207,17 +240,31 @@ impl<C: BarrierConnection> Worker<C> {
             builder = builder.labels(config.labels.clone());
             for kind in self.shared.handlers.kinds() {
                 let shared = Arc::clone(&self.shared);
+                let control = Arc::clone(&self.control);
+                let stop = shutdown.clone();
                 builder = builder.register_fn(kind, move |job| {
                     let shared = Arc::clone(&shared);
-                    async move { process::process(shared, job).await }
+                    let control = Arc::clone(&control);
+                    let stop = stop.clone();
+                    async move {
+                        if control.holds_new_jobs() {
+                            hold(&shared, &control, stop).await;
+                        }
+                        process::process(shared, job).await
+                    }
                 });
             }
             let shared = Arc::clone(&self.shared);
+            let control = Arc::clone(&self.control);
             let mut signal = shutdown.clone();
+            let quiet_signal = shutdown.clone();
             builder = builder
                 .with_graceful_shutdown(async move {
-                    let _ = signal.wait_for(|stop| *stop).await;
-                    drain(&shared).await;
+                    tokio::select! {
+                        _ = signal.wait_for(|stop| *stop) => {}
+                        () = quiet_until_idle(&shared, &control, quiet_signal) => {}
+                    }
+                    drain(&shared, &control).await;
                 })
                 .shutdown_timeout(LAST_WORDS);
 
@@ -226,10 +273,13 @@ impl<C: BarrierConnection> Worker<C> {
             // on a task of its own, so that such a panic ends this attempt, not the worker.
             let url = self.url().to_string();
             let queues_owned = queues.to_vec();
+            let stats = Arc::clone(&self.shared.stats);
             let attempt = tokio::spawn(async move {
                 let outcome = match builder.connect_to(&url).await {
                     Ok(mut worker) => {
+                        stats.connected.store(true, Ordering::SeqCst);
                         let outcome = worker.run(&queues_owned).await;
+                        stats.connected.store(false, Ordering::SeqCst);
                         // A worker whose connection broke panics when dropped: keep that
                         // inside this task.
                         drop(worker);
@@ -242,16 +292,19 @@ impl<C: BarrierConnection> Worker<C> {
             let outcome = attempt
                 .await
                 .unwrap_or_else(|e| Err(format!("the faktory worker failed: {e}")));
+            self.shared.stats.connected.store(false, Ordering::SeqCst);
             // The fetch tasks faktory aborted are dropped when the runtime next polls them; let
             // that happen now, while their connections can still say END.
             tokio::time::sleep(Duration::from_millis(20)).await;
             let failure = match outcome {
-                Ok(details) => {
-                    return Ok(match details.reason {
-                        faktory::StopReason::GracefulShutdown => StopReason::Shutdown,
-                        _ => StopReason::ServerInstruction,
-                    });
-                }
+                Ok(details) => match details.reason {
+                    // A quiet run that ended: the loop waits for the stop.
+                    faktory::StopReason::GracefulShutdown if !*shutdown.borrow() => continue,
+                    faktory::StopReason::GracefulShutdown => {
+                        return Ok(self.control.reason(StopReason::Shutdown))
+                    }
+                    _ => return Ok(self.control.reason(StopReason::ServerInstruction)),
+                },
                 Err(e) => e,
             };
             tracing::warn!(error = %failure, backoff = ?self.shared.config.reconnect_backoff, "lost the connection to faktory; reconnecting");
@@ -269,21 +322,64 @@ impl<C: BarrierConnection> Worker<C> {
 const LAST_WORDS: Duration = Duration::from_secs(1);
 
 /// The first half of a shutdown: waiting jobs are handed back, new ones too, and running
-/// handlers get up to the shutdown timeout to finish. Then faktory's own graceful shutdown
-/// fails whatever is still running.
-async fn drain<C: BarrierConnection>(shared: &Shared<C>) {
-    shared.draining.send_replace(true);
+/// handlers get up to the shutdown timeout to finish (no time at all after a second stop
+/// signal). Then faktory's own graceful shutdown fails whatever is still running.
+async fn drain<C: BarrierConnection>(shared: &Shared<C>, control: &Control) {
+    shared.stop_taking_jobs();
+    control.release();
     if let Some(waiter) = shared.waiter.get() {
         waiter.stop();
     }
     let deadline = Instant::now() + shared.config.shutdown_timeout;
-    while shared.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    let in_flight =
+        || shared.in_flight.load(Ordering::SeqCst) + control.held.load(Ordering::SeqCst);
+    while in_flight() > 0 && Instant::now() < deadline && !control.immediate() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Let the last acknowledgements reach Faktory before it is told to fail what runs.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    if !control.immediate() {
+        // Let the last acknowledgements reach Faktory before it is told to fail what runs.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(still_running = in_flight(), "worker drained");
+}
+
+/// Resolves once the worker is quiet (SIGTSTP) and nothing it took before is left; the jobs
+/// its fetch slots took since then are then released. Pending while no stop was asked for.
+async fn quiet_until_idle<C: BarrierConnection>(
+    shared: &Shared<C>,
+    control: &Control,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    control.quieted().await;
+    shared.stop_taking_jobs();
+    while shared.in_flight.load(Ordering::SeqCst) > 0 {
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => false,
+            stopped = async { stop.wait_for(|stop| *stop).await.is_ok() } => stopped,
+        };
+        if stopped {
+            // The drain takes over.
+            std::future::pending::<()>().await;
+        }
+    }
     tracing::info!(
-        still_running = shared.in_flight.load(Ordering::SeqCst),
-        "worker drained"
+        held = control.held.load(Ordering::SeqCst),
+        "quiet worker has finished what it ran; closing its faktory connections"
     );
+}
+
+/// Holds a job fetched while the worker is quiet, without running it, until what the worker
+/// runs has finished, a stop begins or the block limit passes; it then goes to `process`,
+/// which hands it back to Faktory. Its fetch slot fetches nothing meanwhile.
+async fn hold<C: BarrierConnection>(
+    shared: &Shared<C>,
+    control: &Control,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let _held = monitor::Gauge::up(&control.held, None);
+    tokio::select! {
+        () = control.released() => {}
+        _ = stop.wait_for(|stop| *stop) => {}
+        () = tokio::time::sleep(shared.config.block_limit) => {}
+    }
 }

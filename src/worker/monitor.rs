@@ -34,6 +34,10 @@ pub(crate) struct Stats {
     pub(crate) failed: Counter,
     pub(crate) processed: Counter,
     pub(crate) hearing_hints: Arc<AtomicBool>,
+    /// Set while the worker holds a working connection to Faktory.
+    pub(crate) connected: AtomicBool,
+    /// Set once the worker takes no new job (quiet, or shutting down).
+    pub(crate) quiet: AtomicBool,
 }
 
 impl Default for Stats {
@@ -52,6 +56,8 @@ impl Default for Stats {
             failed: Counter::new(JOBS_FAILED),
             processed: Counter::new(JOBS_PROCESSED),
             hearing_hints: Arc::default(),
+            connected: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
         }
     }
 }
@@ -187,6 +193,22 @@ impl WorkerMonitor {
     pub fn hears_commit_hints(&self) -> bool {
         self.stats.hearing_hints.load(Ordering::SeqCst)
     }
+
+    /// Whether the worker is connected to Faktory: its last connection succeeded and has not
+    /// failed since. A broken connection is noticed at the next fetch (Faktory answers an idle
+    /// one every 2 seconds) or heartbeat (every 5 seconds). False before
+    /// [`run`](crate::Worker::run), while it reconnects, once it is quiet and has nothing left
+    /// to finish, and after it stopped.
+    pub fn is_connected(&self) -> bool {
+        self.stats.connected.load(Ordering::SeqCst)
+    }
+
+    /// Whether the worker takes no new job: it was quieted (SIGTSTP, with
+    /// [`handle_signals`](crate::WorkerBuilder::handle_signals)) or a shutdown began. A quiet
+    /// from Faktory's web UI is handled inside the `faktory` crate and is not seen here.
+    pub fn is_quiet(&self) -> bool {
+        self.stats.quiet.load(Ordering::SeqCst)
+    }
 }
 
 /// Why [`Worker::run`](crate::Worker::run) returned.
@@ -197,4 +219,14 @@ pub enum StopReason {
     Shutdown,
     /// Faktory told the worker to terminate.
     ServerInstruction,
+    /// SIGTERM or SIGINT stopped the worker (with
+    /// [`handle_signals`](crate::WorkerBuilder::handle_signals)).
+    Signal {
+        /// The signal; the second one when two came.
+        signal: super::Signal,
+        /// Whether a second signal, during the drain, stopped the worker at once: the
+        /// handlers still running then were failed back to Faktory, which retries them. False
+        /// for a graceful stop.
+        immediate: bool,
+    },
 }

@@ -62,6 +62,34 @@ impl ChildTest {
         }
     }
 
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends the child the signal `name` (`TERM`, `INT`, `TSTP`, ...) through `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill -s {name}: {e}"));
+        assert!(status.success(), "kill -s {name}: {status}");
+    }
+
+    /// The child's exit status once it exited, or `None` if it still runs after `timeout`.
+    pub fn wait_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child's status") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Kills the child with SIGKILL and waits for it.
     pub fn kill(&mut self) -> ExitStatus {
         self.child.kill().expect("SIGKILL the child process");
