@@ -5,6 +5,8 @@
 #![cfg(feature = "mysql")]
 
 mod common;
+#[path = "mysql/watchers.rs"]
+mod watchers;
 
 use common::mysql::{record_warnings, recorded, ExclusiveTicket, NoProcess, Root};
 use common::*;
