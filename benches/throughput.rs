@@ -16,7 +16,13 @@
 //! 3. worker throughput, 8 handlers: already-committed barrier jobs vs plain jobs;
 //! 4. 500 jobs waiting on open transactions: database connections the worker process holds,
 //!    and the commit → start latency of 200 short transactions' jobs meanwhile;
-//! 5. barrier rows left after draining 10,000 jobs, and the worker process's peak RSS.
+//! 5. barrier rows left after draining 10,000 jobs, and the worker process's peak RSS;
+//! 6. big transactions: 10,000 jobs enqueued in one transaction with
+//!    `enqueue_many_with_barrier` vs one at a time and vs a plain bulk push; a worker (8
+//!    handlers, defaults) that fetches them while the transaction stays open for 10 s
+//!    (`BENCH_HOLD_SECS`): hand-backs per job, none run early or twice, COMMIT → all done vs
+//!    the same worker's steady rate on committed barrier jobs; and the same after a ROLLBACK:
+//!    none runs.
 //!
 //! Parts 4 and 5 run the worker in a child process (this binary, re-executed) so that its
 //! connections and memory are its own.
@@ -200,6 +206,9 @@ where
         if on("4") {
             self.waiting_at_scale();
         }
+        if on("6") {
+            self.big_transactions();
+        }
         self.print();
         if !self.failures.is_empty() {
             for f in &self.failures {
@@ -253,7 +262,7 @@ where
         Receiver<(i64, Instant)>,
     ) {
         let (tx, rx) = unbounded();
-        let mut worker = WorkerBuilder::new(self.pool(workers as u32 + 4))
+        let mut worker = WorkerBuilder::new(self.pool(workers as u32 + 8))
             .url(self.faktory.url())
             .workers(workers)
             .max_waiting(max_waiting)
@@ -789,6 +798,223 @@ where
                 None,
             );
         }
+    }
+
+    /// Part 6, big transactions: the bulk enqueue's cost, and a worker waiting for a big
+    /// open transaction.
+    fn big_transactions(&mut self) {
+        let n = scale(10_000);
+        let singles = scale(1_000).min(n);
+        let hold = Duration::from_secs(
+            std::env::var("BENCH_HOLD_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10),
+        );
+        println!("\n6. big transactions ({n} jobs in one transaction)");
+        let per_job_us = |d: Duration, k: usize| d.as_secs_f64() * 1e6 / k as f64;
+        let mut conn = self.conn();
+
+        // 6a. Enqueueing: one at a time, in bulk, and a plain bulk push (no transaction, no
+        // barriers); the best of two rounds each, alternated.
+        let single_queue = self.faktory.unique_queue("bench-bulk-single");
+        let bulk_queue = self.faktory.unique_queue("bench-bulk");
+        let plain_queue = self.faktory.unique_queue("bench-bulk-plain");
+        let (mut single, mut bulk, mut plain) = (f64::MAX, f64::MAX, f64::MAX);
+        for _ in 0..2 {
+            let jobs: Vec<Job> = self
+                .ids(singles)
+                .into_iter()
+                .map(|id| self.job(&single_queue, id))
+                .collect();
+            let started = Instant::now();
+            conn.transaction(|c| {
+                for job in jobs {
+                    c.enqueue_with_barrier(&self.producer, job)?;
+                }
+                Ok::<_, Error>(())
+            })
+            .expect("one at a time");
+            single = single.min(per_job_us(started.elapsed(), singles));
+
+            let jobs: Vec<Job> = self
+                .ids(n)
+                .into_iter()
+                .map(|id| self.job(&bulk_queue, id))
+                .collect();
+            let started = Instant::now();
+            conn.transaction(|c| c.enqueue_many_with_barrier(&self.producer, jobs))
+                .expect("bulk");
+            bulk = bulk.min(per_job_us(started.elapsed(), n));
+
+            let jobs: Vec<Job> = self
+                .ids(n)
+                .into_iter()
+                .map(|id| self.job(&plain_queue, id))
+                .collect();
+            let started = Instant::now();
+            self.producer.push_many(jobs).expect("plain bulk push");
+            plain = plain.min(per_job_us(started.elapsed(), n));
+        }
+        self.row(
+            "6. enqueue in one transaction: one at a time vs `enqueue_many_with_barrier`, µs per job",
+            format!("{single:.1} / {bulk:.1} = {:.1}×", single / bulk),
+            "≥ 10×",
+            Some(single / bulk >= 10.0),
+        );
+        self.row(
+            "6. `enqueue_many_with_barrier` in a transaction vs a plain bulk push, µs per job",
+            format!("{bulk:.1} / {plain:.1} = {:.2}", bulk / plain),
+            "≤ 2",
+            Some(bulk / plain <= 2.0),
+        );
+
+        // The worker's steady rate on committed barrier jobs: the bulk-enqueued ones.
+        let steady = self.drain(&bulk_queue, 2 * n, "steady rate");
+        self.drain(&single_queue, 2 * singles, "one-at-a-time jobs");
+        self.drain(&plain_queue, 2 * n, "plain jobs");
+        println!("  steady rate on committed barrier jobs: {steady:.0} jobs/s");
+
+        // 6b. A worker that fetches a big transaction's jobs while it stays open.
+        let queue = self.faktory.unique_queue("bench-bulk-open");
+        let (stop, monitor, t, rx) = self.start_worker(&queue, 8, 32);
+        let ids = self.ids(n);
+        let jobs: Vec<Job> = ids.iter().map(|&id| self.job(&queue, id)).collect();
+        let mut early = 0;
+        conn.transaction(|c| {
+            c.enqueue_many_with_barrier(&self.producer, jobs)?;
+            let opened = Instant::now();
+            while opened.elapsed() < hold {
+                if rx.recv_timeout(hold - opened.elapsed()).is_ok() {
+                    early += 1;
+                }
+            }
+            println!(
+                "  after {hold:?} open: {} jobs waiting ({} parked), {} handed back",
+                monitor.waiting(),
+                monitor.parked(),
+                monitor.snoozed() + monitor.overflowed()
+            );
+            Ok::<_, Error>(())
+        })
+        .expect("the big transaction");
+        let committed_at = Instant::now();
+        if early > 0 {
+            self.failures.push(format!(
+                "big transaction: {early} jobs ran before the COMMIT"
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < n {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok((id, _)) => {
+                    if !seen.insert(id) {
+                        self.failures
+                            .push(format!("big transaction: job {id} ran twice"));
+                    }
+                }
+                Err(_) => {
+                    self.failures.push(format!(
+                        "big transaction: {} of {n} jobs ran after the COMMIT",
+                        seen.len()
+                    ));
+                    break;
+                }
+            }
+        }
+        let after_commit = seen.len() as f64 / committed_at.elapsed().as_secs_f64();
+        let hand_backs = monitor.snoozed() + monitor.overflowed();
+        self.row(
+            "6. COMMIT → all handlers done (8 handlers, no writes) vs steady rate, jobs/s",
+            format!(
+                "{after_commit:.0} / {steady:.0} = {:.2}",
+                after_commit / steady
+            ),
+            "≥ 0.8",
+            Some(after_commit / steady >= 0.8),
+        );
+        let per_job = hand_backs as f64 / n as f64;
+        self.row(
+            &format!("6. hand-backs per job, the transaction open {hold:?}"),
+            format!(
+                "{hand_backs} / {n} = {per_job:.2} (parked {}, none early, none twice)",
+                monitor.parked_total()
+            ),
+            "≤ 1",
+            Some(per_job <= 1.0),
+        );
+
+        // 6c. The same, rolled back once every job was fetched: none runs.
+        let aborted_before = monitor.aborted();
+        let ids = self.ids(n);
+        let jobs: Vec<Job> = ids.iter().map(|&id| self.job(&queue, id)).collect();
+        let rolled_back = conn.transaction(|c| {
+            c.enqueue_many_with_barrier(&self.producer, jobs)?;
+            let opened = Instant::now();
+            while monitor.waiting() < n && opened.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err::<(), _>(Error::Database(diesel::result::Error::RollbackTransaction))
+        });
+        assert!(rolled_back.is_err());
+        let started = Instant::now();
+        while monitor.aborted() - aborted_before < n as u64
+            && started.elapsed() < Duration::from_secs(60)
+        {
+            if let Ok((id, _)) = rx.recv_timeout(Duration::from_millis(10)) {
+                self.failures
+                    .push(format!("big transaction: job {id} ran after the ROLLBACK"));
+            }
+        }
+        let aborted = monitor.aborted() - aborted_before;
+        if aborted < n as u64 {
+            self.failures.push(format!(
+                "big transaction: {aborted} of {n} jobs aborted after the ROLLBACK"
+            ));
+        }
+        self.row(
+            "6. after a ROLLBACK of such a transaction: jobs aborted, jobs run",
+            format!(
+                "{aborted} aborted in {:.2} s, {} run",
+                started.elapsed().as_secs_f64(),
+                rx.try_iter().count()
+            ),
+            "all aborted, none run",
+            Some(aborted == n as u64),
+        );
+        stop.shutdown();
+        let _ = t.join();
+        let left = count_rows(&mut conn, "SELECT COUNT(*) AS n FROM dtb_barriers");
+        if left != 0 {
+            self.failures
+                .push(format!("big transactions: {left} barrier rows left"));
+        }
+    }
+
+    /// Runs the `n` jobs of `queue` with a fresh worker (8 handlers, defaults); returns its
+    /// rate, jobs/s.
+    fn drain(&mut self, queue: &str, n: usize, what: &str) -> f64 {
+        let (stop, _monitor, t, rx) = self.start_worker(queue, 8, 32);
+        let started = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < n {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok((id, _)) => {
+                    if !seen.insert(id) {
+                        self.failures.push(format!("{what}: job {id} ran twice"));
+                    }
+                }
+                Err(_) => {
+                    self.failures
+                        .push(format!("{what}: only {} of {n} jobs ran", seen.len()));
+                    break;
+                }
+            }
+        }
+        let rate = seen.len() as f64 / started.elapsed().as_secs_f64();
+        stop.shutdown();
+        let _ = t.join();
+        rate
     }
 }
 

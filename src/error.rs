@@ -81,6 +81,16 @@ pub enum Error {
     #[error("faktory")]
     Faktory(#[from] faktory::Error),
 
+    /// Faktory refused some of the jobs of a bulk push (`PUSHB`): `count` of them, the first
+    /// (by job id) with its reason.
+    #[error("faktory refused {count} job(s) of a bulk push, first {first}")]
+    PushRefused {
+        /// How many jobs were refused.
+        count: usize,
+        /// The first refused job's id and Faktory's reason.
+        first: String,
+    },
+
     /// Talking to Faktory took longer than the configured timeout.
     #[error("faktory did not answer within {0:?}")]
     FaktoryTimeout(Duration),

@@ -15,6 +15,7 @@
 //! | `dtb_jobs_duplicate_total` | counter | deliveries skipped: another delivery of the job consumed the barrier |
 //! | `dtb_jobs_refused_total` | counter | deliveries refused: they carry the barrier of another job |
 //! | `dtb_jobs_snoozed_total` | counter | deliveries handed back to Faktory (block limit, busy barrier, overflow, shutdown) |
+//! | `dtb_jobs_parked_total` | counter | deliveries parked until their transaction ends (pushed back once it commits) |
 //! | `dtb_jobs_overflowed_total` | counter | deliveries handed back because `max_waiting` jobs already waited (also snoozed) |
 //! | `dtb_jobs_timed_out_total` | counter | jobs failed with `BarrierTimeout` |
 //! | `dtb_jobs_failed_total` | counter | deliveries that ended in a failure reported to Faktory |
@@ -44,6 +45,9 @@ pub const JOBS_DUPLICATE: &str = "dtb_jobs_duplicate_total";
 pub const JOBS_REFUSED: &str = "dtb_jobs_refused_total";
 /// Counter: deliveries handed back to Faktory without running.
 pub const JOBS_SNOOZED: &str = "dtb_jobs_snoozed_total";
+/// Counter: deliveries parked until their transaction ends (see
+/// [`WorkerMonitor::parked`](crate::WorkerMonitor::parked)).
+pub const JOBS_PARKED: &str = "dtb_jobs_parked_total";
 /// Counter: deliveries handed back because too many jobs already waited.
 pub const JOBS_OVERFLOWED: &str = "dtb_jobs_overflowed_total";
 /// Counter: jobs failed with [`Error::BarrierTimeout`](crate::Error::BarrierTimeout).
@@ -113,6 +117,10 @@ mod record {
                 (
                     JOBS_SNOOZED,
                     "Deliveries handed back to Faktory without running.",
+                ),
+                (
+                    JOBS_PARKED,
+                    "Deliveries parked until their transaction ends.",
                 ),
                 (
                     JOBS_OVERFLOWED,

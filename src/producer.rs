@@ -180,6 +180,41 @@ impl Producer {
         }
     }
 
+    /// Pushes `jobs` as they are, with no barrier, in batches of at most 1,000 (Faktory's
+    /// `PUSHB`, one round trip per batch): plain Faktory pushes.
+    ///
+    /// Not all or nothing: when a batch fails ([`Error::PushRefused`] when Faktory refused some
+    /// of its jobs, or a connection error), the jobs of earlier batches, and perhaps some of
+    /// that one, were pushed. [`enqueue_many_with_barrier`](crate::EnqueueWithBarrier::enqueue_many_with_barrier)
+    /// inside a transaction is all or nothing.
+    pub fn push_many<I: IntoIterator<Item = Job>>(&self, jobs: I) -> Result<()> {
+        match &*self.inner {
+            Inner::Faktory(pool) => {
+                let jobs: Vec<Job> = jobs.into_iter().collect();
+                for batch in jobs.chunks(BULK) {
+                    pool.push_bulk(batch.to_vec(), false)?;
+                }
+                Ok(())
+            }
+            Inner::Inline(_) => Err(Error::InlinePush),
+        }
+    }
+
+    /// Pushes jobs that carry barriers with `PUSHB`, in batches of at most 1,000: a lost answer
+    /// may be retried once on a fresh connection, since a second copy of a barrier job cannot
+    /// run twice.
+    pub(crate) fn push_barrier_jobs(&self, jobs: Vec<Job>) -> Result<()> {
+        match &*self.inner {
+            Inner::Faktory(pool) => {
+                for batch in jobs.chunks(BULK) {
+                    pool.push_bulk(batch.to_vec(), true)?;
+                }
+                Ok(())
+            }
+            Inner::Inline(_) => unreachable!("inline producers run handlers instead of pushing"),
+        }
+    }
+
     /// Pushes a job that carries a barrier: a lost answer may be retried once on a fresh
     /// connection, since a second copy of a barrier job cannot run twice.
     pub(crate) fn push_barrier_job(&self, job: Job) -> Result<()> {
@@ -197,6 +232,9 @@ impl Producer {
         }
     }
 }
+
+/// The most jobs in one `PUSHB` (Faktory's advice).
+pub(crate) const BULK: usize = 1000;
 
 pub(crate) struct FaktoryPool {
     url: String,
@@ -223,6 +261,8 @@ impl Drop for Pooled {
 
 enum Op {
     Push(Box<Job>),
+    /// Faktory's `PUSHB`.
+    PushBulk(Vec<Job>),
     Ping,
 }
 
@@ -232,6 +272,16 @@ impl FaktoryPool {
             Err(Error::Faktory(faktory::Error::IO(e))) if may_retry => {
                 tracing::debug!(error = %e, "faktory push failed on a pooled connection; retrying once on a new one");
                 self.run(Op::Push(Box::new(job)), false)
+            }
+            other => other,
+        }
+    }
+
+    fn push_bulk(&self, jobs: Vec<Job>, may_retry: bool) -> Result<()> {
+        match self.run(Op::PushBulk(jobs.clone()), true) {
+            Err(Error::Faktory(faktory::Error::IO(e))) if may_retry => {
+                tracing::debug!(error = %e, "faktory bulk push failed on a pooled connection; retrying once on a new one");
+                self.run(Op::PushBulk(jobs), false)
             }
             other => other,
         }
@@ -272,6 +322,26 @@ impl FaktoryPool {
             };
             let r = match op {
                 Op::Push(job) => tokio::time::timeout_at(deadline, client.enqueue(*job)).await,
+                Op::PushBulk(jobs) => {
+                    let pushed = tokio::time::timeout_at(deadline, client.enqueue_many(jobs)).await;
+                    match pushed {
+                        // Refused, but the connection is fine: back into the pool, then answer.
+                        Ok(Ok((_, Some(refused)))) => {
+                            let mut refused: Vec<(String, String)> = refused.into_iter().collect();
+                            refused.sort();
+                            let first = refused
+                                .first()
+                                .map(|(jid, why)| format!("{jid}: {why}"))
+                                .unwrap_or_default();
+                            let count = refused.len();
+                            give_back(&idle, max_idle, client);
+                            return drop(tx.send(Err(Error::PushRefused { count, first })));
+                        }
+                        Ok(Ok((_, None))) => Ok(Ok(())),
+                        Ok(Err(e)) => Ok(Err(e)),
+                        Err(elapsed) => Err(elapsed),
+                    }
+                }
                 Op::Ping => {
                     tokio::time::timeout_at(deadline, async {
                         client.current_info().await.map(|_| ())
@@ -283,16 +353,7 @@ impl FaktoryPool {
                 Ok(Ok(())) => {
                     // Back into the pool before answering: once the caller has its answer the
                     // producer may be dropped, and the pool with it.
-                    let mut guard = idle.lock().unwrap();
-                    if guard.len() < max_idle {
-                        guard.push(Pooled(Some(client)));
-                        drop(guard);
-                    } else {
-                        drop(guard);
-                        // Dropping a client says END to the server; it must happen on a
-                        // runtime thread, as here.
-                        drop(client);
-                    }
+                    give_back(&idle, max_idle, client);
                     let _ = tx.send(Ok(()));
                 }
                 failed => {
@@ -308,6 +369,18 @@ impl FaktoryPool {
             }
         });
         rx.recv().unwrap_or(Err(Error::ProducerStopped))
+    }
+}
+
+/// Puts a healthy client back into the idle pool, or says END with it when the pool is full.
+/// Runs on the producer's runtime (a client's destructor needs one).
+fn give_back(idle: &Mutex<Vec<Pooled>>, max_idle: usize, client: faktory::Client) {
+    let mut guard = idle.lock().unwrap();
+    if guard.len() < max_idle {
+        guard.push(Pooled(Some(client)));
+    } else {
+        drop(guard);
+        drop(client);
     }
 }
 

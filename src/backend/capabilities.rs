@@ -60,9 +60,19 @@ pub trait Listen<C>: Sync {
         Ok(false)
     }
 
-    /// The barrier ids whose transactions may have ended since the last call (may include ids
-    /// nobody waits for), without blocking.
-    fn take(&self, conn: &mut C) -> QueryResult<Vec<uuid::Uuid>>;
+    /// What may have ended since the last call (barriers or transactions nobody waits for
+    /// included), without blocking.
+    fn take(&self, conn: &mut C) -> QueryResult<Vec<Hint>>;
+}
+
+/// What a hint names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(unreachable_pub)] // named by the sealed trait
+pub enum Hint {
+    /// The transaction that wrote this barrier may have ended.
+    Barrier(uuid::Uuid),
+    /// This transaction (as the barriers' descriptors name it) may have ended.
+    Transaction(String),
 }
 
 /// Lock waits on running producers' rows; see [`Hints::LockWaits`].

@@ -22,12 +22,15 @@ mod sqlite;
 mod types;
 
 #[allow(unreachable_pub)] // named by the sealed trait
-pub use capabilities::{Awaited, CheckSchedule, Durability, Hints, Listen, LockWaits, Prove};
+pub use capabilities::{Awaited, CheckSchedule, Durability, Hint, Hints, Listen, LockWaits, Prove};
 #[allow(unreachable_pub)] // named by the sealed trait
 pub use types::{
     Checked, Claim, Claimed, Inserted, NewBarrier, Pending, ReapedBarrier, ServerTransaction,
     Unconsumed, Verdict,
 };
+
+/// The most barrier rows one [`sealed::Backend::insert_barriers`] call writes.
+pub(crate) const INSERT_BATCH: usize = 1000;
 
 /// A pool of Diesel connections, as the worker uses it.
 pub type ConnectionPool<C> = Pool<ConnectionManager<C>>;
@@ -79,13 +82,19 @@ pub(crate) mod sealed {
             diesel_depth: u32,
         ) -> diesel::QueryResult<ServerTransaction>;
 
-        /// Inserts the barrier row in the connection's current transaction.
-        fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> diesel::QueryResult<Inserted>;
+        /// Inserts the barrier rows `rows` (at most [`INSERT_BATCH`] of them) in the
+        /// connection's current transaction, in one statement where the backend can.
+        fn insert_barriers(&mut self, rows: &[NewBarrier<'_>]) -> diesel::QueryResult<Inserted>;
 
-        /// Deletes barrier `id`, which this connection's transaction inserted, after its job
-        /// could not be pushed: the transaction may still commit (an application that swallows
-        /// the error), and must then leave nothing that could run.
-        fn remove_barrier(&mut self, id: &uuid::Uuid) -> diesel::QueryResult<()>;
+        /// Inserts one barrier row in the connection's current transaction.
+        fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> diesel::QueryResult<Inserted> {
+            self.insert_barriers(std::slice::from_ref(row))
+        }
+
+        /// Deletes the barriers `ids`, which this connection's transaction inserted, after their
+        /// jobs could not all be pushed: the transaction may still commit (an application that
+        /// swallows the error), and must then leave nothing that could run.
+        fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> diesel::QueryResult<()>;
 
         /// Whether `error`, just returned by [`insert_barrier`](Self::insert_barrier) on this
         /// connection, says that the barrier table does not exist (the migrations have not

@@ -145,7 +145,7 @@ pub struct NewBarrier<'a> {
 impl NewBarrier<'_> {
     /// `query` with the row's values bound in this order: id (as text), job id, job kind, job
     /// queue, payload, job digest.
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[cfg(feature = "sqlite")]
     pub(crate) fn bind_to<DB>(
         &self,
         query: diesel::query_builder::SqlQuery,

@@ -52,6 +52,8 @@ pub(crate) struct Config {
     pub(crate) commit_watchers: usize,
     /// Whether `run` stops on SIGTERM or SIGINT and quiets on SIGTSTP.
     pub(crate) handle_signals: bool,
+    /// How many jobs may be parked.
+    pub(crate) max_parked: usize,
     pub(crate) abort_policy: AbortPolicy,
     pub(crate) block_limit: Duration,
     pub(crate) deadline: Duration,
@@ -120,6 +122,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 listen_url: None,
                 commit_watchers: 4,
                 handle_signals: false,
+                max_parked: 10_000,
                 abort_policy: AbortPolicy::Ack,
                 block_limit: Duration::from_secs(30),
                 deadline: Duration::from_secs(15 * 60),
@@ -187,15 +190,37 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
 
     /// How many fetched jobs may wait for transactions that are still running, on top of the
     /// [`workers`](Self::workers) handler slots. Waiting costs no thread and no database
-    /// connection, but each fetch slot keeps a Faktory connection. A job whose first check
-    /// finds its transaction running while that many already wait is handed back at once
-    /// (pushed again a second later; [`WorkerMonitor::overflowed`](crate::WorkerMonitor::overflowed)
+    /// connection, but each fetch slot keeps a Faktory connection. One transaction holds at
+    /// most a quarter of them (at least one). A job whose check finds its transaction running
+    /// while that many already wait is parked (see [`max_parked`](Self::max_parked)), or, when
+    /// it cannot be, handed back (pushed again a second later, twice as late each time the same
+    /// job comes back, at most a minute; [`WorkerMonitor::overflowed`](crate::WorkerMonitor::overflowed)
     /// counts them), so waiting jobs never keep a ready job from being fetched. Jobs whose
     /// transactions have committed never count.
     ///
     /// Defaults to 32.
     pub fn max_waiting(mut self, n: usize) -> Self {
         self.config.max_waiting = n;
+        self
+    }
+
+    /// How many jobs of running transactions the worker may park: acknowledge, keep in memory
+    /// and push back the moment their transaction commits (or drop as aborted when it does
+    /// not), instead of holding each in a fetch slot, or handing it back to Faktory again and
+    /// again while the transaction runs. A transaction holds at most a quarter of
+    /// [`max_waiting`](Self::max_waiting) fetch slots (at least one); its other jobs are parked,
+    /// as are those of transactions that arrive when `max_waiting` are full. A job parked for
+    /// [`block_limit`](Self::block_limit) is handed back, a little later each time. Jobs
+    /// beyond this many are handed back at once, likewise.
+    ///
+    /// A parked job lives only in this worker's memory and as its barrier row: should the
+    /// worker die, the reconciler pushes it again once its transaction has committed and its
+    /// row is overdue, so the worker parks only while its reconciler runs
+    /// ([`reconcile_grace`](Self::reconcile_grace) is set). Zero parks nothing.
+    ///
+    /// Defaults to 10,000.
+    pub fn max_parked(mut self, n: usize) -> Self {
+        self.config.max_parked = n;
         self
     }
 
@@ -464,6 +489,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 stats: Arc::new(Stats::default()),
                 waiter: std::sync::OnceLock::new(),
+                releaser: std::sync::OnceLock::new(),
                 draining: tokio::sync::watch::channel(false).0,
                 location,
                 commits: Arc::new(super::waiter::CommitClock::new()),

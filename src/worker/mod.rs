@@ -21,6 +21,7 @@
 
 mod builder;
 mod monitor;
+pub(crate) mod parking;
 pub(crate) mod phases;
 mod process;
 mod retries;
@@ -58,6 +59,8 @@ struct Shared<C: BarrierConnection> {
     in_flight: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     waiter: std::sync::OnceLock<WaiterHandle>,
+    /// Where the waiter's parked jobs go once decided (started with the waiter, when it parks).
+    releaser: std::sync::OnceLock<parking::Releaser>,
     /// Set when a shutdown begins: jobs still arriving or waiting are handed back.
     draining: tokio::sync::watch::Sender<bool>,
     /// The barrier table this worker reads, as the backend names it (see
@@ -81,7 +84,19 @@ impl<C: BarrierConnection> Shared<C> {
                 listen_pool: self.listen_pool.clone(),
                 watchers: self.config.commit_watchers,
                 schedule,
-                max_waiting: self.config.max_waiting,
+                limits: self.limits(),
+                releaser: self.parks().then(|| {
+                    self.releaser
+                        .get_or_init(|| {
+                            parking::Releaser::start(
+                                self.producer.clone(),
+                                Arc::clone(&self.stats),
+                                self.config.overflow_delay,
+                            )
+                        })
+                        .clone()
+                }),
+                parked: Arc::clone(&self.stats.parked),
                 hearing: Arc::clone(&self.stats.hearing_hints),
                 waiting: Arc::clone(&self.stats.waiting),
                 clock: Arc::clone(&self.commits),
@@ -92,6 +107,27 @@ impl<C: BarrierConnection> Shared<C> {
 
     fn is_draining(&self) -> bool {
         *self.draining.borrow()
+    }
+
+    /// Whether the worker parks jobs of running transactions: only while its reconciler runs,
+    /// which pushes a parked job again should the worker die with it.
+    fn parks(&self) -> bool {
+        self.config.max_parked > 0 && self.config.maintenance.reconcile_grace.is_some()
+    }
+
+    /// How many deliveries may wait in fetch slots, and parked.
+    fn limits(&self) -> waiter::Limits {
+        let max_waiting = self.config.max_waiting;
+        waiter::Limits {
+            max_waiting,
+            per_transaction: (max_waiting / 4).max(1),
+            max_parked: if self.parks() {
+                self.config.max_parked
+            } else {
+                0
+            },
+            park_for: self.config.block_limit,
+        }
     }
 
     /// From now on, jobs that arrive are handed back (quiet, or a shutdown began).
@@ -331,8 +367,17 @@ async fn drain<C: BarrierConnection>(shared: &Shared<C>, control: &Control) {
         waiter.stop();
     }
     let deadline = Instant::now() + shared.config.shutdown_timeout;
-    let in_flight =
-        || shared.in_flight.load(Ordering::SeqCst) + control.held.load(Ordering::SeqCst);
+    // Deliveries still between fetch and answer, and parked jobs not yet handed back.
+    let in_flight = || {
+        let waiter_busy = shared
+            .waiter
+            .get()
+            .is_some_and(|waiter| !waiter.is_stopped());
+        shared.in_flight.load(Ordering::SeqCst)
+            + control.held.load(Ordering::SeqCst)
+            + usize::from(waiter_busy)
+            + shared.releaser.get().map_or(0, parking::Releaser::pending)
+    };
     while in_flight() > 0 && Instant::now() < deadline && !control.immediate() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -23,6 +23,10 @@ impl ShutdownHandle {
 #[derive(Debug)]
 pub(crate) struct Stats {
     pub(crate) waiting: Arc<AtomicUsize>,
+    /// Jobs parked now.
+    pub(crate) parked: Arc<AtomicUsize>,
+    /// Deliveries parked so far.
+    pub(crate) parked_total: Counter,
     pub(crate) running: Arc<AtomicUsize>,
     pub(crate) ran: Counter,
     pub(crate) aborted: Counter,
@@ -45,6 +49,8 @@ impl Default for Stats {
         use crate::metrics::*;
         Stats {
             waiting: Arc::default(),
+            parked: Arc::default(),
+            parked_total: Counter::new(JOBS_PARKED),
             running: Arc::default(),
             ran: Counter::new(JOBS_RAN),
             aborted: Counter::new(JOBS_ABORTED),
@@ -124,9 +130,21 @@ pub struct WorkerMonitor {
 }
 
 impl WorkerMonitor {
-    /// Jobs fetched and now waiting for their transactions.
+    /// Jobs fetched and now waiting for their transactions: in their fetch slots, or parked.
     pub fn waiting(&self) -> usize {
-        self.stats.waiting.load(Ordering::SeqCst)
+        self.stats.waiting.load(Ordering::SeqCst) + self.stats.parked.load(Ordering::SeqCst)
+    }
+
+    /// Jobs parked now: of a transaction that was still running when they arrived, beyond the
+    /// fetch slots it may hold (see [`WorkerBuilder::max_parked`](crate::WorkerBuilder::max_parked));
+    /// acknowledged, kept in memory, and pushed back the moment their transaction commits.
+    pub fn parked(&self) -> usize {
+        self.stats.parked.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries parked so far.
+    pub fn parked_total(&self) -> u64 {
+        self.stats.parked_total.get()
     }
 
     /// Handlers running now.

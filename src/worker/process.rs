@@ -106,7 +106,7 @@ async fn run_barrier<C: BarrierConnection>(
         .min(cfg.deadline.saturating_sub(age))
         .max(Duration::from_millis(50));
     let started = Instant::now();
-    let (rx, waiting) = waiter.register(b.id, b.txid.clone());
+    let (rx, waiting) = waiter.register(b.id, b.txid.clone(), Some(job.clone()));
     let answer = match tokio::time::timeout(limit, rx).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(_)) => Answer::ShuttingDown,
@@ -122,6 +122,12 @@ async fn run_barrier<C: BarrierConnection>(
         Answer::Overflow => {
             Stats::count(&shared.stats.overflowed);
             hand_back(shared, &job, Some(&b), "too many jobs waiting")
+        }
+        Answer::Parked => {
+            // The waiter keeps the job until its transaction ends: this delivery is done.
+            Stats::count(&shared.stats.parked_total);
+            tracing::debug!(barrier_id = %b.id, jid = job.id().as_str(), kind = %job.kind, "job parked until its transaction ends");
+            Ok(())
         }
         Answer::Pending => {
             if age + waited >= cfg.deadline {

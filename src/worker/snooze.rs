@@ -11,9 +11,25 @@ use faktory::Job;
 use std::time::Duration;
 
 /// How far ahead jobs handed back at shutdown are scheduled; see [`hand_back`].
-const SHUTDOWN_HAND_BACK_DELAY: Duration = Duration::from_secs(4);
+pub(super) const SHUTDOWN_HAND_BACK_DELAY: Duration = Duration::from_secs(4);
 
-/// Hands a job back to Faktory without running it (shutdown, or too many waiting).
+/// The longest delay of a job handed back again and again.
+const MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// `base`, doubled for each time `job` was handed back already, at most a minute: a job whose
+/// transaction stays open comes back less and less often.
+pub(super) fn growing_delay(job: &Job, base: Duration) -> Duration {
+    let handed_back = job
+        .custom
+        .get(SNOOZES_KEY)
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0)
+        .min(16);
+    base.saturating_mul(1 << handed_back).min(MAX_DELAY)
+}
+
+/// Hands a job back to Faktory without running it (shutdown, or too many waiting): when too
+/// many wait, a little later each time the same job comes back ([`growing_delay`]).
 ///
 /// On shutdown the copy is scheduled a few seconds ahead: `FETCH`es this worker issued just
 /// before it stopped are still blocked on the server (for up to 2 s), and a job handed to a
@@ -24,12 +40,14 @@ pub(super) fn hand_back<C: BarrierConnection>(
     b: Option<&BarrierRef>,
     why: &str,
 ) -> Result<()> {
-    let floor = if shared.is_draining() {
-        SHUTDOWN_HAND_BACK_DELAY
+    let delay = if shared.is_draining() {
+        shared.config.snooze_delay.max(SHUTDOWN_HAND_BACK_DELAY)
     } else {
-        shared.config.overflow_delay
+        growing_delay(
+            job,
+            shared.config.snooze_delay.max(shared.config.overflow_delay),
+        )
     };
-    let delay = shared.config.snooze_delay.max(floor);
     snooze(shared, job, b, delay, why)
 }
 
@@ -57,4 +75,22 @@ pub(super) fn snooze<C: BarrierConnection>(
     Stats::count(&shared.stats.snoozed);
     tracing::info!(barrier_id = ?b.map(|b| b.id), jid = job.id().as_str(), new_jid = copy.jid.as_str(), kind = %job.kind, snoozes = copy.count, reason = why, "job snoozed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_backs_wait_longer_and_longer() {
+        let mut job = Job::new("kind", vec![1]);
+        let base = Duration::from_millis(500);
+        assert_eq!(growing_delay(&job, base), base);
+        job.custom.insert(SNOOZES_KEY.into(), 3.into());
+        assert_eq!(growing_delay(&job, base), Duration::from_secs(4));
+        job.custom.insert(SNOOZES_KEY.into(), 1000.into());
+        assert_eq!(growing_delay(&job, base), MAX_DELAY);
+        job.custom.insert(SNOOZES_KEY.into(), "nonsense".into());
+        assert_eq!(growing_delay(&job, base), base);
+    }
 }

@@ -10,6 +10,11 @@ use diesel_transaction_barrier::{Error, CUSTOM_KEY};
 // Scenarios of their own files; unused in the binaries that make no scenario tests.
 #[allow(unused_imports)]
 pub use super::{
+    bulk::{
+        bulk_enqueue_commits, bulk_enqueue_outside_a_transaction_and_inline,
+        bulk_enqueue_rolls_back, bulk_push_answer_lost_rolls_back,
+        bulk_push_cut_mid_batch_and_swallowed_runs_nothing,
+    },
     faults::worker_killed_mid_wait_and_mid_handler,
     guarantee::{
         awkward_payloads_still_bind, failed_job_survives_broker_loss,

@@ -71,6 +71,11 @@ macro_rules! scenario_tests {
             swallowed_push_failure_leaves_nothing,
             swallowed_lost_push_answer_runs_nothing,
             failed_job_survives_broker_loss,
+            bulk_enqueue_commits,
+            bulk_enqueue_rolls_back,
+            bulk_push_cut_mid_batch_and_swallowed_runs_nothing,
+            bulk_push_answer_lost_rolls_back,
+            bulk_enqueue_outside_a_transaction_and_inline,
         ] ($d));
     };
 

@@ -127,29 +127,50 @@ impl Backend for MysqlConnection {
         })
     }
 
-    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Inserted> {
-        diesel::insert_into(dtb_barriers::table)
-            .values((
-                dtb_barriers::id.eq(row.id.hyphenated().to_string()),
-                dtb_barriers::txid.eq(sql::<Nullable<BigInt>>("CONNECTION_ID()")),
-                dtb_barriers::job_id.eq(row.job_id),
-                dtb_barriers::job_kind.eq(row.job_kind),
-                dtb_barriers::job_queue.eq(row.job_queue),
-                dtb_barriers::payload.eq(row.payload),
-                dtb_barriers::job_digest.eq(row.job_digest),
-            ))
-            .execute(self)?;
-        let session: SessionRow =
-            diesel::sql_query("SELECT CONNECTION_ID() AS connection_id, DATABASE() AS `database`")
-                .get_result(self)?;
+    fn insert_barriers(&mut self, rows: &[NewBarrier<'_>]) -> QueryResult<Inserted> {
+        // Every row in one prepared statement: the rows travel as one JSON array, so the
+        // statement's text is the same whatever their number.
+        const INSERT: &[&str] = &[
+            "INSERT INTO dtb_barriers \
+             (id, txid, job_id, job_kind, job_queue, payload, job_digest) \
+             SELECT r.id, CONNECTION_ID(), r.job_id, r.job_kind, r.job_queue, r.payload, \
+                    r.job_digest \
+             FROM JSON_TABLE(",
+            ", '$[*]' COLUMNS ( \
+                 id CHAR(36) CHARACTER SET ascii PATH '$[0]', \
+                 job_id TEXT PATH '$[1]', job_kind TEXT PATH '$[2]', \
+                 job_queue TEXT PATH '$[3]', payload LONGTEXT PATH '$[4]', \
+                 job_digest CHAR(64) CHARACTER SET ascii PATH '$[5]')) AS r",
+        ];
+        const SESSION: &[&str] =
+            &["SELECT CONNECTION_ID() AS connection_id, DATABASE() AS `database`"];
+        let ids: Vec<String> = rows.iter().map(|r| r.id.hyphenated().to_string()).collect();
+        let json: Vec<[&str; 6]> = rows
+            .iter()
+            .zip(&ids)
+            .map(|(r, id)| {
+                [
+                    id,
+                    r.job_id,
+                    r.job_kind,
+                    r.job_queue,
+                    r.payload,
+                    r.job_digest,
+                ]
+            })
+            .collect();
+        let json = serde_json::to_string(&json).expect("strings are JSON");
+        session::Statement::new(INSERT, &[&json]).execute(self)?;
+        let session: SessionRow = session::Statement::plain(SESSION).get_result(self)?;
         Ok(Inserted {
             txid: Some(session.connection_id.to_string()),
             location: session.database,
         })
     }
 
-    fn remove_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::delete(dtb_barriers::table.find(id.hyphenated().to_string())).execute(self)?;
+    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<()> {
+        let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+        diesel::delete(dtb_barriers::table.filter(dtb_barriers::id.eq_any(&ids))).execute(self)?;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! reads the notifications from its socket buffer, without a query.
 
 use super::{BoolRow, TextRow};
-use crate::backend::Listen;
+use crate::backend::{Hint, Listen};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
@@ -11,6 +11,9 @@ use std::time::Duration;
 
 /// The `NOTIFY` channel of commit hints.
 pub(super) const CHANNEL: &str = "dtb_barriers";
+/// What prefixes a transaction id in a hint's payload (a producer's insert names its
+/// transaction; a payload that is a UUID names a barrier).
+pub(super) const TRANSACTION_HINT: &str = "x";
 
 /// PostgreSQL's [`Listen`] capability.
 pub(super) struct Notifications;
@@ -66,17 +69,24 @@ impl Listen<PgConnection> for Notifications {
         Ok(true)
     }
 
-    fn take(&self, conn: &mut PgConnection) -> QueryResult<Vec<uuid::Uuid>> {
+    fn take(&self, conn: &mut PgConnection) -> QueryResult<Vec<Hint>> {
         // Reads what the server already sent to this idle connection: no query, no round trip.
-        let mut ids = Vec::new();
+        // Anything else on the channel is dropped: anyone may notify it.
+        let mut hints = Vec::new();
         for n in conn.notifications_iter() {
             let n = n?;
-            if n.channel == CHANNEL {
-                if let Ok(id) = uuid::Uuid::try_parse(&n.payload) {
-                    ids.push(id);
+            if n.channel != CHANNEL {
+                continue;
+            }
+            if let Ok(id) = uuid::Uuid::try_parse(&n.payload) {
+                hints.push(Hint::Barrier(id));
+            } else if let Some(txid) = n.payload.strip_prefix(TRANSACTION_HINT) {
+                if !txid.is_empty() && txid.len() <= 20 && txid.bytes().all(|b| b.is_ascii_digit())
+                {
+                    hints.push(Hint::Transaction(txid.to_string()));
                 }
             }
         }
-        Ok(ids)
+        Ok(hints)
     }
 }

@@ -27,8 +27,9 @@ use super::{
 use crate::error::Error;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use hints::{CHANNEL, TRANSACTION_HINT};
 use std::time::Duration;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -67,21 +68,26 @@ const LOCATION_OF: &str = "SELECT format('%I.%I', current_database(), n.nspname)
 /// Where `dtb_barriers` appears in [`INSERT_BARRIER`] as the insert's target.
 const INSERT_TARGET: &str = "INSERT INTO dtb_barriers ";
 
-/// The producer's statement (see [`Backend::insert_barrier`] below).
+/// The producer's statement (see [`Backend::insert_barriers`] below): the rows come as one
+/// array per column.
 static INSERT_BARRIER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH ins AS ( \
              {INSERT_TARGET}(id, created_at, pushed_at, txid, job_id, job_kind, job_queue, payload, \
                              job_digest) \
-             SELECT $1::uuid, t.now, t.now, pg_current_xact_id()::text::bigint, $2, $3, $4, $5, $6 \
-             FROM (SELECT clock_timestamp() AS now) AS t \
-             RETURNING id, txid, tableoid) \
-         SELECT ins.txid, ({location}) AS location \
-         FROM ins, \
-              LATERAL (SELECT pg_notify('dtb_barriers', ins.id::text)) AS notified, \
+             SELECT r.id, t.now, t.now, pg_current_xact_id()::text::bigint, r.job_id, r.job_kind, \
+                    r.job_queue, r.payload, r.job_digest \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+                  AS r(id, job_id, job_kind, job_queue, payload, job_digest), \
+                  (SELECT clock_timestamp() AS now) AS t \
+             RETURNING txid, tableoid), \
+         one AS (SELECT txid, tableoid FROM ins LIMIT 1) \
+         SELECT one.txid, ({location}) AS location \
+         FROM one, \
+              LATERAL (SELECT pg_notify('{CHANNEL}', '{TRANSACTION_HINT}' || one.txid)) AS notified, \
               LATERAL (SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
                               THEN set_config('synchronous_commit', 'local', true) END) AS durable",
-        location = LOCATION_OF.replace("$oid", "ins.tableoid"),
+        location = LOCATION_OF.replace("$oid", "one.tableoid"),
     )
 });
 
@@ -135,20 +141,27 @@ impl Backend for PgConnection {
         })
     }
 
-    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Inserted> {
+    fn insert_barriers(&mut self, rows: &[NewBarrier<'_>]) -> QueryResult<Inserted> {
         // One statement:
-        // * the row, stamped with the clock (`now()` would be the transaction's start, which
+        // * the rows, stamped with the clock (`now()` would be the transaction's start, which
         //   ages the rows of long transactions before they commit);
-        // * a NOTIFY, part of the transaction: delivered to the workers' listeners only when
-        //   it commits, never on rollback (nor from a rolled-back savepoint) — a hint to look,
-        //   never a verdict;
+        // * a NOTIFY naming the transaction, part of it: delivered to the workers' listeners
+        //   only when it commits, never on rollback (nor from a rolled-back savepoint), and
+        //   once however many barriers the transaction wrote (PostgreSQL folds equal
+        //   notifications of one transaction) — a hint to look, never a verdict;
         // * a transaction that turned `synchronous_commit` off would release its locks (and so
         //   the waiting worker) before its commit reached the disk: this one is made to flush
         //   locally, so that a handler never runs for a commit that a crash can undo;
         // * which table the row went to, so that a worker reading another one refuses the job
         //   instead of taking the missing row for a rollback.
-        let inserted: InsertedRow = row
-            .bind_to(diesel::sql_query(&*INSERT_BARRIER))
+        let column = |f: fn(&NewBarrier<'_>) -> String| rows.iter().map(f).collect::<Vec<_>>();
+        let inserted: InsertedRow = diesel::sql_query(&*INSERT_BARRIER)
+            .bind::<Array<Text>, _>(column(|r| r.id.hyphenated().to_string()))
+            .bind::<Array<Text>, _>(column(|r| r.job_id.to_string()))
+            .bind::<Array<Text>, _>(column(|r| r.job_kind.to_string()))
+            .bind::<Array<Text>, _>(column(|r| r.job_queue.to_string()))
+            .bind::<Array<Text>, _>(column(|r| r.payload.to_string()))
+            .bind::<Array<Text>, _>(column(|r| r.job_digest.to_string()))
             .get_result(self)?;
         Ok(Inserted {
             txid: inserted.txid.map(|t| t.to_string()),
@@ -156,9 +169,10 @@ impl Backend for PgConnection {
         })
     }
 
-    fn remove_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = $1::uuid")
-            .bind::<Text, _>(id.hyphenated().to_string())
+    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<()> {
+        let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ANY($1::uuid[])")
+            .bind::<Array<Text>, _>(ids)
             .execute(self)?;
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! cursor and reads the rows past it: each has committed since the last read.
 
 use super::locks::is_busy;
-use crate::backend::Listen;
+use crate::backend::{Hint, Listen};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
@@ -50,7 +50,7 @@ impl Listen<SqliteConnection> for NewRows {
         conn.batch_execute("DROP TABLE IF EXISTS temp.dtb_hint_cursor")
     }
 
-    fn take(&self, conn: &mut SqliteConnection) -> QueryResult<Vec<uuid::Uuid>> {
+    fn take(&self, conn: &mut SqliteConnection) -> QueryResult<Vec<Hint>> {
         // Rows past the cursor have committed (a read sees nothing else).
         let rows: QueryResult<Vec<HintRow>> = diesel::sql_query(
             "SELECT b.seq, b.id FROM main.dtb_barriers b, temp.dtb_hint_cursor c \
@@ -72,6 +72,7 @@ impl Listen<SqliteConnection> for NewRows {
         Ok(rows
             .iter()
             .filter_map(|r| uuid::Uuid::try_parse(&r.id).ok())
+            .map(Hint::Barrier)
             .collect())
     }
 }

@@ -120,24 +120,29 @@ impl Backend for SqliteConnection {
         }
     }
 
-    fn insert_barrier(&mut self, row: &NewBarrier<'_>) -> QueryResult<Inserted> {
-        // This insert takes the write lock (if an earlier write of the transaction has not), and
-        // the transaction keeps it until it ends: `check_pending` relies on that.
-        row.bind_to(diesel::sql_query(
-            "INSERT INTO dtb_barriers (id, job_id, job_kind, job_queue, payload, job_digest) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        ))
-        .execute(self)?;
+    fn insert_barriers(&mut self, rows: &[NewBarrier<'_>]) -> QueryResult<Inserted> {
+        // The first insert takes the write lock (if an earlier write of the transaction has
+        // not), and the transaction keeps it until it ends: `check_pending` relies on that. Row
+        // by row: SQLite runs them in-process, without a round trip.
+        for row in rows {
+            row.bind_to(diesel::sql_query(
+                "INSERT INTO dtb_barriers (id, job_id, job_kind, job_queue, payload, job_digest) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            ))
+            .execute(self)?;
+        }
         Ok(Inserted {
             txid: None,
             location: self.barrier_location()?,
         })
     }
 
-    fn remove_barrier(&mut self, id: &uuid::Uuid) -> QueryResult<()> {
-        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
-            .bind::<Text, _>(id.hyphenated().to_string())
-            .execute(self)?;
+    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<()> {
+        for id in ids {
+            diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
+                .bind::<Text, _>(id.hyphenated().to_string())
+                .execute(self)?;
+        }
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 use super::locks::busy_timeout;
 use super::*;
 use crate::backend::conformance::{check, new_barrier, DIGEST};
-use crate::backend::{Listen, Verdict};
+use crate::backend::{Hint, Listen, Verdict};
 use crate::testing::{SqliteTestFile, TestDatabase};
 use std::sync::mpsc;
 
@@ -164,7 +164,7 @@ fn hints_follow_a_cursor_that_consumed_rows_do_not_move() {
     insert(&mut db.connect(), &committed);
     assert_eq!(
         hints::NEW_ROWS.take(&mut listener).unwrap(),
-        [open, committed]
+        [Hint::Barrier(open), Hint::Barrier(committed)]
     );
     assert!(
         hints::NEW_ROWS.take(&mut listener).unwrap().is_empty(),
@@ -176,7 +176,10 @@ fn hints_follow_a_cursor_that_consumed_rows_do_not_move() {
         .unwrap();
     let next = uuid::Uuid::new_v4();
     insert(&mut db.connect(), &next);
-    assert_eq!(hints::NEW_ROWS.take(&mut listener).unwrap(), [next]);
+    assert_eq!(
+        hints::NEW_ROWS.take(&mut listener).unwrap(),
+        [Hint::Barrier(next)]
+    );
     hints::NEW_ROWS.unlisten(&mut listener).unwrap();
     hints::NEW_ROWS.listen(&mut listener).unwrap();
     assert!(

@@ -10,7 +10,7 @@
 //! (`Listen::send_test_hint`), and a listener that hears nothing within [`HINT_TEST_TIMEOUT`]
 //! is given up on. Either way the waiter warns, and its checks alone find every commit.
 
-use crate::backend::{BarrierConnection, ConnectionPool, Listen};
+use crate::backend::{BarrierConnection, ConnectionPool, Hint, Listen};
 use crate::error::chain;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -157,13 +157,13 @@ impl<C: BarrierConnection> Listener<C> {
     /// The hints heard since the last call. A listener that has not heard its test hint in
     /// time is given up on; one that fails is closed, and taken again later. Returns whether
     /// it failed (the caller then checks everything, in case a hint was lost).
-    pub(super) fn take(&mut self) -> Result<Vec<uuid::Uuid>, ()> {
+    pub(super) fn take(&mut self) -> Result<Vec<Hint>, ()> {
         let Some(listening) = self.listening.as_mut() else {
             return Ok(Vec::new());
         };
         match self.listen.take(&mut listening.conn) {
-            Ok(ids) => {
-                if !ids.is_empty() && self.test != HintTest::Done {
+            Ok(hints) => {
+                if !hints.is_empty() && self.test != HintTest::Done {
                     // Any hint proves that the listener hears them.
                     self.test = HintTest::Done;
                     self.hearing.store(true, Ordering::SeqCst);
@@ -183,7 +183,7 @@ impl<C: BarrierConnection> Listener<C> {
                         self.pool = None;
                     }
                 }
-                Ok(ids)
+                Ok(hints)
             }
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "the waiter's listening connection failed; reconnecting");

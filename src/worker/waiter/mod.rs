@@ -30,13 +30,15 @@ mod pending;
 mod watchers;
 
 use super::monitor::Gauge;
-use crate::backend::{BarrierConnection, CheckSchedule, Checked, ConnectionPool, Hints};
+use crate::backend::{BarrierConnection, CheckSchedule, Checked, ConnectionPool, Hint, Hints};
 use crate::error::chain;
+use crate::worker::parking::Releaser;
 pub(crate) use clock::CommitClock;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use durability::Prover;
 use listener::{Listener, Pooled};
-use pending::{Group, PendingSet};
+pub(crate) use pending::Limits;
+use pending::{Delivery, Group, PendingSet};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -59,6 +61,9 @@ pub(crate) enum Answer {
     /// running transactions: hand the job back, so that waiting jobs never take every fetch
     /// slot from ready ones.
     Overflow,
+    /// The barrier's transaction is still running, and the waiter keeps the job parked until
+    /// it ends: let this delivery be acknowledged.
+    Parked,
 }
 
 impl Answer {
@@ -70,6 +75,7 @@ impl Answer {
             Answer::Pending => "pending",
             Answer::ShuttingDown => "shutting_down",
             Answer::Overflow => "overflow",
+            Answer::Parked => "parked",
         }
     }
 }
@@ -78,6 +84,8 @@ struct Registration {
     id: uuid::Uuid,
     txid: Option<String>,
     reply: oneshot::Sender<Answer>,
+    /// The job, so that it can be parked (`None`: it cannot).
+    job: Option<Box<faktory::Job>>,
 }
 
 /// What wakes the waiter thread.
@@ -92,24 +100,31 @@ enum Event {
 pub(crate) struct WaiterHandle {
     tx: Sender<Event>,
     stopping: Arc<AtomicBool>,
+    /// Set once the waiter, stopping, has answered every job and handed back the parked ones.
+    stopped: Arc<AtomicBool>,
     waiting: Arc<AtomicUsize>,
 }
 
 impl WaiterHandle {
-    /// Registers interest in barrier `id`; the answer arrives on the returned receiver.
+    /// Registers interest in barrier `id`; the answer arrives on the returned receiver. With
+    /// the job, the waiter may park it ([`Answer::Parked`]).
     pub(crate) fn register(
         &self,
         id: uuid::Uuid,
         txid: Option<String>,
+        job: Option<faktory::Job>,
     ) -> (oneshot::Receiver<Answer>, Gauge) {
         let guard = Gauge::up(&self.waiting, Some(crate::metrics::JOBS_WAITING));
         let (reply, rx) = oneshot::channel();
+        let job = job.map(Box::new);
         if self.stopping.load(Ordering::SeqCst) {
             let _ = reply.send(Answer::ShuttingDown);
-        } else if let Err(e) = self
-            .tx
-            .send(Event::Register(Registration { id, txid, reply }))
-        {
+        } else if let Err(e) = self.tx.send(Event::Register(Registration {
+            id,
+            txid,
+            reply,
+            job,
+        })) {
             if let Event::Register(r) = e.into_inner() {
                 let _ = r.reply.send(Answer::ShuttingDown);
             }
@@ -121,6 +136,11 @@ impl WaiterHandle {
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Event::Stop);
+    }
+
+    /// Whether the waiter has stopped, every job answered and the parked ones handed back.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -135,8 +155,12 @@ pub(crate) struct WaiterConfig<C: BarrierConnection> {
     pub(crate) watchers: usize,
     /// When waiting barriers are checked.
     pub(crate) schedule: CheckSchedule,
-    /// How many jobs may wait for running transactions.
-    pub(crate) max_waiting: usize,
+    /// How many deliveries may wait, and how.
+    pub(crate) limits: Limits,
+    /// Where parked jobs go once their fate is decided; `None`: no parking.
+    pub(crate) releaser: Option<Releaser>,
+    /// Jobs parked now (for the monitor).
+    pub(crate) parked: Arc<AtomicUsize>,
     /// Set while the listening connection is known to hear hints (for the monitor).
     pub(crate) hearing: Arc<AtomicBool>,
     /// Jobs waiting now (for the monitor).
@@ -164,14 +188,19 @@ impl<C: BarrierConnection> WaiterConfig<C> {
 pub(crate) fn start<C: BarrierConnection>(config: WaiterConfig<C>) -> WaiterHandle {
     let (tx, rx) = crossbeam_channel::unbounded();
     let stopping = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::new(AtomicBool::new(false));
     let handle = WaiterHandle {
         tx: tx.clone(),
         stopping: Arc::clone(&stopping),
+        stopped: Arc::clone(&stopped),
         waiting: Arc::clone(&config.waiting),
     };
     std::thread::Builder::new()
         .name("dtb-waiter".into())
-        .spawn(move || Waiter::new(config, tx, rx, stopping).run())
+        .spawn(move || {
+            Waiter::new(config, tx, rx, stopping).run();
+            stopped.store(true, Ordering::SeqCst);
+        })
         .expect("spawning the waiter thread");
     handle
 }
@@ -207,6 +236,8 @@ struct Waiter<C: BarrierConnection> {
     checker_state: C::Checker,
     hints: HintSource<C>,
     prover: Prover<C>,
+    releaser: Option<Releaser>,
+    parked: Arc<AtomicUsize>,
     /// When the last check began.
     last_check: Instant,
 }
@@ -244,10 +275,12 @@ impl<C: BarrierConnection> Waiter<C> {
             retry_connect_at: now,
             events,
             stopping,
-            pending: PendingSet::new(config.schedule, config.max_waiting),
+            pending: PendingSet::new(config.schedule, config.limits),
             checker_state: C::Checker::default(),
             hints,
             prover: Prover::new(config.clock, config.running),
+            releaser: config.releaser,
+            parked: config.parked,
             last_check: now - CHECK_GAP,
         }
     }
@@ -256,6 +289,7 @@ impl<C: BarrierConnection> Waiter<C> {
         loop {
             if self.stopping.load(Ordering::SeqCst) {
                 self.pending.answer_all(Answer::ShuttingDown);
+                self.release();
                 // Registrations that raced with the stop.
                 while let Ok(event) = self.events.try_recv() {
                     if let Event::Register(r) = event {
@@ -284,7 +318,19 @@ impl<C: BarrierConnection> Waiter<C> {
             self.check_due();
             self.prove_durable();
             self.assign_watchers();
+            self.pending.age_parked(Instant::now());
+            self.release();
         }
+    }
+
+    /// Hands the parked jobs whose fate was decided to the releaser.
+    fn release(&mut self) {
+        for (jobs, why) in self.pending.take_released() {
+            if let Some(releaser) = &self.releaser {
+                releaser.release(jobs, why);
+            }
+        }
+        self.parked.store(self.pending.parked(), Ordering::SeqCst);
     }
 
     /// How long to sleep until something is due.
@@ -314,7 +360,15 @@ impl<C: BarrierConnection> Waiter<C> {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Register(r) => self.pending.add(r.id, r.txid, r.reply, Instant::now()),
+            Event::Register(r) => self.pending.add(
+                r.id,
+                r.txid,
+                Delivery {
+                    reply: r.reply,
+                    job: r.job,
+                },
+                Instant::now(),
+            ),
             Event::Watched(report) => self.watched(report),
             Event::Stop => {}
         }
@@ -333,10 +387,14 @@ impl<C: BarrierConnection> Waiter<C> {
         tracing::trace!(barrier_id = %report.id, watched = ?report.watched, "watcher report");
         match report.watched {
             Watched::Durable { .. } => {
-                self.pending.hint(&[report.id], Instant::now());
+                self.pending
+                    .hint(&[Hint::Barrier(report.id)], Instant::now());
                 self.pending.answer(&report.id, Answer::Committed);
             }
-            Watched::Visible | Watched::Ended => self.pending.hint(&[report.id], Instant::now()),
+            Watched::Visible | Watched::Ended => {
+                self.pending
+                    .hint(&[Hint::Barrier(report.id)], Instant::now());
+            }
             Watched::Running | Watched::Failed => {}
         }
     }
@@ -362,7 +420,7 @@ impl<C: BarrierConnection> Waiter<C> {
             return;
         };
         match listener.take() {
-            Ok(ids) => self.pending.hint(&ids, Instant::now()),
+            Ok(hints) => self.pending.hint(&hints, Instant::now()),
             // A hint may have been lost with the connection: check everything now.
             Err(()) => self.pending.all_due(Instant::now()),
         }

@@ -1,12 +1,49 @@
 //! The waiter's bookkeeping, free of any database: which barriers jobs wait for, when each is
 //! due for its next check, which have been seen committed and wait for a proof of durability,
-//! which transactions a watcher waits on, and who hears what answer.
+//! which transactions a watcher waits on, which deliveries wait in their fetch slots and which
+//! are parked, and who hears what answer.
 
 use super::Answer;
-use crate::backend::{CheckSchedule, Pending, Verdict};
+use crate::backend::{CheckSchedule, Hint, Pending, Verdict};
+use crate::worker::parking::Release;
+use faktory::Job;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+/// One delivery waiting for its barrier's verdict: how to answer it, and its job (so that it
+/// can be parked; `None`: it cannot be).
+pub(super) struct Delivery {
+    pub(super) reply: oneshot::Sender<Answer>,
+    pub(super) job: Option<Box<Job>>,
+}
+
+/// How many deliveries may wait, and how.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Deliveries that may wait in their fetch slots for running transactions.
+    pub(crate) max_waiting: usize,
+    /// Of those, how many one transaction may hold: the others of a big transaction are
+    /// parked (its barriers end together anyway).
+    pub(crate) per_transaction: usize,
+    /// Deliveries that may be parked (0: none is).
+    pub(crate) max_parked: usize,
+    /// How long a delivery stays parked before it is handed back.
+    pub(crate) park_for: Duration,
+}
+
+impl Limits {
+    /// Limits with `max_waiting` fetch slots for waiting and no parking.
+    #[cfg(test)]
+    pub(super) fn holding(max_waiting: usize) -> Limits {
+        Limits {
+            max_waiting,
+            per_transaction: max_waiting,
+            max_parked: 0,
+            park_for: Duration::from_secs(30),
+        }
+    }
+}
 
 /// When a check saw a barrier committed before its commit was proven durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +71,15 @@ struct Entry {
     running: bool,
     /// Seen committed, not yet proven durable.
     seen: Option<Seen>,
+    /// When a check last named it.
+    checked: Option<Instant>,
     /// When it is due for its next check, and the interval that led there.
     next_check: Instant,
     interval: Duration,
-    replies: Vec<oneshot::Sender<Answer>>,
+    deliveries: Vec<Delivery>,
+    /// Deliveries acknowledged, their jobs kept until the verdict, and since when.
+    parked: Vec<Job>,
+    parked_since: Option<Instant>,
 }
 
 impl Entry {
@@ -53,20 +95,50 @@ impl Entry {
 pub(super) struct PendingSet {
     entries: HashMap<uuid::Uuid, Entry>,
     schedule: CheckSchedule,
-    /// How many jobs may wait for running transactions.
-    max_waiting: usize,
+    limits: Limits,
     /// Groups a watcher waits on: their barriers are checked only at the schedule's longest
     /// interval, as the watcher's wake-up makes up for the rest.
     watched: HashSet<Group>,
+    /// How many deliveries are parked.
+    parked: usize,
+    /// Parked jobs whose fate is decided, for the waiter to release.
+    released: Vec<(Vec<Job>, Release)>,
 }
 
 impl PendingSet {
-    pub(super) fn new(schedule: CheckSchedule, max_waiting: usize) -> PendingSet {
+    pub(super) fn new(schedule: CheckSchedule, limits: Limits) -> PendingSet {
         PendingSet {
             entries: HashMap::new(),
             schedule,
-            max_waiting,
+            limits,
             watched: HashSet::new(),
+            parked: 0,
+            released: Vec::new(),
+        }
+    }
+
+    /// How many deliveries are parked.
+    pub(super) fn parked(&self) -> usize {
+        self.parked
+    }
+
+    /// The parked jobs whose fate was decided since the last call.
+    pub(super) fn take_released(&mut self) -> Vec<(Vec<Job>, Release)> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Hands back the jobs parked longer than the limit allows, their transactions still
+    /// running.
+    pub(super) fn age_parked(&mut self, now: Instant) {
+        for e in self.entries.values_mut() {
+            if e.parked_since
+                .is_some_and(|since| now >= since + self.limits.park_for)
+            {
+                let jobs: Vec<Job> = std::mem::take(&mut e.parked);
+                self.parked -= jobs.len();
+                e.parked_since = None;
+                self.released.push((jobs, Release::Aged));
+            }
         }
     }
 
@@ -80,7 +152,7 @@ impl PendingSet {
         &mut self,
         id: uuid::Uuid,
         txid: Option<String>,
-        reply: oneshot::Sender<Answer>,
+        delivery: Delivery,
         now: Instant,
     ) {
         let schedule = self.schedule;
@@ -91,20 +163,23 @@ impl PendingSet {
                 since: now,
                 running: false,
                 seen: None,
+                checked: None,
                 next_check: now,
                 interval: schedule.first / 2,
-                replies: Vec::new(),
+                deliveries: Vec::new(),
+                parked: Vec::new(),
+                parked_since: None,
             })
-            .replies
-            .push(reply);
+            .deliveries
+            .push(delivery);
     }
 
     /// Forgets the jobs that stopped waiting (their receivers are gone), and the barriers no
-    /// job waits for any more.
+    /// job waits for any more (neither in a fetch slot nor parked).
     pub(super) fn prune(&mut self) {
         self.entries.retain(|_, e| {
-            e.replies.retain(|r| !r.is_closed());
-            !e.replies.is_empty()
+            e.deliveries.retain(|d| !d.reply.is_closed());
+            !e.deliveries.is_empty() || !e.parked.is_empty()
         });
     }
 
@@ -113,6 +188,13 @@ impl PendingSet {
     /// schedule's longest interval comes along: barriers that registered at different times,
     /// or back off at different paces, are checked in the same rounds from then on, instead of
     /// in a round each.
+    ///
+    /// Barriers of a transaction that checks found running wait together: one of them stands
+    /// for all in each round (the one checked longest ago, so that they take turns), and once
+    /// it is found ended, or a hint names the transaction, all are checked, each on its own
+    /// row. The transaction id comes from the job and is only trusted to say whom to check
+    /// together: a job that names a transaction it does not belong to can delay the others'
+    /// verdicts by the rounds it stands for them, never decide them.
     pub(super) fn due(&self, now: Instant) -> Vec<Pending> {
         if !self
             .entries
@@ -121,14 +203,31 @@ impl PendingSet {
         {
             return Vec::new();
         }
-        self.entries
-            .iter()
-            .filter(|(_, e)| e.seen.is_none() && e.next_check <= now + self.schedule.max / 2)
-            .map(|(id, e)| Pending {
-                id: *id,
-                txid: e.txid.clone(),
-            })
-            .collect()
+        let horizon = now + self.schedule.max / 2;
+        let mut batch = Vec::new();
+        let mut standing: HashMap<&str, (uuid::Uuid, Option<Instant>)> = HashMap::new();
+        for (id, e) in &self.entries {
+            if e.seen.is_some() || e.next_check > horizon {
+                continue;
+            }
+            match (&e.txid, e.running) {
+                (Some(txid), true) => {
+                    let slot = standing.entry(txid).or_insert((*id, e.checked));
+                    if e.checked < slot.1 {
+                        *slot = (*id, e.checked);
+                    }
+                }
+                _ => batch.push(Pending {
+                    id: *id,
+                    txid: e.txid.clone(),
+                }),
+            }
+        }
+        batch.extend(standing.into_iter().map(|(txid, (id, _))| Pending {
+            id,
+            txid: Some(txid.to_owned()),
+        }));
+        batch
     }
 
     /// When the next check is due, if any barrier waits for one.
@@ -140,13 +239,16 @@ impl PendingSet {
             .min()
     }
 
-    /// Makes the barriers of the groups of `ids` (hinted: their transactions may have ended)
-    /// due for a check now. Ids nobody waits for are ignored: a job fetched later is checked
-    /// when it registers.
-    pub(super) fn hint(&mut self, ids: &[uuid::Uuid], now: Instant) {
-        let groups: HashSet<Group> = ids
+    /// Makes the barriers of the hinted groups (the transactions that may have ended: named,
+    /// or those of the barriers named) due for a check now. What nobody waits for is ignored:
+    /// a job fetched later is checked when it registers.
+    pub(super) fn hint(&mut self, hints: &[Hint], now: Instant) {
+        let groups: HashSet<Group> = hints
             .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| e.group(*id)))
+            .filter_map(|hint| match hint {
+                Hint::Barrier(id) => self.entries.get(id).map(|e| e.group(*id)),
+                Hint::Transaction(txid) => Some(Group::Transaction(txid.clone())),
+            })
             .collect();
         if groups.is_empty() {
             return;
@@ -154,6 +256,8 @@ impl PendingSet {
         for (id, e) in &mut self.entries {
             if groups.contains(&e.group(*id)) {
                 e.next_check = e.next_check.min(now);
+                // Checked each on its own row, no longer through one standing for all.
+                e.running = false;
             }
         }
     }
@@ -167,9 +271,10 @@ impl PendingSet {
 
     /// Applies the verdicts of a check of `batch` made at `now`: answers what they decide,
     /// records what was seen committed (at `seen`, on the commit clock; `position` on the
-    /// backend's log), and schedules the next check of what still runs. A barrier found
-    /// running for the first time while `max_waiting` barriers already wait for running
-    /// transactions is answered [`Answer::Overflow`].
+    /// backend's log), and schedules the next check of what still runs. Deliveries of running
+    /// transactions wait in their fetch slots up to the limits (`max_waiting` in all,
+    /// `per_transaction` each); beyond them they are parked, or, when parking is full or off,
+    /// answered [`Answer::Overflow`].
     pub(super) fn apply(
         &mut self,
         batch: &[Pending],
@@ -178,8 +283,32 @@ impl PendingSet {
         position: Option<u64>,
         now: Instant,
     ) {
-        let mut running = self.entries.values().filter(|e| e.running).count();
+        // What waits in fetch slots for running transactions, outside this batch.
+        let in_batch: HashSet<uuid::Uuid> = batch.iter().map(|p| p.id).collect();
+        let mut held = 0;
+        let mut held_by: HashMap<Group, usize> = HashMap::new();
+        for (id, e) in &self.entries {
+            if e.running && !in_batch.contains(id) {
+                held += e.deliveries.len();
+                *held_by.entry(e.group(*id)).or_default() += e.deliveries.len();
+            }
+        }
+        // Transactions whose barriers wait together: when the one checked for them was found
+        // running, when the others are due next; when it was found ended, all are checked.
+        let mut running_groups: HashMap<String, (Instant, Duration)> = HashMap::new();
+        let mut ended_groups: HashSet<String> = HashSet::new();
+        // The barriers that stood for their transaction in this batch.
+        let mut standing: HashSet<uuid::Uuid> = HashSet::new();
         for (p, verdict) in batch.iter().zip(verdicts) {
+            if let Some(entry) = self.entries.get_mut(&p.id) {
+                entry.checked = Some(now);
+                if let (Some(txid), true) = (&entry.txid, entry.running) {
+                    standing.insert(p.id);
+                    if *verdict != Verdict::Pending {
+                        ended_groups.insert(txid.clone());
+                    }
+                }
+            }
             match verdict {
                 Verdict::Committed => self.answer(&p.id, Answer::Committed),
                 Verdict::NotCommitted => self.answer(&p.id, Answer::NotCommitted),
@@ -195,25 +324,57 @@ impl PendingSet {
                     let Some(entry) = self.entries.get_mut(&p.id) else {
                         continue;
                     };
-                    if !entry.running {
-                        // Found running for the first time: it waits only if there is room.
-                        if running >= self.max_waiting {
-                            self.answer(&p.id, Answer::Overflow);
-                            continue;
-                        }
-                        entry.running = true;
-                        running += 1;
-                    }
+                    entry.running = true;
                     let group = entry.group(p.id);
+                    // Each delivery waits in its fetch slot only if there is room.
+                    let group_held = held_by.entry(group.clone()).or_default();
+                    let mut kept = Vec::with_capacity(entry.deliveries.len());
+                    for d in entry.deliveries.drain(..) {
+                        if held < self.limits.max_waiting
+                            && *group_held < self.limits.per_transaction
+                        {
+                            held += 1;
+                            *group_held += 1;
+                            kept.push(d);
+                        } else if d.job.is_some() && self.parked < self.limits.max_parked {
+                            if d.reply.send(Answer::Parked).is_ok() {
+                                entry.parked.extend(d.job.map(|j| *j));
+                                entry.parked_since.get_or_insert(now);
+                                self.parked += 1;
+                            }
+                        } else {
+                            let _ = d.reply.send(Answer::Overflow);
+                        }
+                    }
+                    entry.deliveries = kept;
                     entry.interval = if self.watched.contains(&group) {
                         self.schedule.max
                     } else {
                         self.schedule.after(entry.interval)
                     };
                     entry.next_check = now + entry.interval;
+                    if let (Some(txid), true) = (&entry.txid, standing.contains(&p.id)) {
+                        running_groups.insert(txid.clone(), (entry.next_check, entry.interval));
+                    }
                 }
             }
         }
+        for (id, e) in &mut self.entries {
+            let Some(txid) = &e.txid else { continue };
+            if !e.running || e.seen.is_some() || standing.contains(id) {
+                continue;
+            }
+            if ended_groups.contains(txid) {
+                e.running = false;
+                e.next_check = now;
+            } else if let Some((next_check, interval)) = running_groups.get(txid) {
+                e.next_check = *next_check;
+                e.interval = *interval;
+            }
+        }
+        // Barriers whose every delivery was turned away are forgotten.
+        self.entries
+            .retain(|_, e| !e.deliveries.is_empty() || !e.parked.is_empty());
     }
 
     /// The barriers seen committed whose durability is not proven yet.
@@ -269,24 +430,38 @@ impl PendingSet {
         }
     }
 
-    /// Tells every job waiting for barrier `id` the answer, and forgets it.
+    /// Tells every job waiting for barrier `id` the answer (its parked jobs are released
+    /// accordingly), and forgets it.
     pub(super) fn answer(&mut self, id: &uuid::Uuid, answer: Answer) {
         if let Some(entry) = self.entries.remove(id) {
             tracing::trace!(barrier_id = %id, ?answer, waited = ?entry.since.elapsed(), "barrier answered");
-            for r in entry.replies {
-                let _ = r.send(answer);
-            }
+            self.conclude(entry, answer);
         }
     }
 
     /// Tells every waiting job the answer, and forgets them all.
     pub(super) fn answer_all(&mut self, answer: Answer) {
-        for (_, entry) in self.entries.drain() {
-            for r in entry.replies {
-                let _ = r.send(answer);
-            }
+        let entries: Vec<Entry> = self.entries.drain().map(|(_, e)| e).collect();
+        for entry in entries {
+            self.conclude(entry, answer);
         }
         self.watched.clear();
+    }
+
+    fn conclude(&mut self, entry: Entry, answer: Answer) {
+        for d in entry.deliveries {
+            let _ = d.reply.send(answer);
+        }
+        if entry.parked.is_empty() {
+            return;
+        }
+        let why = match answer {
+            Answer::Committed => Release::Committed,
+            Answer::NotCommitted => Release::NotCommitted,
+            _ => Release::ShuttingDown,
+        };
+        self.parked -= entry.parked.len();
+        self.released.push((entry.parked, why));
     }
 }
 
@@ -300,7 +475,7 @@ mod tests {
     };
 
     fn set(max_waiting: usize) -> PendingSet {
-        PendingSet::new(SCHEDULE, max_waiting)
+        PendingSet::new(SCHEDULE, Limits::holding(max_waiting))
     }
 
     fn register(
@@ -310,8 +485,15 @@ mod tests {
     ) -> (uuid::Uuid, oneshot::Receiver<Answer>) {
         let id = uuid::Uuid::new_v4();
         let (tx, rx) = oneshot::channel();
-        set.add(id, txid.map(String::from), tx, now);
+        set.add(id, txid.map(String::from), delivery(tx, None), now);
         (id, rx)
+    }
+
+    fn delivery(reply: oneshot::Sender<Answer>, job: Option<Job>) -> Delivery {
+        Delivery {
+            reply,
+            job: job.map(Box::new),
+        }
     }
 
     fn ids(pending: &[Pending]) -> HashSet<uuid::Uuid> {
@@ -376,7 +558,10 @@ mod tests {
     #[test]
     fn a_steady_schedule_keeps_its_pace() {
         let t0 = Instant::now();
-        let mut set = PendingSet::new(CheckSchedule::every(Duration::from_millis(200)), 8);
+        let mut set = PendingSet::new(
+            CheckSchedule::every(Duration::from_millis(200)),
+            Limits::holding(8),
+        );
         register(&mut set, None, t0);
         check(&mut set, t0, Verdict::Pending);
         assert_eq!(set.next_due(), Some(t0 + Duration::from_millis(200)));
@@ -391,8 +576,8 @@ mod tests {
         let id = uuid::Uuid::new_v4();
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
-        set.add(id, None, a, t0);
-        set.add(id, None, b, t0);
+        set.add(id, None, delivery(a, None), t0);
+        set.add(id, None, delivery(b, None), t0);
         assert_eq!(set.due(t0).len(), 1);
         assert_eq!(check(&mut set, t0, Verdict::NotCommitted).len(), 1);
         assert_eq!(ra.try_recv(), Ok(Answer::NotCommitted));
@@ -474,13 +659,23 @@ mod tests {
         check(&mut set, t0, Verdict::Pending);
         let later = t0 + Duration::from_micros(500);
         assert!(set.due(later).is_empty());
-        set.hint(&[a, uuid::Uuid::new_v4()], later);
+        set.hint(
+            &[Hint::Barrier(a), Hint::Barrier(uuid::Uuid::new_v4())],
+            later,
+        );
         let due = ids(&set.due(later));
         assert!(
             due.contains(&a) && due.contains(&b),
             "the hinted transaction"
         );
         let _ = other;
+        // A hint that names the transaction does the same.
+        check(&mut set, later, Verdict::Pending);
+        let even_later = later + Duration::from_micros(500);
+        assert!(set.due(even_later).is_empty());
+        set.hint(&[Hint::Transaction("17".into())], even_later);
+        let due = ids(&set.due(even_later));
+        assert!(due.contains(&a) && due.contains(&b));
     }
 
     #[test]
@@ -520,6 +715,116 @@ mod tests {
     }
 
     #[test]
+    fn a_big_transaction_holds_a_few_slots_and_parks_the_rest() {
+        let t0 = Instant::now();
+        let mut set = PendingSet::new(
+            SCHEDULE,
+            Limits {
+                max_waiting: 8,
+                per_transaction: 2,
+                max_parked: 5,
+                park_for: Duration::from_secs(30),
+            },
+        );
+        let mut replies = Vec::new();
+        for i in 0..10 {
+            let (tx, rx) = oneshot::channel();
+            let job = Job::new("kind", vec![i]);
+            set.add(
+                uuid::Uuid::new_v4(),
+                Some("7".into()),
+                delivery(tx, Some(job)),
+                t0,
+            );
+            replies.push(rx);
+        }
+        check(&mut set, t0, Verdict::Pending);
+        let answers: Vec<Option<Answer>> =
+            replies.iter_mut().map(|rx| rx.try_recv().ok()).collect();
+        let held = answers.iter().filter(|a| a.is_none()).count();
+        let parked = answers
+            .iter()
+            .filter(|a| **a == Some(Answer::Parked))
+            .count();
+        let overflowed = answers
+            .iter()
+            .filter(|a| **a == Some(Answer::Overflow))
+            .count();
+        assert_eq!((held, parked, overflowed), (2, 5, 3), "{answers:?}");
+        assert_eq!(set.parked(), 5);
+        // The transaction commits: the held ones hear it, the parked ones are released (one
+        // barrier stands for the transaction, then the others are checked).
+        for _ in 0..2 {
+            let next = set.next_due().unwrap();
+            check(&mut set, next, Verdict::Committed);
+        }
+        let released = set.take_released();
+        let jobs: usize = released.iter().map(|(jobs, _)| jobs.len()).sum();
+        assert_eq!(jobs, 5);
+        assert!(released.iter().all(|(_, why)| *why == Release::Committed));
+        assert_eq!(set.parked(), 0);
+        assert!(
+            set.is_empty(),
+            "nothing left: {} entries",
+            set.entries.len()
+        );
+    }
+
+    #[test]
+    fn parked_jobs_go_back_when_their_transaction_fails_runs_too_long_or_the_worker_stops() {
+        let t0 = Instant::now();
+        let limits = Limits {
+            max_waiting: 0,
+            per_transaction: 0,
+            max_parked: 100,
+            park_for: Duration::from_secs(30),
+        };
+        let mut set = PendingSet::new(SCHEDULE, limits);
+        let park = |set: &mut PendingSet, txid: &str| {
+            let (tx, rx) = oneshot::channel();
+            set.add(
+                uuid::Uuid::new_v4(),
+                Some(txid.into()),
+                delivery(tx, Some(Job::new("kind", vec![1]))),
+                t0,
+            );
+            rx
+        };
+        let _rolls_back = park(&mut set, "1");
+        let _runs_long = park(&mut set, "2");
+        check(&mut set, t0, Verdict::Pending);
+        assert_eq!(set.parked(), 2);
+        // A parked job needs no reply channel: it stays.
+        set.prune();
+        assert_eq!(set.parked(), 2);
+        // Transaction 1 rolls back.
+        let batch: Vec<Pending> = set
+            .due(set.next_due().unwrap())
+            .into_iter()
+            .filter(|p| p.txid.as_deref() == Some("1"))
+            .collect();
+        set.apply(&batch, &[Verdict::NotCommitted], 0, None, t0);
+        let released = set.take_released();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].1, Release::NotCommitted);
+        // Transaction 2 runs past the limit.
+        set.age_parked(t0 + Duration::from_secs(29));
+        assert!(set.take_released().is_empty());
+        set.age_parked(t0 + Duration::from_secs(30));
+        let released = set.take_released();
+        assert_eq!((released.len(), released[0].1), (1, Release::Aged));
+        assert_eq!(set.parked(), 0);
+        // Parked again, then the worker stops.
+        let _again = park(&mut set, "3");
+        let next = set.next_due().unwrap();
+        check(&mut set, next, Verdict::Pending);
+        assert_eq!(set.parked(), 1);
+        set.answer_all(Answer::ShuttingDown);
+        let released = set.take_released();
+        assert_eq!(released[0].1, Release::ShuttingDown);
+    }
+
+    #[test]
     fn shutting_down_answers_everyone() {
         let t0 = Instant::now();
         let mut set = set(8);
@@ -529,5 +834,86 @@ mod tests {
         assert_eq!(a.try_recv(), Ok(Answer::ShuttingDown));
         assert_eq!(b.try_recv(), Ok(Answer::ShuttingDown));
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn a_running_transaction_is_checked_through_one_barrier_at_a_time() {
+        let t0 = Instant::now();
+        let mut set = set(100);
+        let mut replies: Vec<(uuid::Uuid, oneshot::Receiver<Answer>)> =
+            (0..50).map(|_| register(&mut set, Some("9"), t0)).collect();
+        // Checked each on its own row as they arrive.
+        assert_eq!(check(&mut set, t0, Verdict::Pending).len(), 50);
+        // Then one stands for them all, a different one each round.
+        let mut stood = HashSet::new();
+        for _ in 0..10 {
+            let next = set.next_due().unwrap();
+            let batch = check(&mut set, next, Verdict::Pending);
+            assert_eq!(batch.len(), 1, "{batch:?}");
+            stood.insert(batch[0].id);
+        }
+        assert_eq!(stood.len(), 10, "they take turns");
+        // It is found committed: the next round checks every one of them.
+        let next = set.next_due().unwrap();
+        assert_eq!(check(&mut set, next, Verdict::Committed).len(), 1);
+        let rest = set.due(next);
+        assert_eq!(rest.len(), 49);
+        set.apply(&rest, &[Verdict::Committed; 49], 0, None, next);
+        for (_, rx) in &mut replies {
+            assert_eq!(rx.try_recv(), Ok(Answer::Committed));
+        }
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn a_job_that_names_the_wrong_transaction_decides_nothing_for_the_others() {
+        let t0 = Instant::now();
+        let mut set = set(100);
+        let honest: Vec<_> = (0..3).map(|_| register(&mut set, Some("9"), t0)).collect();
+        let (forged, mut forged_rx) = register(&mut set, Some("9"), t0);
+        check(&mut set, t0, Verdict::Pending);
+        // Rounds until the forged one stands for the transaction, found not committed (its
+        // row was never written): the others are then checked on their own rows, and still run.
+        let at = loop {
+            let at = set.next_due().unwrap();
+            let batch = set.due(at);
+            assert_eq!(batch.len(), 1);
+            if batch[0].id == forged {
+                set.apply(&batch, &[Verdict::NotCommitted], 0, None, at);
+                break at;
+            }
+            set.apply(&batch, &[Verdict::Pending], 0, None, at);
+        };
+        assert_eq!(forged_rx.try_recv(), Ok(Answer::NotCommitted));
+        let rest = set.due(at);
+        assert_eq!(ids(&rest), honest.iter().map(|(id, _)| *id).collect());
+        set.apply(&rest, &vec![Verdict::Pending; rest.len()], 0, None, at);
+        let mut honest = honest;
+        for (_, rx) in &mut honest {
+            assert!(rx.try_recv().is_err(), "still waiting");
+        }
+        // And they wait together again.
+        let next = set.next_due().unwrap();
+        assert_eq!(set.due(next).len(), 1);
+    }
+
+    #[test]
+    fn a_hint_naming_the_transaction_checks_all_its_barriers() {
+        let t0 = Instant::now();
+        let mut set = set(100);
+        for _ in 0..20 {
+            register(&mut set, Some("5"), t0);
+        }
+        register(&mut set, Some("6"), t0);
+        check(&mut set, t0, Verdict::Pending);
+        let later = t0 + Duration::from_millis(1);
+        assert!(set.due(later).is_empty());
+        set.hint(&[Hint::Transaction("5".into())], later);
+        let due = set.due(later);
+        let of_5 = due
+            .iter()
+            .filter(|p| p.txid.as_deref() == Some("5"))
+            .count();
+        assert_eq!(of_5, 20, "{due:?}");
     }
 }

@@ -136,14 +136,16 @@ mod mysql {
             listen_pool: None,
             watchers: 0,
             schedule: <diesel::MysqlConnection as Backend>::CHECKS,
-            max_waiting: 8,
+            limits: Limits::holding(8),
+            releaser: None,
+            parked: Arc::default(),
             hearing: Arc::default(),
             waiting: Arc::default(),
             clock: Arc::new(CommitClock::new()),
             // A handler runs: the waiter waits for its commit to prove, then fences anyway.
             running: Arc::new(AtomicUsize::new(1)),
         });
-        let (mut rx, _gauge) = waiter.register(id, inserted.txid);
+        let (mut rx, _gauge) = waiter.register(id, inserted.txid, None);
         let answer = answer_within(&mut rx, Duration::from_secs(10));
         handler.batch_execute("COMMIT").unwrap();
         waiter.stop();
