@@ -180,3 +180,47 @@ pub fn worker_killed_mid_wait_and_mid_handler<D: TestDb>() {
     let ids: Vec<i64> = waiting_ids.iter().copied().chain([slow_id]).collect();
     expect_each_runs_once(&env, &rx, &ids, reserve_for);
 }
+
+/// A worker process is SIGKILLed while it holds the jobs of a big open transaction, most of
+/// them parked (acknowledged, kept only in its memory). The transaction then commits. A new
+/// worker's reconciler pushes the parked jobs again once their rows are overdue; the held
+/// ones come back when their reservation runs out: every job runs exactly once, and nothing
+/// is left.
+pub fn worker_killed_with_parked_jobs<D: TestDb>() {
+    let (faktory, reserve_for) = faktory_with_short_reservations();
+    let env = Env::<D>::with_db_and_faktory(D::create(), faktory);
+    let mut child = WorkerProcess::start(&env);
+    let ids: Vec<i64> = (0..100).map(|_| next_id()).collect();
+    let mut conn = env.db.connect();
+    conn.transaction(|c| {
+        for &id in &ids {
+            insert_order::<D>(c, id, "paid");
+        }
+        let jobs = ids
+            .iter()
+            .map(|&id| reserved_job(&env, PAID, id, reserve_for));
+        c.enqueue_many_with_barrier(&env.producer, jobs)?;
+        wait_until("the child to hold every job", EVENTUALLY, || {
+            child.state().0 >= ids.len()
+        });
+        child.kill();
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    if let Some(server) = env.faktory.server_or_skip("the parked jobs left Faktory") {
+        assert_eq!(server.queue_size(&env.queue), 0);
+        let reserved = server.working_len();
+        // At most `max_waiting` (32) held; SQLite names no transaction, so its barriers are
+        // not counted together and may take them all.
+        assert!(
+            reserved <= 32,
+            "only the held jobs stay reserved, the parked ones were acknowledged: {reserved}"
+        );
+    }
+    let (tx, rx) = unbounded();
+    let _worker = env.start_worker_with(fault_handlers::<D>(&tx), |b| {
+        b.workers(4)
+            .reconcile_grace(Some(Duration::from_millis(500)))
+    });
+    expect_each_runs_once(&env, &rx, &ids, reserve_for);
+}

@@ -15,7 +15,7 @@ pub use super::{
         bulk_enqueue_rolls_back, bulk_push_answer_lost_rolls_back,
         bulk_push_cut_mid_batch_and_swallowed_runs_nothing,
     },
-    faults::worker_killed_mid_wait_and_mid_handler,
+    faults::{worker_killed_mid_wait_and_mid_handler, worker_killed_with_parked_jobs},
     guarantee::{
         awkward_payloads_still_bind, failed_job_survives_broker_loss,
         forged_descriptor_cannot_steal_a_barrier, swallowed_lost_push_answer_runs_nothing,

@@ -76,6 +76,7 @@ macro_rules! scenario_tests {
             bulk_push_cut_mid_batch_and_swallowed_runs_nothing,
             bulk_push_answer_lost_rolls_back,
             bulk_enqueue_outside_a_transaction_and_inline,
+            worker_killed_with_parked_jobs,
         ] ($d));
     };
 
