@@ -6,7 +6,7 @@ use crate::backend::{
 };
 use crate::descriptor::{BarrierRef, Descriptor, CUSTOM_KEY};
 use crate::error::{Error, Result};
-use crate::handlers::Handlers;
+use crate::handlers::{Handler, Handlers};
 use crate::producer::{Inner, Producer};
 use faktory::{Job, JobId};
 
@@ -258,7 +258,11 @@ fn run_inline<C: BarrierConnection>(handlers: &Handlers<C>, conn: &mut C, job: J
             kind: job.kind.clone(),
         })?;
     tracing::debug!(jid = job.id().as_str(), kind = %job.kind, "running handler inline");
-    (reg.handler)(&job, conn).map_err(|source| Error::Handler {
+    match &reg.handler {
+        Handler::Connected(f) => f(&job, conn),
+        Handler::Detached(f) => f(&job),
+    }
+    .map_err(|source| Error::Handler {
         jid: job.id().to_string(),
         source,
     })

@@ -142,6 +142,18 @@ pub enum Error {
         barrier_id: String,
     },
 
+    /// A handler that takes no connection ran, but its barrier could not be deleted (the
+    /// database failed, or the worker stopped first): the delivery fails, and the job will run
+    /// again (see
+    /// [`Handlers::register_without_connection`](crate::Handlers::register_without_connection)).
+    #[error("job {jid} ran, but its barrier could not be deleted: {message}")]
+    BarrierNotConsumed {
+        /// The Faktory job id.
+        jid: String,
+        /// Why.
+        message: String,
+    },
+
     /// An inline producer ([`Producer::inline`](crate::Producer::inline)) was given a
     /// connection of another type than its handlers take.
     #[error("this inline producer's handlers take {expected}, not the connection it was given")]

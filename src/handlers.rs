@@ -8,6 +8,23 @@ use std::fmt;
 use std::sync::Arc;
 
 pub(crate) type HandlerFn<C> = dyn Fn(&Job, &mut C) -> Result<(), BoxError> + Send + Sync;
+pub(crate) type DetachedFn = dyn Fn(&Job) -> Result<(), BoxError> + Send + Sync;
+
+/// A handler: one that runs inside the worker transaction consuming the barrier, with its
+/// connection, or one that takes none.
+pub(crate) enum Handler<C> {
+    Connected(Arc<HandlerFn<C>>),
+    Detached(Arc<DetachedFn>),
+}
+
+impl<C> Clone for Handler<C> {
+    fn clone(&self) -> Self {
+        match self {
+            Handler::Connected(f) => Handler::Connected(Arc::clone(f)),
+            Handler::Detached(f) => Handler::Detached(Arc::clone(f)),
+        }
+    }
+}
 
 /// Whether a job kind must arrive with a barrier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,14 +34,14 @@ pub(crate) enum BarrierMode {
 }
 
 pub(crate) struct Registration<C> {
-    pub(crate) handler: Arc<HandlerFn<C>>,
+    pub(crate) handler: Handler<C>,
     pub(crate) mode: BarrierMode,
 }
 
 impl<C> Clone for Registration<C> {
     fn clone(&self) -> Self {
         Registration {
-            handler: Arc::clone(&self.handler),
+            handler: self.handler.clone(),
             mode: self.mode,
         }
     }
@@ -63,11 +80,17 @@ impl<C> fmt::Debug for Handlers<C> {
         let mut kinds: Vec<_> = self
             .map
             .iter()
-            .map(|(k, r)| (k.as_str(), r.mode == BarrierMode::Required))
+            .map(|(k, r)| {
+                (
+                    k.as_str(),
+                    r.mode == BarrierMode::Required,
+                    matches!(r.handler, Handler::Connected(_)),
+                )
+            })
             .collect();
         kinds.sort();
         f.debug_struct("Handlers")
-            .field("kinds (barrier required)", &kinds)
+            .field("kinds (barrier required, takes a connection)", &kinds)
             .finish()
     }
 }
@@ -105,6 +128,45 @@ impl<C: 'static> Handlers<C> {
         self
     }
 
+    /// Registers `handler`, which takes no database connection, for jobs of `kind` — a job
+    /// that sends an email or calls an API, and writes nothing to the database. Such jobs must
+    /// be pushed with [`enqueue_with_barrier`](crate::EnqueueWithBarrier::enqueue_with_barrier),
+    /// as for [`register`](Self::register).
+    ///
+    /// The handler still runs only once the producer's transaction has committed, and never
+    /// after it rolled back. What changes is how the barrier is consumed: with no writes of the
+    /// handler's to commit together with it, the worker holds no connection while the handler
+    /// runs, and deletes the barriers of finished jobs in batches — one statement and one
+    /// commit for all the jobs that finished while the previous batch committed — and
+    /// acknowledges each job only once its barrier's deletion has committed. That is what
+    /// makes barrier jobs nearly as cheap as plain ones (see the README's "Performance").
+    ///
+    /// The price is in "exactly once", which such a handler could not have anyway (its effects
+    /// are outside the database): a job runs **at least once**. It runs again if the worker
+    /// dies between the handler's end and its barrier's deletion (Faktory delivers it again),
+    /// and two deliveries of one job may run at once in two worker processes (a reconciler's
+    /// copy while the first still runs); one worker process never runs two at once. A handler
+    /// that must not repeat its effect should make it idempotent (a key the API deduplicates
+    /// on, say) — or take a connection, and record it in the consuming transaction.
+    ///
+    /// Registering a kind twice replaces the first handler.
+    pub fn register_without_connection<K, F, E>(mut self, kind: K, handler: F) -> Self
+    where
+        K: Into<String>,
+        F: Fn(&Job) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<BoxError>,
+    {
+        let handler: Arc<DetachedFn> = Arc::new(move |job: &Job| handler(job).map_err(Into::into));
+        self.map.insert(
+            kind.into(),
+            Registration {
+                handler: Handler::Detached(handler),
+                mode: BarrierMode::Required,
+            },
+        );
+        self
+    }
+
     fn insert<F, E>(&mut self, kind: String, handler: F, mode: BarrierMode)
     where
         F: Fn(&Job, &mut C) -> Result<(), E> + Send + Sync + 'static,
@@ -112,7 +174,20 @@ impl<C: 'static> Handlers<C> {
     {
         let handler: Arc<HandlerFn<C>> =
             Arc::new(move |job: &Job, conn: &mut C| handler(job, conn).map_err(Into::into));
-        self.map.insert(kind, Registration { handler, mode });
+        self.map.insert(
+            kind,
+            Registration {
+                handler: Handler::Connected(handler),
+                mode,
+            },
+        );
+    }
+
+    /// Whether some kind's handler takes no connection.
+    pub(crate) fn any_detached(&self) -> bool {
+        self.map
+            .values()
+            .any(|r| matches!(r.handler, Handler::Detached(_)))
     }
 
     /// The registered job kinds.

@@ -94,7 +94,7 @@ pub(crate) mod sealed {
         /// Deletes the barriers `ids`, which this connection's transaction inserted, after their
         /// jobs could not all be pushed: the transaction may still commit (an application that
         /// swallows the error), and must then leave nothing that could run.
-        fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> diesel::QueryResult<()>;
+        fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> diesel::QueryResult<usize>;
 
         /// Whether `error`, just returned by [`insert_barrier`](Self::insert_barrier) on this
         /// connection, says that the barrier table does not exist (the migrations have not
@@ -174,6 +174,23 @@ pub(crate) mod sealed {
         /// a backend whose driver keeps Diesel in step with the server needs nothing more.
         fn claim_holds(&mut self, _id: &uuid::Uuid) -> diesel::QueryResult<bool> {
             Ok(true)
+        }
+
+        /// For a handler that takes no connection: the job digest stored with barrier `id` —
+        /// `None` when the row is gone, `Some(None)` for a row stored without one — read
+        /// without waiting for any lock.
+        fn barrier_digest(
+            &mut self,
+            id: &uuid::Uuid,
+        ) -> diesel::QueryResult<Option<Option<String>>>;
+
+        /// For handlers that take no connection: deletes the barriers `ids`, whose handlers
+        /// ran, in one transaction of its own, durable when this returns; returns how many rows
+        /// it deleted (fewer when some were gone already). This default wraps
+        /// [`remove_barriers`](Self::remove_barriers) in a transaction; a backend whose one
+        /// statement is its own transaction needs none.
+        fn consume_barriers(&mut self, ids: &[uuid::Uuid]) -> diesel::QueryResult<usize> {
+            self.transaction(|c| c.remove_barriers(ids))
         }
 
         /// After a handler failed and its transaction rolled back: records that the job reached

@@ -87,6 +87,17 @@ pub struct Checked {
     /// durable once [`Prove::flushed_position`](super::Prove::flushed_position) reaches it.
     /// `None` when the backend cannot tell.
     pub position: Option<u64>,
+    /// The job digest stored with each barrier the check read as committed or visible, in
+    /// the order of `verdicts` (`None` where it did not read one; empty: none read). It lets
+    /// a delivery that runs no worker transaction check that the barrier is its job's.
+    pub digests: Vec<Option<String>>,
+}
+
+impl Checked {
+    /// The digest read with verdict `i`, if any.
+    pub(crate) fn digest(&self, i: usize) -> Option<&str> {
+        self.digests.get(i).and_then(Option::as_deref)
+    }
 }
 
 impl From<Vec<Verdict>> for Checked {
@@ -95,6 +106,7 @@ impl From<Vec<Verdict>> for Checked {
             verdicts,
             probed: 0,
             position: None,
+            digests: Vec::new(),
         }
     }
 }

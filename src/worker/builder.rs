@@ -172,6 +172,19 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
+    /// Registers a handler that takes no database connection for `kind`; see
+    /// [`Handlers::register_without_connection`]. The pool then needs one connection more,
+    /// through which the barriers of such jobs are deleted in batches.
+    pub fn register_without_connection<K, F, E>(mut self, kind: K, handler: F) -> Self
+    where
+        K: Into<String>,
+        F: Fn(&Job) -> std::result::Result<(), E> + Send + Sync + 'static,
+        E: Into<crate::BoxError>,
+    {
+        self.handlers = self.handlers.register_without_connection(kind, handler);
+        self
+    }
+
     /// The Faktory server, as `tcp://[:password@]host:port`.
     ///
     /// Defaults to `FAKTORY_PROVIDER` / `FAKTORY_URL`, else `tcp://localhost:7419`.
@@ -437,7 +450,11 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// [`Error::PoolTooSmall`], [`Error::MigrationsMissing`], or the error met reaching the
     /// database or Faktory.
     pub fn connect(mut self) -> Result<Worker<C>> {
-        let needed = self.config.pooled_connections::<C>();
+        // Handlers without a connection: their barriers are deleted through one more.
+        let needed = self
+            .config
+            .pooled_connections::<C>()
+            .saturating_add(u32::from(self.handlers.any_detached()));
         if self.pool.max_size() < needed {
             return Err(Error::PoolTooSmall {
                 max_size: self.pool.max_size(),
@@ -490,6 +507,8 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 stats: Arc::new(Stats::default()),
                 waiter: std::sync::OnceLock::new(),
                 releaser: std::sync::OnceLock::new(),
+                consumer: std::sync::OnceLock::new(),
+                consuming: Arc::default(),
                 draining: tokio::sync::watch::channel(false).0,
                 location,
                 commits: Arc::new(super::waiter::CommitClock::new()),

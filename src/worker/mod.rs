@@ -20,6 +20,7 @@
 //! * this file — [`Worker`]: the run loop, reconnecting, and the graceful drain.
 
 mod builder;
+mod detached;
 mod monitor;
 pub(crate) mod parking;
 pub(crate) mod phases;
@@ -61,6 +62,10 @@ struct Shared<C: BarrierConnection> {
     waiter: std::sync::OnceLock<WaiterHandle>,
     /// Where the waiter's parked jobs go once decided (started with the waiter, when it parks).
     releaser: std::sync::OnceLock<parking::Releaser>,
+    /// Deletes the barriers of handlers without a connection (started when first needed).
+    consumer: std::sync::OnceLock<detached::Consumer>,
+    /// Barriers being run or deleted by handlers without a connection.
+    consuming: Arc<detached::Consuming>,
     /// Set when a shutdown begins: jobs still arriving or waiting are handed back.
     draining: tokio::sync::watch::Sender<bool>,
     /// The barrier table this worker reads, as the backend names it (see
@@ -73,6 +78,17 @@ struct Shared<C: BarrierConnection> {
 }
 
 impl<C: BarrierConnection> Shared<C> {
+    /// The consumer thread of handlers without a connection, started when first needed.
+    fn consumer(&self) -> &detached::Consumer {
+        self.consumer.get_or_init(|| {
+            let proves = match C::durability() {
+                crate::backend::Durability::Proven(prove) => prove.handler_commits_prove(),
+                crate::backend::Durability::BeforeVisible => false,
+            };
+            detached::Consumer::start(self.pool.clone(), Arc::clone(&self.commits), proves)
+        })
+    }
+
     fn waiter(&self) -> &WaiterHandle {
         self.waiter.get_or_init(|| {
             let schedule = match self.config.check_interval {

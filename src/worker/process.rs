@@ -12,7 +12,7 @@ use super::Shared;
 use crate::backend::BarrierConnection;
 use crate::descriptor::{BarrierRef, Descriptor};
 use crate::error::{chain, Error, Result, TimeoutInfo};
-use crate::handlers::{BarrierMode, Registration};
+use crate::handlers::{BarrierMode, Handler, Registration};
 use faktory::Job;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,7 +106,9 @@ async fn run_barrier<C: BarrierConnection>(
         .min(cfg.deadline.saturating_sub(age))
         .max(Duration::from_millis(50));
     let started = Instant::now();
-    let (rx, waiting) = waiter.register(b.id, b.txid.clone(), Some(job.clone()));
+    // What binds this delivery to the barrier it may consume.
+    let digest = crate::binding::job_digest(&job);
+    let (rx, waiting) = waiter.register(b.id, b.txid.clone(), Some(job.clone()), Some(digest));
     let answer = match tokio::time::timeout(limit, rx).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(_)) => Answer::ShuttingDown,
@@ -153,7 +155,9 @@ async fn run_barrier<C: BarrierConnection>(
                 }),
             }
         }
-        Answer::Committed => run_on_pool(shared, reg, job, Some(b)).await,
+        Answer::Committed => run_on_pool(shared, reg, job, Some((b, false))).await,
+        Answer::Bound => run_on_pool(shared, reg, job, Some((b, true))).await,
+        Answer::Foreign => Err(refused(shared, &job, Some(b.id))),
     }
 }
 
@@ -184,36 +188,30 @@ async fn timed_out<C: BarrierConnection>(
     Error::BarrierTimeout(Box::new(info))
 }
 
-/// Takes a handler slot and runs the job on a blocking thread (see `run.rs`), then counts the
-/// outcome and reports it.
+/// Runs the job's handler — with a connection, in the worker transaction that claims its
+/// barrier (`run.rs`), or without one (`detached.rs`) — then counts the outcome and reports
+/// it. `barrier` comes with whether the waiter found it bound to this job.
 async fn run_on_pool<C: BarrierConnection>(
     shared: &Arc<Shared<C>>,
     reg: Registration<C>,
     job: Job,
-    barrier: Option<BarrierRef>,
+    barrier: Option<(BarrierRef, bool)>,
 ) -> Result<()> {
-    let _slot = Arc::clone(&shared.handler_slots)
-        .acquire_owned()
-        .await
-        .map_err(|_| Error::ShuttingDown)?;
-    let slot_taken = Instant::now();
-    let (shared2, job2, barrier2) = (Arc::clone(shared), job.clone(), barrier.clone());
-    let ran = tokio::task::spawn_blocking(move || {
-        let _running = Gauge::up(
-            &shared2.stats.running,
-            Some(crate::metrics::HANDLERS_RUNNING),
-        );
-        // What binds this delivery to the barrier it may consume.
-        let digest = barrier2.as_ref().map(|_| crate::binding::job_digest(&job2));
-        let claim = barrier2.as_ref().zip(digest.as_deref());
-        run::run(&shared2, &reg, &job2, claim, slot_taken)
-    })
-    .await
-    .map_err(|e| Error::HandlerPanic {
-        jid: job.id().to_string(),
-        message: e.to_string(),
-    })?;
-    let (outcome, phases) = ran?;
+    let (outcome, phases) = match reg.handler {
+        Handler::Connected(handler) => {
+            run_connected(shared, handler, &job, barrier.as_ref()).await?
+        }
+        Handler::Detached(handler) => {
+            super::detached::run(
+                shared,
+                handler,
+                &job,
+                barrier.as_ref().map(|(b, bound)| (b, *bound)),
+            )
+            .await?
+        }
+    };
+    let barrier = barrier.map(|(b, _)| b);
     let barrier_id = barrier.as_ref().map(|b| b.id);
     match outcome {
         Outcome::Ran => {
@@ -240,14 +238,56 @@ async fn run_on_pool<C: BarrierConnection>(
             shared.config.snooze_delay,
             "another delivery holds the barrier",
         ),
-        Outcome::Foreign => {
-            Stats::count(&shared.stats.refused);
-            tracing::error!(barrier_id = ?barrier_id, jid = job.id().as_str(), kind = %job.kind, "the job carries the barrier of another job (its kind, queue, arguments or custom data differ from those enqueued with the barrier): refused, the barrier is left to its own job");
-            Err(Error::ForeignBarrier {
-                jid: job.id().to_string(),
-                barrier_id: barrier_id.map(|id| id.to_string()).unwrap_or_default(),
-            })
-        }
+        Outcome::Foreign => Err(refused(shared, &job, barrier_id)),
+    }
+}
+
+/// Takes a handler slot and runs the job on a blocking thread, with a connection (see
+/// `run.rs`).
+async fn run_connected<C: BarrierConnection>(
+    shared: &Arc<Shared<C>>,
+    handler: Arc<crate::handlers::HandlerFn<C>>,
+    job: &Job,
+    barrier: Option<&(BarrierRef, bool)>,
+) -> Result<(Outcome, super::phases::Phases)> {
+    let _slot = Arc::clone(&shared.handler_slots)
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::ShuttingDown)?;
+    let slot_taken = Instant::now();
+    let (shared2, job2, barrier2) = (
+        Arc::clone(shared),
+        job.clone(),
+        barrier.map(|(b, _)| b.clone()),
+    );
+    tokio::task::spawn_blocking(move || {
+        let _running = Gauge::up(
+            &shared2.stats.running,
+            Some(crate::metrics::HANDLERS_RUNNING),
+        );
+        // What binds this delivery to the barrier it may consume.
+        let digest = barrier2.as_ref().map(|_| crate::binding::job_digest(&job2));
+        let claim = barrier2.as_ref().zip(digest.as_deref());
+        run::run(&shared2, &*handler, &job2, claim, slot_taken)
+    })
+    .await
+    .map_err(|e| Error::HandlerPanic {
+        jid: job.id().to_string(),
+        message: e.to_string(),
+    })?
+}
+
+/// Counts and logs a delivery refused for carrying another job's barrier; its error.
+fn refused<C: BarrierConnection>(
+    shared: &Shared<C>,
+    job: &Job,
+    barrier_id: Option<uuid::Uuid>,
+) -> Error {
+    Stats::count(&shared.stats.refused);
+    tracing::error!(barrier_id = ?barrier_id, jid = job.id().as_str(), kind = %job.kind, "the job carries the barrier of another job (its kind, queue, arguments or custom data differ from those enqueued with the barrier): refused, the barrier is left to its own job");
+    Error::ForeignBarrier {
+        jid: job.id().to_string(),
+        barrier_id: barrier_id.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 

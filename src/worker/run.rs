@@ -6,8 +6,9 @@ use super::phases::Phases;
 use super::Shared;
 use crate::backend::{diesel_transaction, poison, BarrierConnection, Claimed, DieselTransaction};
 use crate::descriptor::BarrierRef;
+use crate::error::BoxError;
 use crate::error::{chain, Error, Result};
-use crate::handlers::Registration;
+use crate::handlers::HandlerFn;
 use faktory::Job;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
@@ -30,7 +31,7 @@ pub(super) enum Outcome {
 /// delivery to it). `slot_taken` is when the handler slot was taken, where the timings start.
 pub(super) fn run<C: BarrierConnection>(
     shared: &Shared<C>,
-    reg: &Registration<C>,
+    handler: &HandlerFn<C>,
     job: &Job,
     barrier: Option<(&BarrierRef, &str)>,
     slot_taken: Instant,
@@ -42,7 +43,7 @@ pub(super) fn run<C: BarrierConnection>(
     // The handler, and for a barrier job the check that its claim still stands.
     let mut handle = |c: &mut C| -> Result<()> {
         phases.claimed = phases.since();
-        call_handler(reg, job, c)?;
+        call_handler(job, || handler(job, c))?;
         phases.handled = phases.since();
         if let Some((b, _)) = barrier {
             // The barrier's deletion must commit with the handler's writes: the handler must
@@ -119,13 +120,12 @@ fn handler_commits_prove<C: BarrierConnection>() -> bool {
     }
 }
 
-/// Calls the handler, turning its error or panic into the delivery's error.
-fn call_handler<C: BarrierConnection>(
-    reg: &Registration<C>,
+/// Calls `handler` for `job`, turning its error or panic into the delivery's error.
+pub(super) fn call_handler(
     job: &Job,
-    conn: &mut C,
+    handler: impl FnOnce() -> std::result::Result<(), BoxError>,
 ) -> Result<()> {
-    match catch_unwind(AssertUnwindSafe(|| (reg.handler)(job, conn))) {
+    match catch_unwind(AssertUnwindSafe(handler)) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(Error::Handler {
             jid: job.id().to_string(),

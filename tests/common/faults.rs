@@ -18,25 +18,35 @@ const CHILD_DB_URL: &str = "DTB_CHILD_DB_URL";
 
 /// The kind whose handler, in the child process only, blocks until the process is killed.
 pub const SLOW: &str = "slow_kind";
+/// A kind whose handler takes no connection; in the child process it prints
+/// `DETACHED_RAN <order id>`.
+pub const DETACHED: &str = "detached_kind";
 
 /// The body of a backend's `#[ignore]`d `worker_child` test: runs a worker until killed.
 pub fn worker_child_main<D: TestDb>() {
     let Ok(queue) = std::env::var(CHILD_QUEUE) else {
         return;
     };
+    init_tracing();
     let faktory = std::env::var(CHILD_FAKTORY).expect("faktory url");
     let url = std::env::var(CHILD_DB_URL).expect("database url");
     let (tx, _rx) = unbounded();
-    let handlers = handlers::<D>(&tx).register_without_barrier(
-        SLOW,
-        |job: &Job, conn: &mut D::Conn| -> Result<(), std::io::Error> {
-            // Record the run inside the consuming transaction, then hang: the kill comes now.
-            let id = job.args()[0].as_i64().unwrap();
-            insert_run::<D>(conn, job, id, Some("slow"));
-            std::thread::sleep(Duration::from_secs(3600));
-            Ok(())
-        },
-    );
+    let handlers = handlers::<D>(&tx)
+        .register_without_barrier(
+            SLOW,
+            |job: &Job, conn: &mut D::Conn| -> Result<(), std::io::Error> {
+                // Record the run inside the consuming transaction, then hang: the kill comes now.
+                let id = job.args()[0].as_i64().unwrap();
+                insert_run::<D>(conn, job, id, Some("slow"));
+                std::thread::sleep(Duration::from_secs(3600));
+                Ok(())
+            },
+        )
+        .register_without_connection(DETACHED, |job: &Job| -> Result<(), std::io::Error> {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "DETACHED_RAN {}", job.args()[0])?;
+            out.flush()
+        });
     let pool = D::pool_at(&url, 8);
     let mut worker = WorkerBuilder::new(pool)
         .handlers(handlers)
@@ -62,10 +72,15 @@ pub struct WorkerProcess(ChildTest);
 
 impl WorkerProcess {
     pub fn start<D: TestDb>(env: &Env<D>) -> WorkerProcess {
+        Self::start_on(env, &env.queue)
+    }
+
+    /// A worker process (`worker_child`) on `queue`.
+    pub fn start_on<D: TestDb>(env: &Env<D>, queue: &str) -> WorkerProcess {
         WorkerProcess(ChildTest::start(
             "worker_child",
             &[
-                (CHILD_QUEUE, env.queue.clone()),
+                (CHILD_QUEUE, queue.to_string()),
                 (CHILD_FAKTORY, env.faktory.url()),
                 (CHILD_DB_URL, env.db.url()),
             ],
@@ -80,6 +95,20 @@ impl WorkerProcess {
         };
         let mut n = state.split_whitespace().map(|n| n.parse().unwrap_or(0));
         (n.next().unwrap_or(0), n.next().unwrap_or(0))
+    }
+
+    /// Waits for the child's handler without a connection to report a run of order `id`.
+    pub fn wait_for_detached_run(&self, id: i64) -> bool {
+        let deadline = std::time::Instant::now() + EVENTUALLY;
+        while let Some(rest) = self.0.next_after(
+            "DETACHED_RAN ",
+            deadline.saturating_duration_since(std::time::Instant::now()),
+        ) {
+            if rest.trim() == id.to_string() {
+                return true;
+            }
+        }
+        false
     }
 
     /// SIGKILLs the worker process.

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 pub mod bulk;
 pub mod child;
+pub mod detached;
 pub mod faults;
 pub mod guarantee;
 pub mod mysql;
@@ -62,6 +63,11 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     /// The connections a worker's waiter takes from its pool with the default settings: a
     /// checking and a listening one, or (MySQL) a checking one and four watchers.
     const WAITER_CONNECTIONS: u32 = 2;
+    /// Statements that, on a connection of their own, keep every committed barrier row from
+    /// being deleted until `ROLLBACK`.
+    const HOLD_BARRIERS: &'static str = "BEGIN; SELECT id FROM dtb_barriers FOR UPDATE";
+    /// Whether the database has server sessions (whose waits can be watched and killed).
+    const HAS_SESSIONS: bool = true;
 
     /// Whether this configuration cannot run here (it says why on stderr): its scenario tests
     /// then pass without running.
@@ -139,6 +145,13 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     fn waiters_on(&self, session: i64) -> i64;
     /// Kills `session` from another connection, as an operator or a crash would.
     fn kill(&self, session: i64);
+
+    /// Kills the sessions waiting for a lock that `session` holds (as the server would, had
+    /// their process died with the statement not yet sent); how many. `None` when the
+    /// backend has no server sessions (a killed process's waits end with it).
+    fn kill_sessions_waiting_on(&self, _session: i64) -> Option<usize> {
+        None
+    }
 
     /// Kills the sessions of every worker's waiter on this database (its listening and
     /// checking connections). `None` when the backend has no server sessions.

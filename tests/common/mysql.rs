@@ -182,6 +182,32 @@ impl<T: MysqlDatabase> TestDb for Maria<T> {
         .unwrap()
     }
 
+    fn kill_sessions_waiting_on(&self, session: i64) -> Option<usize> {
+        let _serial = INNODB_TRX_READ
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::thread::sleep(Duration::from_millis(150));
+        let mut admin = self.database.mysql().admin();
+        let waiting: Vec<i64> = (0..)
+            .map_while(|n| {
+                Self::query_i64(
+                    &mut admin,
+                    &format!(
+                        "SELECT r.trx_mysql_thread_id FROM information_schema.INNODB_LOCK_WAITS w \
+                         JOIN information_schema.INNODB_TRX b ON b.trx_id = w.blocking_trx_id \
+                         JOIN information_schema.INNODB_TRX r ON r.trx_id = w.requesting_trx_id \
+                         WHERE b.trx_mysql_thread_id = {session} \
+                         ORDER BY r.trx_mysql_thread_id LIMIT 1 OFFSET {n}"
+                    ),
+                )
+            })
+            .collect();
+        for thread in &waiting {
+            let _ = admin.batch_execute(&format!("KILL {thread}"));
+        }
+        Some(waiting.len())
+    }
+
     fn kill(&self, session: i64) {
         self.database
             .mysql()

@@ -48,6 +48,18 @@ impl TestDb for Pg {
         Some(n.unwrap_or(0) as usize)
     }
 
+    fn kill_sessions_waiting_on(&self, session: i64) -> Option<usize> {
+        let mut c = self.connect();
+        let n = Pg::query_i64(
+            &mut c,
+            &format!(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE {session} = ANY(pg_blocking_pids(pid))"
+            ),
+        );
+        Some(n.unwrap_or(0) as usize)
+    }
+
     fn kill(&self, session: i64) {
         let mut c = self.connect();
         Pg::exec(&mut c, &format!("SELECT pg_terminate_backend({session})"));

@@ -15,6 +15,12 @@ pub use super::{
         bulk_enqueue_rolls_back, bulk_push_answer_lost_rolls_back,
         bulk_push_cut_mid_batch_and_swallowed_runs_nothing,
     },
+    detached::{
+        detached_duplicate_delivery_runs_once, detached_forged_descriptor_is_refused,
+        detached_handler_runs_after_commit_only,
+        detached_job_is_acknowledged_after_its_barrier_is_deleted,
+        detached_worker_killed_before_the_deletion_runs_again,
+    },
     faults::{worker_killed_mid_wait_and_mid_handler, worker_killed_with_parked_jobs},
     guarantee::{
         awkward_payloads_still_bind, failed_job_survives_broker_loss,

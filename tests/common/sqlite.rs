@@ -31,6 +31,8 @@ impl TestDb for Lite {
     /// looks, and the transaction rolls back as soon as the count shows.)
     const TIMEOUT_DEBUG_INFO: &'static [&'static str] =
         &["transaction: the write lock is", "journal_mode wal"];
+    const HOLD_BARRIERS: &'static str = "BEGIN IMMEDIATE";
+    const HAS_SESSIONS: bool = false;
 
     fn wrap(file: SqliteTestFile) -> Lite {
         Lite(file)

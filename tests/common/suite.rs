@@ -77,6 +77,11 @@ macro_rules! scenario_tests {
             bulk_push_answer_lost_rolls_back,
             bulk_enqueue_outside_a_transaction_and_inline,
             worker_killed_with_parked_jobs,
+            detached_handler_runs_after_commit_only,
+            detached_job_is_acknowledged_after_its_barrier_is_deleted,
+            detached_forged_descriptor_is_refused,
+            detached_duplicate_delivery_runs_once,
+            detached_worker_killed_before_the_deletion_runs_again,
         ] ($d));
     };
 

@@ -6,20 +6,22 @@ use super::session::{Statement, SET_READ_COMMITTED, SET_READ_UNCOMMITTED};
 use crate::backend::{Checked, Pending, Verdict};
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::Text;
-use std::collections::HashSet;
+use diesel::sql_types::{Nullable, Text};
+use std::collections::HashMap;
 
 #[derive(QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = Text)]
     id: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    job_digest: Option<String>,
 }
 
 /// Which of the barrier rows `ids` (a JSON array of ids) the next statement sees: one statement
 /// text whatever the number of ids, so that it stays prepared, and a lookup by primary key for
 /// each (the JSON column takes the key's character set and collation, or the join scans).
 const EXISTING: &[&str] = &[
-    "SELECT b.id FROM JSON_TABLE(",
+    "SELECT b.id, b.job_digest FROM JSON_TABLE(",
     ", '$[*]' COLUMNS (id CHAR(36) CHARACTER SET ascii COLLATE ascii_bin PATH '$')) AS j \
      JOIN dtb_barriers b ON b.id = j.id",
 ];
@@ -51,29 +53,36 @@ pub(super) fn check_pending(
     // that ended between the two reads: the next check decides). Not committed: no version in
     // step 1 and no committed one in the later step 2 — a row without any version cannot come
     // back, except by the undoing of a delete, which step 2, after it, would have seen.
-    Ok(keys
+    let verdicts: Vec<Verdict> = keys
         .iter()
         .map(|k| {
-            if visible.contains(k) {
+            if visible.contains_key(k) {
                 Verdict::Visible
-            } else if exist.contains(k) {
+            } else if exist.contains_key(k) {
                 Verdict::Pending
             } else {
                 Verdict::NotCommitted
             }
         })
-        .collect::<Vec<_>>()
-        .into())
+        .collect();
+    let digests = keys
+        .iter()
+        .map(|k| visible.get(k).cloned().flatten())
+        .collect();
+    Ok(Checked {
+        digests,
+        ..Checked::from(verdicts)
+    })
 }
 
 /// The ids of `ids` (a JSON array) that a plain read at the isolation level `set_level` sets
-/// sees, in autocommit.
+/// sees, in autocommit, with their rows' job digests.
 fn existing(
     conn: &mut MysqlConnection,
     set_level: &'static [&'static str],
     ids: &str,
-) -> QueryResult<HashSet<String>> {
+) -> QueryResult<HashMap<String, Option<String>>> {
     Statement::plain(set_level).execute(conn)?;
     let rows: Vec<IdRow> = Statement::new(EXISTING, &[ids]).load(conn)?;
-    Ok(rows.into_iter().map(|r| r.id).collect())
+    Ok(rows.into_iter().map(|r| (r.id, r.job_digest)).collect())
 }

@@ -168,10 +168,23 @@ impl Backend for MysqlConnection {
         })
     }
 
-    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<()> {
+    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
         let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
-        diesel::delete(dtb_barriers::table.filter(dtb_barriers::id.eq_any(&ids))).execute(self)?;
-        Ok(())
+        diesel::delete(dtb_barriers::table.filter(dtb_barriers::id.eq_any(&ids))).execute(self)
+    }
+
+    fn consume_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
+        // One statement, in autocommit: a transaction of its own, durable on return.
+        self.remove_barriers(ids)
+    }
+
+    fn barrier_digest(&mut self, id: &uuid::Uuid) -> QueryResult<Option<Option<String>>> {
+        // A plain read: a consistent snapshot, no lock taken or waited for.
+        dtb_barriers::table
+            .find(id.hyphenated().to_string())
+            .select(dtb_barriers::job_digest)
+            .get_result::<Option<String>>(self)
+            .optional()
     }
 
     fn missing_table(&mut self, _error: &diesel::result::Error) -> bool {

@@ -23,6 +23,8 @@ struct CheckRow {
     inserted_lsn: i64,
     #[diesel(sql_type = BigInt)]
     flushed_lsn: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    digest: Option<String>,
 }
 
 /// Reads the answer of `dtb_await_barrier`.
@@ -159,7 +161,7 @@ pub(super) fn check_pending(
     // flushed), the row is only *visible*, and the waiter waits for the flush, or fences.
     let rows: Vec<CheckRow> = diesel::sql_query(format!(
         "WITH lsn AS (SELECT {LSNS}) \
-         SELECT p.id, (b.id IS NOT NULL) AS visible, \
+         SELECT p.id, (b.id IS NOT NULL) AS visible, b.job_digest AS digest, \
             CASE WHEN p.txid IS NULL OR p.txid < 3 THEN 'unknown' \
                  WHEN p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
                  THEN 'in progress' \
@@ -240,10 +242,15 @@ pub(super) fn check_pending(
             schedule.forget(&p.id);
         }
     }
+    let digests = ids
+        .iter()
+        .map(|id| by_id.get(id).and_then(|r| r.digest.clone()))
+        .collect();
     Ok(Checked {
         verdicts,
         probed,
         position,
+        digests,
     })
 }
 

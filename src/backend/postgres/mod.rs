@@ -169,12 +169,26 @@ impl Backend for PgConnection {
         })
     }
 
-    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<()> {
+    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
         let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
         diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ANY($1::uuid[])")
             .bind::<Array<Text>, _>(ids)
-            .execute(self)?;
-        Ok(())
+            .execute(self)
+    }
+
+    fn consume_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
+        // One statement, in autocommit: a transaction of its own, durable on return (the
+        // session's `synchronous_commit` is the worker's, never turned off here).
+        self.remove_barriers(ids)
+    }
+
+    fn barrier_digest(&mut self, id: &uuid::Uuid) -> QueryResult<Option<Option<String>>> {
+        let row: Option<OptTextRow> =
+            diesel::sql_query("SELECT job_digest AS value FROM dtb_barriers WHERE id = $1::uuid")
+                .bind::<Text, _>(id.hyphenated().to_string())
+                .get_result(self)
+                .optional()?;
+        Ok(row.map(|r| r.value))
     }
 
     fn missing_table(&mut self, error: &diesel::result::Error) -> bool {

@@ -2,26 +2,38 @@
 //! holds the write lock (taken without waiting) is not.
 
 use super::locks::is_busy;
-use super::{TextRow, IDS_PER_QUERY};
+use super::IDS_PER_QUERY;
 use crate::backend::Verdict;
 use diesel::prelude::*;
-use diesel::sql_types::Text;
+use diesel::sql_types::{Nullable, Text};
 use diesel::sqlite::SqliteConnection;
-use std::collections::HashSet;
+use std::collections::HashMap;
 
-/// Verdicts for `ids`, in order. The connection's busy timeout is zero: nothing here waits.
-pub(super) fn check_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryResult<Vec<Verdict>> {
+#[derive(QueryableByName)]
+struct VisibleRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    job_digest: Option<String>,
+}
+
+/// Verdicts for `ids`, in order, with the job digest of each row found committed. The
+/// connection's busy timeout is zero: nothing here waits.
+pub(super) fn check_ids(
+    conn: &mut SqliteConnection,
+    ids: &[String],
+) -> QueryResult<(Vec<Verdict>, Vec<Option<String>>)> {
     // Committed? A read sees committed rows only, and only the producer writes its row.
     let visible = match visible_ids(conn, ids) {
         Ok(visible) => visible,
         // Rollback-journal mode refuses reads while a commit is written: look again later.
-        Err(e) if is_busy(&e) => return Ok(vec![Verdict::Pending; ids.len()]),
+        Err(e) if is_busy(&e) => return Ok((vec![Verdict::Pending; ids.len()], Vec::new())),
         Err(e) => return Err(e),
     };
     let mut verdicts: Vec<Verdict> = ids
         .iter()
         .map(|id| {
-            if visible.contains(id) {
+            if visible.contains_key(id) {
                 Verdict::Committed
             } else {
                 Verdict::Pending
@@ -30,11 +42,18 @@ pub(super) fn check_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryRes
         .collect();
     let rest: Vec<String> = ids
         .iter()
-        .filter(|id| !visible.contains(*id))
+        .filter(|id| !visible.contains_key(*id))
         .cloned()
         .collect();
+    let mut digests: HashMap<String, Option<String>> = visible;
+    let found = |digests: &HashMap<String, Option<String>>| -> Vec<Option<String>> {
+        ids.iter()
+            .map(|id| digests.get(id).cloned().flatten())
+            .collect()
+    };
     if rest.is_empty() {
-        return Ok(verdicts);
+        let digests = found(&digests);
+        return Ok((verdicts, digests));
     }
     // Ended? Each producer took the write lock with its barrier insert, before its job was
     // pushed, fetched and handed to us. If we get the lock now, all those transactions are
@@ -43,38 +62,40 @@ pub(super) fn check_ids(conn: &mut SqliteConnection, ids: &[String]) -> QueryRes
         Ok(committed) => {
             for (verdict, id) in verdicts.iter_mut().zip(ids) {
                 if *verdict == Verdict::Pending {
-                    *verdict = if committed.contains(id) {
+                    *verdict = if committed.contains_key(id) {
                         Verdict::Committed
                     } else {
                         Verdict::NotCommitted
                     };
                 }
             }
+            digests.extend(committed);
         }
         // Some transaction holds the lock: the rest stay pending.
         Err(e) if is_busy(&e) => {}
         Err(e) => return Err(e),
     }
-    Ok(verdicts)
+    let digests = found(&digests);
+    Ok((verdicts, digests))
 }
 
-/// Which of `ids` have a visible barrier row.
+/// Which of `ids` have a visible barrier row, with its job digest.
 pub(super) fn visible_ids(
     conn: &mut SqliteConnection,
     ids: &[String],
-) -> QueryResult<HashSet<String>> {
-    let mut found = HashSet::new();
+) -> QueryResult<HashMap<String, Option<String>>> {
+    let mut found = HashMap::new();
     for chunk in ids.chunks(IDS_PER_QUERY) {
         let params = vec!["?"; chunk.len()].join(", ");
         let mut query = diesel::sql_query(format!(
-            "SELECT id AS value FROM dtb_barriers WHERE id IN ({params})"
+            "SELECT id, job_digest FROM dtb_barriers WHERE id IN ({params})"
         ))
         .into_boxed();
         for id in chunk {
             query = query.bind::<Text, _>(id.as_str());
         }
-        let rows: Vec<TextRow> = query.load(conn)?;
-        found.extend(rows.into_iter().map(|r| r.value));
+        let rows: Vec<VisibleRow> = query.load(conn)?;
+        found.extend(rows.into_iter().map(|r| (r.id, r.job_digest)));
     }
     Ok(found)
 }

@@ -137,13 +137,33 @@ impl Backend for SqliteConnection {
         })
     }
 
-    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<()> {
-        for id in ids {
-            diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ?")
-                .bind::<Text, _>(id.hyphenated().to_string())
-                .execute(self)?;
+    fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
+        let mut deleted = 0;
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let params = vec!["?"; chunk.len()].join(", ");
+            let mut query =
+                diesel::sql_query(format!("DELETE FROM dtb_barriers WHERE id IN ({params})"))
+                    .into_boxed();
+            for id in chunk {
+                query = query.bind::<Text, _>(id.hyphenated().to_string());
+            }
+            deleted += query.execute(self)?;
         }
-        Ok(())
+        Ok(deleted)
+    }
+
+    fn barrier_digest(&mut self, id: &uuid::Uuid) -> QueryResult<Option<Option<String>>> {
+        #[derive(QueryableByName)]
+        struct DigestRow {
+            #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+            job_digest: Option<String>,
+        }
+        let row: Option<DigestRow> =
+            diesel::sql_query("SELECT job_digest FROM dtb_barriers WHERE id = ?")
+                .bind::<Text, _>(id.hyphenated().to_string())
+                .get_result(self)
+                .optional()?;
+        Ok(row.map(|r| r.job_digest))
     }
 
     fn missing_table(&mut self, error: &DieselError) -> bool {
@@ -193,7 +213,11 @@ impl Backend for SqliteConnection {
             .map(|p| p.id.hyphenated().to_string())
             .collect();
         // Busy timeout zero: nothing here waits for a producer.
-        with_busy_timeout(self, |_| 0, |c| check_ids(c, &ids)).map(Checked::from)
+        let (verdicts, digests) = with_busy_timeout(self, |_| 0, |c| check_ids(c, &ids))?;
+        Ok(Checked {
+            digests,
+            ..Checked::from(verdicts)
+        })
     }
 
     // Commit hints wake the waiter at once; the checks are a safety net.

@@ -30,7 +30,7 @@ mod pending;
 mod watchers;
 
 use super::monitor::Gauge;
-use crate::backend::{BarrierConnection, CheckSchedule, Checked, ConnectionPool, Hint, Hints};
+use crate::backend::{BarrierConnection, CheckSchedule, ConnectionPool, Hint, Hints};
 use crate::error::chain;
 use crate::worker::parking::Releaser;
 pub(crate) use clock::CommitClock;
@@ -49,8 +49,15 @@ use watchers::{Assignment, Report, Watched, Watchers};
 /// What a waiting job hears back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Answer {
-    /// The transaction committed, durably: run the handler.
+    /// The transaction committed, durably: run the handler (the claim checks that the barrier
+    /// is this job's).
     Committed,
+    /// The transaction committed, durably, and the check read the barrier's job digest: it is
+    /// this delivery's job's.
+    Bound,
+    /// The transaction committed, and the check read the barrier's job digest: it is another
+    /// job's (the delivery carries a copied descriptor). Refuse it, leave the barrier.
+    Foreign,
     /// The transaction ended without the barrier (or the barrier was consumed).
     NotCommitted,
     /// The transaction is still running (the job's wait timed out; the waiter never says so).
@@ -70,7 +77,8 @@ impl Answer {
     /// The answer as the wait-time histogram labels it.
     pub(crate) fn label(self) -> &'static str {
         match self {
-            Answer::Committed => "committed",
+            Answer::Committed | Answer::Bound => "committed",
+            Answer::Foreign => "foreign",
             Answer::NotCommitted => "not_committed",
             Answer::Pending => "pending",
             Answer::ShuttingDown => "shutting_down",
@@ -86,6 +94,8 @@ struct Registration {
     reply: oneshot::Sender<Answer>,
     /// The job, so that it can be parked (`None`: it cannot).
     job: Option<Box<faktory::Job>>,
+    /// The job's digest, to compare with the barrier's.
+    digest: Option<String>,
 }
 
 /// What wakes the waiter thread.
@@ -107,12 +117,14 @@ pub(crate) struct WaiterHandle {
 
 impl WaiterHandle {
     /// Registers interest in barrier `id`; the answer arrives on the returned receiver. With
-    /// the job, the waiter may park it ([`Answer::Parked`]).
+    /// the job, the waiter may park it ([`Answer::Parked`]); with its digest, a commit is
+    /// answered [`Answer::Bound`] or [`Answer::Foreign`] when the check read the barrier's.
     pub(crate) fn register(
         &self,
         id: uuid::Uuid,
         txid: Option<String>,
         job: Option<faktory::Job>,
+        digest: Option<String>,
     ) -> (oneshot::Receiver<Answer>, Gauge) {
         let guard = Gauge::up(&self.waiting, Some(crate::metrics::JOBS_WAITING));
         let (reply, rx) = oneshot::channel();
@@ -124,6 +136,7 @@ impl WaiterHandle {
             txid,
             reply,
             job,
+            digest,
         })) {
             if let Event::Register(r) = e.into_inner() {
                 let _ = r.reply.send(Answer::ShuttingDown);
@@ -366,6 +379,7 @@ impl<C: BarrierConnection> Waiter<C> {
                 Delivery {
                     reply: r.reply,
                     job: r.job,
+                    digest: r.digest,
                 },
                 Instant::now(),
             ),
@@ -441,15 +455,17 @@ impl<C: BarrierConnection> Waiter<C> {
         };
         self.last_check = now;
         match conn.check_pending(&mut self.checker_state, &batch) {
-            Ok(Checked {
-                verdicts,
-                probed,
-                position,
-            }) => {
-                tracing::trace!(batch = batch.len(), probed, took = ?now.elapsed(), "checked pending barriers");
+            Ok(checked) => {
+                tracing::trace!(batch = batch.len(), probed = checked.probed, took = ?now.elapsed(), "checked pending barriers");
                 let seen = self.prover_clock_now();
-                self.pending
-                    .apply(&batch, &verdicts, seen, position, Instant::now());
+                self.pending.read_digests(&batch, &checked);
+                self.pending.apply(
+                    &batch,
+                    &checked.verdicts,
+                    seen,
+                    checked.position,
+                    Instant::now(),
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "checking pending barriers failed; reconnecting");

@@ -4,7 +4,7 @@
 //! are parked, and who hears what answer.
 
 use super::Answer;
-use crate::backend::{CheckSchedule, Hint, Pending, Verdict};
+use crate::backend::{CheckSchedule, Checked, Hint, Pending, Verdict};
 use crate::worker::parking::Release;
 use faktory::Job;
 use std::collections::{HashMap, HashSet};
@@ -16,6 +16,21 @@ use tokio::sync::oneshot;
 pub(super) struct Delivery {
     pub(super) reply: oneshot::Sender<Answer>,
     pub(super) job: Option<Box<Job>>,
+    /// The delivery's job digest, when it asks to have the barrier's compared with it.
+    pub(super) digest: Option<String>,
+}
+
+impl Delivery {
+    /// What this delivery hears when its barrier's fate is `answer`, the barrier's job digest
+    /// being `row` (when a check read it): a commit is [`Answer::Bound`] to a job with the
+    /// same digest, [`Answer::Foreign`] to one with another.
+    fn answer(&self, answer: Answer, row: Option<&str>) -> Answer {
+        match (answer, row, self.digest.as_deref()) {
+            (Answer::Committed, Some(row), Some(mine)) if row == mine => Answer::Bound,
+            (Answer::Committed, Some(_), Some(_)) => Answer::Foreign,
+            (answer, _, _) => answer,
+        }
+    }
 }
 
 /// How many deliveries may wait, and how.
@@ -71,6 +86,8 @@ struct Entry {
     running: bool,
     /// Seen committed, not yet proven durable.
     seen: Option<Seen>,
+    /// The job digest stored with the barrier, once a check read it.
+    digest: Option<String>,
     /// When a check last named it.
     checked: Option<Instant>,
     /// When it is due for its next check, and the interval that led there.
@@ -163,6 +180,7 @@ impl PendingSet {
                 since: now,
                 running: false,
                 seen: None,
+                digest: None,
                 checked: None,
                 next_check: now,
                 interval: schedule.first / 2,
@@ -237,6 +255,15 @@ impl PendingSet {
             .filter(|e| e.seen.is_none())
             .map(|e| e.next_check)
             .min()
+    }
+
+    /// Keeps the job digests a check of `batch` read with the barriers it found committed.
+    pub(super) fn read_digests(&mut self, batch: &[Pending], checked: &Checked) {
+        for (i, p) in batch.iter().enumerate() {
+            if let (Some(digest), Some(entry)) = (checked.digest(i), self.entries.get_mut(&p.id)) {
+                entry.digest = Some(digest.to_owned());
+            }
+        }
     }
 
     /// Makes the barriers of the hinted groups (the transactions that may have ended: named,
@@ -450,6 +477,7 @@ impl PendingSet {
 
     fn conclude(&mut self, entry: Entry, answer: Answer) {
         for d in entry.deliveries {
+            let answer = d.answer(answer, entry.digest.as_deref());
             let _ = d.reply.send(answer);
         }
         if entry.parked.is_empty() {
@@ -493,6 +521,7 @@ mod tests {
         Delivery {
             reply,
             job: job.map(Box::new),
+            digest: None,
         }
     }
 

@@ -145,7 +145,7 @@ mod mysql {
             // A handler runs: the waiter waits for its commit to prove, then fences anyway.
             running: Arc::new(AtomicUsize::new(1)),
         });
-        let (mut rx, _gauge) = waiter.register(id, inserted.txid, None);
+        let (mut rx, _gauge) = waiter.register(id, inserted.txid, None, None);
         let answer = answer_within(&mut rx, Duration::from_secs(10));
         handler.batch_execute("COMMIT").unwrap();
         waiter.stop();
