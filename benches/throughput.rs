@@ -45,6 +45,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const KIND: &str = "bench_job";
 
+/// What the benchmark's handler does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Takes a connection, writes nothing.
+    NoWrite,
+    /// Takes a connection, adds one to the job's row of `dtb_bench_accounts`.
+    WriteOne,
+    /// Takes no connection (`register_without_connection`).
+    Detached,
+}
+
 #[derive(QueryableByName)]
 struct Count {
     #[diesel(sql_type = BigInt)]
@@ -202,6 +213,8 @@ where
         }
         if on("3") {
             self.throughput();
+        } else if on("3C") {
+            self.detached_throughput(0.0);
         }
         if on("4") {
             self.waiting_at_scale();
@@ -244,17 +257,16 @@ where
         std::thread::JoinHandle<()>,
         Receiver<(i64, Instant)>,
     ) {
-        self.start_worker_writing(queue, workers, max_waiting, false)
+        self.start_worker_shaped(queue, workers, max_waiting, Shape::NoWrite)
     }
 
-    /// As [`start_worker`](Self::start_worker); with `write`, each handler also adds one to
-    /// the job's row of `dtb_bench_accounts`, in the transaction it is given.
-    fn start_worker_writing(
+    /// As [`start_worker`](Self::start_worker), with a handler of `shape`.
+    fn start_worker_shaped(
         &self,
         queue: &str,
         workers: usize,
         max_waiting: usize,
-        write: bool,
+        shape: Shape,
     ) -> (
         diesel_transaction_barrier::ShutdownHandle,
         diesel_transaction_barrier::WorkerMonitor,
@@ -262,13 +274,20 @@ where
         Receiver<(i64, Instant)>,
     ) {
         let (tx, rx) = unbounded();
-        let mut worker = WorkerBuilder::new(self.pool(workers as u32 + 8))
+        let builder = WorkerBuilder::new(self.pool(workers as u32 + 8))
             .url(self.faktory.url())
             .workers(workers)
-            .max_waiting(max_waiting)
-            .register_without_barrier(KIND, move |job: &Job, conn: &mut C| {
+            .max_waiting(max_waiting);
+        let builder = if shape == Shape::Detached {
+            builder.register_without_connection(KIND, move |job: &Job| {
                 let id = job.args()[0].as_i64().unwrap_or(-1);
-                if write {
+                let _ = tx.send((id, Instant::now()));
+                Ok::<(), std::io::Error>(())
+            })
+        } else {
+            builder.register_without_barrier(KIND, move |job: &Job, conn: &mut C| {
+                let id = job.args()[0].as_i64().unwrap_or(-1);
+                if shape == Shape::WriteOne {
                     diesel::sql_query(format!(
                         "UPDATE dtb_bench_accounts SET n = n + 1 WHERE id = {id}"
                     ))
@@ -277,8 +296,8 @@ where
                 let _ = tx.send((id, Instant::now()));
                 Ok::<(), diesel::result::Error>(())
             })
-            .connect()
-            .expect("worker");
+        };
+        let mut worker = builder.connect().expect("worker");
         let stop = worker.shutdown_handle();
         let monitor = worker.monitor();
         let q = queue.to_string();
@@ -426,8 +445,8 @@ where
     fn throughput(&mut self) {
         let n = scale(4000);
         println!("\n3. worker throughput, 8 handlers ({n} jobs each way)");
-        let plain = self.jobs_per_second(n, false, false);
-        let barrier = self.jobs_per_second(n, true, false);
+        let plain = self.jobs_per_second(n, false, Shape::NoWrite);
+        let barrier = self.jobs_per_second(n, true, Shape::NoWrite);
         let ratio = barrier / plain;
         self.row(
             "3. worker, no-write handler: barrier jobs/s vs plain jobs/s",
@@ -435,8 +454,8 @@ where
             "ratio ≥ 0.8",
             Some(ratio >= 0.8),
         );
-        let plain_write = self.jobs_per_second(n, false, true);
-        let barrier_write = self.jobs_per_second(n, true, true);
+        let plain_write = self.jobs_per_second(n, false, Shape::WriteOne);
+        let barrier_write = self.jobs_per_second(n, true, Shape::WriteOne);
         let ratio = barrier_write / plain_write;
         self.row(
             "3A. worker, handler writing one row: barrier jobs/s vs plain jobs/s",
@@ -461,12 +480,39 @@ where
             "—",
             None,
         );
+        self.detached_throughput(plain);
+    }
+
+    /// 3C. Handlers that write nothing, registered without a connection; `plain`: row 3's
+    /// baseline (plain jobs, a no-write handler that takes a connection), if measured.
+    fn detached_throughput(&mut self, plain: f64) {
+        let n = scale(4000);
+        println!("\n3C. worker throughput, 8 handlers without a connection ({n} jobs each way)");
+        let plain_detached = self.jobs_per_second(n, false, Shape::Detached);
+        let barrier_detached = self.jobs_per_second(n, true, Shape::Detached);
+        let ratio = barrier_detached / plain_detached;
+        self.row(
+            "3C. worker, handler without a connection: barrier jobs/s vs plain jobs/s (the same handler)",
+            format!("{barrier_detached:.0} / {plain_detached:.0} = {ratio:.2}"),
+            "ratio ≥ 0.8",
+            Some(ratio >= 0.8),
+        );
+        if plain > 0.0 {
+            let ratio = barrier_detached / plain;
+            self.row(
+                "3C. the same barrier jobs vs plain jobs with a no-write handler that takes a connection (row 3's baseline)",
+                format!("{barrier_detached:.0} / {plain:.0} = {ratio:.2}"),
+                "ratio ≥ 0.8",
+                Some(ratio >= 0.8),
+            );
+        }
     }
 
     /// How many jobs per second a worker with 8 handlers runs from a queue of `n` jobs pushed
     /// beforehand: barrier jobs (their transactions committed) or plain ones, with handlers
     /// that write one row each or nothing.
-    fn jobs_per_second(&mut self, n: usize, barrier: bool, write: bool) -> f64 {
+    fn jobs_per_second(&mut self, n: usize, barrier: bool, shape: Shape) -> f64 {
+        let write = shape == Shape::WriteOne;
         let queue = self.faktory.unique_queue("bench-throughput");
         let ids = self.ids(n);
         let mut conn = self.conn();
@@ -492,12 +538,26 @@ where
                 })
                 .expect("transaction");
             }
+        } else if shape == Shape::Detached {
+            // Outside a transaction: plain jobs marked as needing no wait, which a kind that
+            // requires a barrier accepts.
+            for chunk in ids.chunks(1000) {
+                conn.enqueue_many_with_barrier(
+                    &self.producer,
+                    chunk.iter().map(|&id| self.job(&queue, id)),
+                )
+                .expect("plain jobs");
+            }
         } else {
             for &id in &ids {
                 self.producer.push(self.job(&queue, id)).expect("push");
             }
         }
-        let (stop, monitor, t, rx) = self.start_worker_writing(&queue, 8, 32, write);
+        let max_waiting = std::env::var("BENCH_MAX_WAITING")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(32);
+        let (stop, monitor, t, rx) = self.start_worker_shaped(&queue, 8, max_waiting, shape);
         let start = Instant::now();
         let mut seen = std::collections::HashSet::new();
         while seen.len() < n {

@@ -496,6 +496,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         let url = self.config.url.get_or_insert_with(env_url).clone();
         let producer = Producer::builder().url(url).connect()?;
         let (tx, rx) = tokio::sync::watch::channel(false);
+        let workers = self.config.workers;
         Ok(Worker {
             shared: Arc::new(Shared {
                 pool: self.pool,
@@ -509,6 +510,7 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 releaser: std::sync::OnceLock::new(),
                 consumer: std::sync::OnceLock::new(),
                 consuming: Arc::default(),
+                kept: super::kept::Kept::new(workers),
                 draining: tokio::sync::watch::channel(false).0,
                 location,
                 commits: Arc::new(super::waiter::CommitClock::new()),

@@ -21,6 +21,7 @@
 
 mod builder;
 mod detached;
+mod kept;
 mod monitor;
 pub(crate) mod parking;
 pub(crate) mod phases;
@@ -66,6 +67,8 @@ struct Shared<C: BarrierConnection> {
     consumer: std::sync::OnceLock<detached::Consumer>,
     /// Barriers being run or deleted by handlers without a connection.
     consuming: Arc<detached::Consuming>,
+    /// Connections kept from one handler run to the next.
+    kept: kept::Kept<C>,
     /// Set when a shutdown begins: jobs still arriving or waiting are handed back.
     draining: tokio::sync::watch::Sender<bool>,
     /// The barrier table this worker reads, as the backend names it (see

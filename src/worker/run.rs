@@ -2,6 +2,7 @@
 //! transaction that claims the barrier, runs the handler, checks that the claim still stands,
 //! and commits — the handler's writes and the barrier's consumption together, once.
 
+use super::kept::Slot;
 use super::phases::Phases;
 use super::Shared;
 use crate::backend::{diesel_transaction, poison, BarrierConnection, Claimed, DieselTransaction};
@@ -36,12 +37,37 @@ pub(super) fn run<C: BarrierConnection>(
     barrier: Option<(&BarrierRef, &str)>,
     slot_taken: Instant,
 ) -> Result<(Outcome, Phases)> {
+    let slot = shared.kept.take(&shared.pool)?;
+    let kept = !slot.fresh;
+    match run_on(shared, slot, handler, job, barrier, slot_taken) {
+        // A kept connection that failed before the handler was called (the server restarted,
+        // say): the pool would have caught that at checkout. Once more, on one from the pool.
+        Err((Error::Database(e), false)) if kept => {
+            tracing::debug!(error = %chain(&Error::Database(e)), "a kept connection failed before the handler ran; once more on a pooled one");
+            let slot = shared.kept.take_fresh(&shared.pool)?;
+            run_on(shared, slot, handler, job, barrier, slot_taken).map_err(|(e, _)| e)
+        }
+        result => result.map_err(|(e, _)| e),
+    }
+}
+
+/// [`run`] on the connection of `slot`; an error comes with whether the handler was called.
+fn run_on<C: BarrierConnection>(
+    shared: &Shared<C>,
+    mut slot: Slot<C>,
+    handler: &HandlerFn<C>,
+    job: &Job,
+    barrier: Option<(&BarrierRef, &str)>,
+    slot_taken: Instant,
+) -> std::result::Result<(Outcome, Phases), (Error, bool)> {
     let mut phases = Phases::new(slot_taken);
-    let mut conn = shared.pool.get()?;
+    let conn = &mut slot.conn;
     phases.checked_out = phases.since();
     let mut lost = false;
+    let mut called = false;
     // The handler, and for a barrier job the check that its claim still stands.
     let mut handle = |c: &mut C| -> Result<()> {
+        called = true;
         phases.claimed = phases.since();
         call_handler(job, || handler(job, c))?;
         phases.handled = phases.since();
@@ -109,7 +135,12 @@ pub(super) fn run<C: BarrierConnection>(
             tracing::warn!(barrier_id = %b.id, error = %chain(&e), "could not mark the barrier attempted");
         }
     }
-    result.map(|outcome| (outcome, phases))
+    // Kept for the next run only after a clean one: after any error it goes back to the
+    // pool, which tests it before handing it out again.
+    shared.kept.give_back(slot, result.is_ok());
+    result
+        .map(|outcome| (outcome, phases))
+        .map_err(|e| (e, called))
 }
 
 /// Whether a committed handler transaction proves durable what the waiter saw before it began.

@@ -239,10 +239,11 @@ pub fn worker_killed_with_parked_jobs<D: TestDb>() {
     if let Some(server) = env.faktory.server_or_skip("the parked jobs left Faktory") {
         assert_eq!(server.queue_size(&env.queue), 0);
         let reserved = server.working_len();
-        // At most `max_waiting` (32) held; SQLite names no transaction, so its barriers are
-        // not counted together and may take them all.
+        // At most one per fetch slot (2 handlers + 32 waiting): held ones, and those not yet
+        // parked or not yet acknowledged. (SQLite names no transaction, so its barriers are
+        // not counted together and may hold every slot.)
         assert!(
-            reserved <= 32,
+            reserved <= 34,
             "only the held jobs stay reserved, the parked ones were acknowledged: {reserved}"
         );
     }

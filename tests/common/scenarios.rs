@@ -968,3 +968,41 @@ pub fn handler_recovering_from_a_failed_savepoint_runs<D: TestDb>() {
     assert_eq!(worker.monitor.failed(), 0);
     assert_eq!(env.db.barrier_rows(), 0);
 }
+
+/// The worker keeps its handlers' connections from one job to the next. One of them dies
+/// between two jobs (its server session killed, as a database restart would): the next job
+/// still runs, on a fresh connection, and no delivery fails.
+pub fn a_dead_kept_connection_fails_no_job<D: TestDb>() {
+    if !D::HAS_SESSIONS {
+        eprintln!("this backend has no server sessions to kill");
+        return;
+    }
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let (session_tx, session_rx) = unbounded();
+    let handlers = Handlers::new().register(PAID, {
+        let record = recording_handler::<D>(tx.clone());
+        move |job: &Job, conn: &mut D::Conn| {
+            let _ = session_tx.send(D::session_id(conn));
+            record(job, conn)
+        }
+    });
+    let worker = env.start_worker(handlers, 1);
+    let (first, second) = (next_id(), next_id());
+    commit_order(&env, first, env.job(PAID, first));
+    assert_eq!(expect_run(&rx).order_id, first);
+    let session = session_rx.recv_timeout(EVENTUALLY).unwrap();
+    wait_until("the first run to commit", EVENTUALLY, || {
+        runs_of(&env.db, first) == 1
+    });
+    env.db.kill(session);
+    commit_order(&env, second, env.job(PAID, second));
+    assert_eq!(expect_run(&rx).order_id, second);
+    let again = session_rx.recv_timeout(EVENTUALLY).unwrap();
+    assert_ne!(again, session, "a fresh connection");
+    wait_until("the second run to commit", EVENTUALLY, || {
+        runs_of(&env.db, second) == 1
+    });
+    assert_eq!(worker.monitor.failed(), 0, "no delivery failed");
+    assert_eq!(worker.monitor.ran(), 2);
+}

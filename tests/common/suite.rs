@@ -82,6 +82,7 @@ macro_rules! scenario_tests {
             detached_forged_descriptor_is_refused,
             detached_duplicate_delivery_runs_once,
             detached_worker_killed_before_the_deletion_runs_again,
+            a_dead_kept_connection_fails_no_job,
         ] ($d));
     };
 

@@ -7,7 +7,8 @@ use super::errors::{
 };
 use super::schema::dtb_barriers;
 use super::session::{
-    learnt_set_statement, set_statement_may_work, with_in_transaction, Statement,
+    learnt_set_statement, set_statement_may_work, with_in_transaction, InTransactionQuery,
+    Statement,
 };
 use crate::backend::Claim;
 use diesel::mysql::MysqlConnection;
@@ -140,11 +141,19 @@ pub(super) fn claim_with_locking_read(
 /// visible again; after an implicit commit (DDL in the handler, say), MariaDB says no
 /// transaction is open — the retry then finds the row consumed and skips the handler.
 pub(super) fn claim_holds(conn: &mut MysqlConnection, id: &uuid::Uuid) -> QueryResult<bool> {
-    let row: ClaimCheckRow = with_in_transaction(
-        conn,
-        "SELECT $in_transaction AS in_transaction, \
-                (SELECT COUNT(*) FROM dtb_barriers WHERE id = ?) AS remaining",
-        Some(&id.hyphenated().to_string()),
-    )?;
+    const CLAIM_HOLDS: InTransactionQuery = InTransactionQuery {
+        with: &[
+            "SELECT CAST(@@in_transaction AS SIGNED) AS in_transaction, \
+                    (SELECT COUNT(*) FROM dtb_barriers WHERE id = ",
+            ") AS remaining",
+        ],
+        without: &[
+            "SELECT CAST(NULL AS SIGNED) AS in_transaction, \
+                    (SELECT COUNT(*) FROM dtb_barriers WHERE id = ",
+            ") AS remaining",
+        ],
+    };
+    let id = id.hyphenated().to_string();
+    let row: ClaimCheckRow = with_in_transaction(conn, CLAIM_HOLDS, &[&id])?;
     Ok(row.remaining == 0 && row.in_transaction.is_none_or(|t| t == 1))
 }

@@ -36,7 +36,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Unsigned};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use errors::{last_errno, ER_NO_SUCH_TABLE};
-use session::{read_committed, with_in_transaction};
+use session::{read_committed, with_in_transaction, InTransactionQuery};
 use std::time::Duration;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/mysql");
@@ -110,12 +110,15 @@ impl Backend for MysqlConnection {
         // deadlock victim (1213) or a lock wait timeout with `innodb_rollback_on_timeout` rolls
         // the whole transaction back, and DDL, `LOCK TABLES` or `SET autocommit = 1` commit it;
         // `SET autocommit = 0` opens one Diesel does not see. MariaDB says which is true.
-        let row: TransactionRow = with_in_transaction(
-            self,
-            "SELECT $in_transaction AS in_transaction, \
-                    CAST(@@autocommit AS SIGNED) AS autocommit",
-            None,
-        )?;
+        const SERVER_TRANSACTION: InTransactionQuery = InTransactionQuery {
+            with: &[
+                "SELECT CAST(@@in_transaction AS SIGNED) AS in_transaction, \
+                     CAST(@@autocommit AS SIGNED) AS autocommit",
+            ],
+            without: &["SELECT CAST(NULL AS SIGNED) AS in_transaction, \
+                        CAST(@@autocommit AS SIGNED) AS autocommit"],
+        };
+        let row: TransactionRow = with_in_transaction(self, SERVER_TRANSACTION, &[])?;
         Ok(match (row.in_transaction, diesel_depth) {
             (Some(1), _) => ServerTransaction::Open,
             // With autocommit off, the barrier insert itself opens the transaction, which lasts

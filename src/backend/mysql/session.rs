@@ -77,23 +77,26 @@ pub(super) fn learnt_set_statement(works: bool) {
     SET_STATEMENT.store(if works { PRESENT } else { ABSENT }, Ordering::Relaxed);
 }
 
-/// Runs `query`, which reads `@@in_transaction` as the column `in_transaction`, or, on a
-/// server without the variable, the same query with NULL in its place.
+/// A statement that reads `@@in_transaction` as the column `in_transaction` (`with`), and the
+/// same with NULL in its place (`without`), for a server without the variable.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InTransactionQuery {
+    pub(super) with: &'static [&'static str],
+    pub(super) without: &'static [&'static str],
+}
+
+/// Runs `query` with `binds`: the variant that reads `@@in_transaction`, or, on a server
+/// without the variable, the other. Both stay prepared.
 pub(super) fn with_in_transaction<T: QueryableByName<Mysql> + 'static>(
     conn: &mut MysqlConnection,
-    query: &str,
-    bind: Option<&str>,
+    query: InTransactionQuery,
+    binds: &[&str],
 ) -> QueryResult<T> {
-    const VARIABLE: &str = "CAST(@@in_transaction AS SIGNED)";
-    let run = |conn: &mut MysqlConnection, sql: &str| {
-        let q = diesel::sql_query(sql).into_boxed();
-        match bind {
-            Some(b) => q.bind::<Text, _>(b.to_string()).get_result::<T>(conn),
-            None => q.get_result::<T>(conn),
-        }
+    let run = |conn: &mut MysqlConnection, parts: &'static [&'static str]| {
+        Statement::new(parts, binds).get_result::<T>(conn)
     };
     if IN_TRANSACTION_VARIABLE.load(Ordering::Relaxed) != ABSENT {
-        match run(conn, &query.replace("$in_transaction", VARIABLE)) {
+        match run(conn, query.with) {
             Ok(row) => {
                 IN_TRANSACTION_VARIABLE.store(PRESENT, Ordering::Relaxed);
                 return Ok(row);
@@ -106,10 +109,7 @@ pub(super) fn with_in_transaction<T: QueryableByName<Mysql> + 'static>(
             }
         }
     }
-    run(
-        conn,
-        &query.replace("$in_transaction", "CAST(NULL AS SIGNED)"),
-    )
+    run(conn, query.without)
 }
 
 /// How a worker transaction begins. `SET TRANSACTION ISOLATION LEVEL` (without `SESSION`)

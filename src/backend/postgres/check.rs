@@ -2,7 +2,8 @@
 //! visible row is committed), and the conflicting-insert probe (`dtb_await_barrier`) confirms
 //! every "not committed", on a schedule that backs off for transactions that look alive.
 
-use super::durability::{lsn, LsnRow, LSNS};
+use super::durability::{lsn, LsnRow, LSNS, SELECT_LSNS};
+use super::prepared::{Prepared, Value};
 use super::TextRow;
 use crate::backend::{Checked, Pending, Verdict};
 use diesel::pg::PgConnection;
@@ -26,6 +27,22 @@ struct CheckRow {
     #[diesel(sql_type = Nullable<Text>)]
     digest: Option<String>,
 }
+
+/// The check of a batch (see [`check_pending`]).
+static CHECK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH lsn AS (SELECT {LSNS}) \
+         SELECT p.id, (b.id IS NOT NULL) AS visible, b.job_digest AS digest, \
+            CASE WHEN p.txid IS NULL OR p.txid < 3 THEN 'unknown' \
+                 WHEN p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
+                 THEN 'in progress' \
+                 ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status, \
+            lsn.inserted_lsn, lsn.flushed_lsn \
+         FROM unnest($1::text[], $2::bigint[]) AS p(id, txid) \
+         CROSS JOIN lsn \
+         LEFT JOIN dtb_barriers b ON b.id = p.id::uuid"
+    )
+});
 
 /// Reads the answer of `dtb_await_barrier`.
 pub(super) fn parse_verdict(value: &str) -> QueryResult<Verdict> {
@@ -159,20 +176,10 @@ pub(super) fn check_pending(
     // position has reached it, the commit is durable; when not (a producer that turned
     // `synchronous_commit` off after its enqueue: its commit is visible before it is
     // flushed), the row is only *visible*, and the waiter waits for the flush, or fences.
-    let rows: Vec<CheckRow> = diesel::sql_query(format!(
-        "WITH lsn AS (SELECT {LSNS}) \
-         SELECT p.id, (b.id IS NOT NULL) AS visible, b.job_digest AS digest, \
-            CASE WHEN p.txid IS NULL OR p.txid < 3 THEN 'unknown' \
-                 WHEN p.txid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
-                 THEN 'in progress' \
-                 ELSE COALESCE(pg_xact_status(p.txid::text::xid8), 'unknown') END AS status, \
-            lsn.inserted_lsn, lsn.flushed_lsn \
-         FROM unnest($1::text[], $2::bigint[]) AS p(id, txid) \
-         CROSS JOIN lsn \
-         LEFT JOIN dtb_barriers b ON b.id = p.id::uuid",
-    ))
-    .bind::<Array<Text>, _>(&ids)
-    .bind::<Array<Nullable<BigInt>>, _>(&txids)
+    let rows: Vec<CheckRow> = Prepared::new(
+        &CHECK,
+        &[Value::Texts(&ids), Value::OptionalBigInts(&txids)],
+    )
     .load(conn)?;
     let mut durable = rows
         .first()
@@ -216,7 +223,7 @@ pub(super) fn check_pending(
     }
     if probed_committed {
         // A probe saw a commit after the positions above were read: read them again.
-        let now: LsnRow = diesel::sql_query(format!("SELECT {LSNS}")).get_result(conn)?;
+        let now: LsnRow = Prepared::new(&SELECT_LSNS, &[]).get_result(conn)?;
         durable = Some((lsn(now.inserted_lsn), lsn(now.flushed_lsn)));
     }
     // Committed means durable: a commit seen before the WAL was flushed past the position

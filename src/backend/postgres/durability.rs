@@ -3,6 +3,7 @@
 //! with the insert position its check read after seeing the commit, and commits a fence of its
 //! own when the flush does not come soon enough (see `docs/design/postgres.md`).
 
+use super::prepared::Prepared;
 use crate::backend::Prove;
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
@@ -22,6 +23,10 @@ pub(super) const LSNS: &str =
     "(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS inserted_lsn, \
                     (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint AS flushed_lsn";
 
+/// A statement that reads [`LSNS`].
+pub(super) static SELECT_LSNS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {LSNS}"));
+
 /// A WAL position read from the server (never negative: it counts bytes from zero).
 pub(super) fn lsn(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
@@ -40,7 +45,7 @@ impl Prove<PgConnection> for WalFlush {
     }
 
     fn flushed_position(&self, conn: &mut PgConnection) -> QueryResult<Option<u64>> {
-        let now: LsnRow = diesel::sql_query(format!("SELECT {LSNS}")).get_result(conn)?;
+        let now: LsnRow = Prepared::new(&SELECT_LSNS, &[]).get_result(conn)?;
         Ok(Some(lsn(now.flushed_lsn)))
     }
 

@@ -16,6 +16,7 @@ mod durability;
 mod hints;
 mod inspect;
 mod maintenance;
+mod prepared;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
 
@@ -27,9 +28,10 @@ use super::{
 use crate::error::Error;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use hints::{CHANNEL, TRANSACTION_HINT};
+use prepared::{Prepared, Value};
 use std::time::Duration;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -155,14 +157,16 @@ impl Backend for PgConnection {
         // * which table the row went to, so that a worker reading another one refuses the job
         //   instead of taking the missing row for a rollback.
         let column = |f: fn(&NewBarrier<'_>) -> String| rows.iter().map(f).collect::<Vec<_>>();
-        let inserted: InsertedRow = diesel::sql_query(&*INSERT_BARRIER)
-            .bind::<Array<Text>, _>(column(|r| r.id.hyphenated().to_string()))
-            .bind::<Array<Text>, _>(column(|r| r.job_id.to_string()))
-            .bind::<Array<Text>, _>(column(|r| r.job_kind.to_string()))
-            .bind::<Array<Text>, _>(column(|r| r.job_queue.to_string()))
-            .bind::<Array<Text>, _>(column(|r| r.payload.to_string()))
-            .bind::<Array<Text>, _>(column(|r| r.job_digest.to_string()))
-            .get_result(self)?;
+        let columns = [
+            column(|r| r.id.hyphenated().to_string()),
+            column(|r| r.job_id.to_string()),
+            column(|r| r.job_kind.to_string()),
+            column(|r| r.job_queue.to_string()),
+            column(|r| r.payload.to_string()),
+            column(|r| r.job_digest.to_string()),
+        ];
+        let values: Vec<Value<'_>> = columns.iter().map(|c| Value::Texts(c)).collect();
+        let inserted: InsertedRow = Prepared::new(&INSERT_BARRIER, &values).get_result(self)?;
         Ok(Inserted {
             txid: inserted.txid.map(|t| t.to_string()),
             location: inserted.location,
@@ -171,9 +175,11 @@ impl Backend for PgConnection {
 
     fn remove_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
         let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
-        diesel::sql_query("DELETE FROM dtb_barriers WHERE id = ANY($1::uuid[])")
-            .bind::<Array<Text>, _>(ids)
-            .execute(self)
+        Prepared::new(
+            "DELETE FROM dtb_barriers WHERE id = ANY($1::uuid[])",
+            &[Value::Texts(&ids)],
+        )
+        .execute(self)
     }
 
     fn consume_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
@@ -183,11 +189,13 @@ impl Backend for PgConnection {
     }
 
     fn barrier_digest(&mut self, id: &uuid::Uuid) -> QueryResult<Option<Option<String>>> {
-        let row: Option<OptTextRow> =
-            diesel::sql_query("SELECT job_digest AS value FROM dtb_barriers WHERE id = $1::uuid")
-                .bind::<Text, _>(id.hyphenated().to_string())
-                .get_result(self)
-                .optional()?;
+        let id = id.hyphenated().to_string();
+        let row: Option<OptTextRow> = Prepared::new(
+            "SELECT job_digest AS value FROM dtb_barriers WHERE id = $1::uuid",
+            &[Value::Text(&id)],
+        )
+        .get_result(self)
+        .optional()?;
         Ok(row.map(|r| r.value))
     }
 
