@@ -185,8 +185,9 @@ pub(crate) mod sealed {
         ) -> diesel::QueryResult<Option<Option<String>>>;
 
         /// For handlers that take no connection: deletes the barriers `ids`, whose handlers
-        /// ran, in one transaction of its own, durable when this returns; returns how many rows
-        /// it deleted (fewer when some were gone already). This default wraps
+        /// ran, in one transaction of its own, durable when this returns (its commit then
+        /// proves durable every commit seen before it began); returns how many rows it deleted
+        /// (fewer when some were gone already). This default wraps
         /// [`remove_barriers`](Self::remove_barriers) in a transaction; a backend whose one
         /// statement is its own transaction needs none.
         fn consume_barriers(&mut self, ids: &[uuid::Uuid]) -> diesel::QueryResult<usize> {

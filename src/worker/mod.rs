@@ -84,10 +84,9 @@ impl<C: BarrierConnection> Shared<C> {
     /// The consumer thread of handlers without a connection, started when first needed.
     fn consumer(&self) -> &detached::Consumer {
         self.consumer.get_or_init(|| {
-            let proves = match C::durability() {
-                crate::backend::Durability::Proven(prove) => prove.handler_commits_prove(),
-                crate::backend::Durability::BeforeVisible => false,
-            };
+            // Its deletions are durable when they return: each proves what the waiter saw
+            // before it began.
+            let proves = matches!(C::durability(), crate::backend::Durability::Proven(_));
             detached::Consumer::start(self.pool.clone(), Arc::clone(&self.commits), proves)
         })
     }

@@ -183,9 +183,18 @@ impl Backend for PgConnection {
     }
 
     fn consume_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
-        // One statement, in autocommit: a transaction of its own, durable on return (the
-        // session's `synchronous_commit` is the worker's, never turned off here).
-        self.remove_barriers(ids)
+        // One statement, in autocommit: a transaction of its own, flushed before it returns
+        // even where the session turned `synchronous_commit` off (so that its commit proves
+        // durable every commit the waiter saw before it began).
+        let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+        Prepared::new(
+            "DELETE FROM dtb_barriers b \
+             USING (SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
+                           THEN set_config('synchronous_commit', 'local', true) END) AS durable \
+             WHERE b.id = ANY($1::uuid[])",
+            &[Value::Texts(&ids)],
+        )
+        .execute(self)
     }
 
     fn barrier_digest(&mut self, id: &uuid::Uuid) -> QueryResult<Option<Option<String>>> {
