@@ -34,8 +34,8 @@ use std::time::Duration;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
-/// The least time `worker_transaction`, `run_migrations`, `mark_attempted` and the reaper
-/// wait for the write lock.
+/// The least time `worker_transaction`, `consume_barriers`, `run_migrations`, `mark_attempted`
+/// and the reaper wait for the write lock.
 pub(super) const WRITE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// Ids per `IN (...)` list: under SQLite's oldest limit on bound parameters (999).
@@ -150,6 +150,17 @@ impl Backend for SqliteConnection {
             deleted += query.execute(self)?;
         }
         Ok(deleted)
+    }
+
+    /// In an immediate transaction that waits for the write lock as the worker's own
+    /// transactions do: a pooled connection's busy timeout may be zero, and a deletion that
+    /// gave up at once on a lock held for a moment would fail a job whose handler ran.
+    fn consume_barriers(&mut self, ids: &[uuid::Uuid]) -> QueryResult<usize> {
+        with_busy_timeout(
+            self,
+            |previous| previous.max(millis(WRITE_LOCK_WAIT)),
+            |c| c.immediate_transaction(|c| c.remove_barriers(ids)),
+        )
     }
 
     fn barrier_digest(&mut self, id: &uuid::Uuid) -> QueryResult<Option<Option<String>>> {
