@@ -1003,6 +1003,8 @@ pub fn a_dead_kept_connection_fails_no_job<D: TestDb>() {
     wait_until("the second run to commit", EVENTUALLY, || {
         runs_of(&env.db, second) == 1
     });
+    wait_until("the second run to be counted", EVENTUALLY, || {
+        worker.monitor.ran() == 2
+    });
     assert_eq!(worker.monitor.failed(), 0, "no delivery failed");
-    assert_eq!(worker.monitor.ran(), 2);
 }
