@@ -1,9 +1,9 @@
 //! The commands a connection serves after `HELLO`, each turned into a change of the state.
 
-use crate::connection::{from_object, Session};
 use crate::job::Job;
 use crate::protocol::{printable, Reply};
-use crate::server::Shared;
+use crate::session::{from_object, Session};
+use crate::shared::Shared;
 use crate::state::{Now, WorkerState};
 use serde::Deserialize;
 use serde_json::value::RawValue;

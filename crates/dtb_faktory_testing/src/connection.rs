@@ -4,11 +4,11 @@
 
 use crate::commands::dispatch;
 use crate::protocol::{password_hash, printable, read_line, split_command, ReadLine, Reply};
-use crate::server::Shared;
+use crate::session::{from_object, Session};
+use crate::shared::Shared;
 use crate::state::{Hello, Now};
 use rand::Rng;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
@@ -100,15 +100,6 @@ pub(crate) fn clock_loop(shared: Arc<Shared>) {
             .unwrap_or(Duration::from_secs(3600));
         st = shared.wait_timeout(st, wait.max(Duration::from_micros(100)));
     }
-}
-
-/// What a connection knows about its client after `HELLO`.
-pub(crate) struct Session {
-    pub(crate) wid: Option<String>,
-    /// This connection registered the worker `wid` (it was its first open connection): the
-    /// worker's state (quiet, terminate) applies to its `FETCH`es, and to no other
-    /// connection's, as on the real server.
-    pub(crate) holds_state: bool,
 }
 
 fn serve_connection(shared: &Shared, stream: TcpStream, id: u64) {
@@ -242,18 +233,6 @@ struct HelloIn {
     pwdhash: Option<String>,
     #[serde(default)]
     v: Option<i64>,
-}
-
-/// Decodes a JSON object into `T`. Unlike plain serde, an array is not accepted for a
-/// struct (the real server's decoder refuses it too).
-pub(crate) fn from_object<T: serde::de::DeserializeOwned>(
-    data: &[u8],
-) -> Result<T, serde_json::Error> {
-    let raw: Box<RawValue> = serde_json::from_slice(data)?;
-    if !raw.get().starts_with('{') {
-        return Err(serde::de::Error::custom("expected a JSON object"));
-    }
-    serde_json::from_str(raw.get())
 }
 
 fn hello(

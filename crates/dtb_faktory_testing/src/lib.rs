@@ -37,6 +37,8 @@ mod events;
 mod job;
 mod protocol;
 mod server;
+mod session;
+mod shared;
 mod state;
 
 pub use env::TestFaktory;

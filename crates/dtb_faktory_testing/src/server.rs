@@ -4,50 +4,14 @@
 use crate::connection::{accept_loop, clock_loop};
 use crate::events::{JobEvent, JobEventKind, RetryDelay, Stats};
 use crate::job::Job;
+use crate::shared::Shared;
 use crate::state::{Config, Now, State, WorkerInfo, WorkerState, HEARTBEAT_TIMEOUT};
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-
-/// State shared by the handle and every server thread.
-pub(crate) struct Shared {
-    state: Mutex<State>,
-    /// Notified on every change of `state`.
-    changed: Condvar,
-    pub(crate) config: Config,
-    pub(crate) started: Instant,
-    /// Open client sockets, so that shutdown can close them.
-    pub(crate) conns: Mutex<HashMap<u64, TcpStream>>,
-    /// Connection threads, joined at shutdown.
-    pub(crate) handles: Mutex<Vec<JoinHandle<()>>>,
-    pub(crate) next_conn: AtomicU64,
-}
-
-impl Shared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn wait_timeout<'a>(
-        &self,
-        guard: MutexGuard<'a, State>,
-        timeout: Duration,
-    ) -> MutexGuard<'a, State> {
-        match self.changed.wait_timeout(guard, timeout) {
-            Ok((guard, _)) => guard,
-            Err(poisoned) => poisoned.into_inner().0,
-        }
-    }
-
-    pub(crate) fn notify(&self) {
-        self.changed.notify_all();
-    }
-}
 
 /// Configures and starts a [`TestServer`].
 ///
@@ -163,15 +127,7 @@ impl TestServerBuilder {
     pub fn start(self) -> io::Result<TestServer> {
         let listener = TcpListener::bind(self.bind)?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-            config: self.config,
-            started: Instant::now(),
-            conns: Mutex::new(HashMap::new()),
-            handles: Mutex::new(Vec::new()),
-            next_conn: AtomicU64::new(1),
-        });
+        let shared = Arc::new(Shared::new(self.config, State::default()));
         let accept = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
