@@ -93,9 +93,10 @@ where
     // UPDATE matches only if the order is visible as paid, i.e. if the handler sees the
     // producer's committed writes.
     let (ran_tx, ran_rx) = unbounded();
-    // One connection per handler (one worker thread), two for the worker's waiter.
+    // One connection per handler (one worker thread), five for the worker's waiter (SQLite:
+    // two).
     let pool = Pool::builder()
-        .max_size(3)
+        .max_size(6)
         .build(ConnectionManager::<C>::new(url))?;
     let mut worker = WorkerBuilder::new(pool)
         .url(faktory.url())

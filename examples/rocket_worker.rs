@@ -178,10 +178,11 @@ impl WorkerProcess {
                 std::thread::sleep(Duration::from_secs(5));
                 upkeep.run_upkeep();
             })?;
-        // One connection per handler, two for the waiter, one for `/readyz`.
+        // One connection per handler, five for the waiter (a checking one and four
+        // watchers), one for `/readyz`.
         let workers = u32::try_from(settings.workers)?;
         let pool = Pool::builder()
-            .max_size(workers + 3)
+            .max_size(workers + 6)
             .connection_timeout(Duration::from_secs(10))
             .build(ConnectionManager::<PgConnection>::new(
                 &settings.database_url,

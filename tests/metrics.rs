@@ -99,7 +99,7 @@ fn worker_metrics_reach_the_recorder() {
     let producer = Producer::connect(&faktory.url()).expect("producer");
     let job = |n: i64| Job::new(KIND, vec![n]).on_queue(queue.clone());
 
-    let mut worker = WorkerBuilder::new(db.pool(4))
+    let mut worker = WorkerBuilder::new(db.pool(6))
         .url(faktory.url())
         .workers(1)
         .reconcile_grace(None)

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::pgbouncer::{bouncer_connection, bouncer_url, Bouncer, BouncerSchema};
+use common::pgbouncer::{bouncer_url, Bouncer, BouncerSchema};
 use common::*;
 use crossbeam_channel::unbounded;
 use diesel::connection::CacheSize;
@@ -17,17 +17,18 @@ use diesel::sql_types::{Integer, Text};
 use diesel_transaction_barrier::testing::TestDatabase;
 use diesel_transaction_barrier::{EnqueueWithBarrier, Error};
 
-// Every shared scenario, with the worker's commit hints off: its checks find every commit.
+// Every shared scenario, with the worker's defaults: its watchers wait through PgBouncer.
 common::suite::scenario_tests! {
     Bouncer;
     exclude {
         killed_producer_aborts: "behind PgBouncer the session read before the transaction may not be the one the transaction runs on: see killed_producer_server_session_aborts",
+        a_dead_kept_connection_fails_no_job: "behind PgBouncer a server session serves every client in turn: killing the one a handler last ran on kills whatever runs there next, not the worker's connection to PgBouncer",
     }
 }
 
-// The worker's commit hints through a direct listening connection (`listen_url`).
+// Commit hints off: the waiter's checks alone find every commit.
 common::suite::scenario_tests! {
-    mod direct_listen: common::pgbouncer::BouncerListening;
+    mod hints_off: common::pgbouncer::BouncerHintsOff;
     only {
         commit_runs_after_commit,
         error_rolls_back,
@@ -65,75 +66,6 @@ fn killed_producer_server_session_aborts() {
     });
     assert!(result.is_err(), "the commit of a killed session fails");
     assert_aborted(&env, &worker, &rx, id, jid.unwrap().as_str());
-}
-
-/// A channel name of this test's own.
-fn channel() -> String {
-    format!("dtb_test_{}", uuid::Uuid::new_v4().simple())
-}
-
-fn heard(conn: &mut PgConnection, channel: &str) -> Vec<String> {
-    conn.notifications_iter()
-        .map(|n| n.expect("a notification"))
-        .filter(|n| n.channel == channel)
-        .map(|n| n.payload)
-        .collect()
-}
-
-/// What PgBouncer does with `LISTEN` in transaction pooling mode: it accepts it, and the
-/// connection never hears a notification (the registration stays on whichever server
-/// connection ran it, which PgBouncer hands to other clients). A direct connection hears the
-/// same notification.
-#[test]
-fn listen_through_pgbouncer_hears_nothing() {
-    if bouncer_url().is_none() {
-        return;
-    }
-    let schema = BouncerSchema::create_unmigrated();
-    let channel = channel();
-    let mut through = bouncer_connection(&schema.url());
-    let mut direct = PgConnection::establish(&schema.direct_url()).unwrap();
-    Bouncer::exec(&mut through, &format!("LISTEN {channel}"));
-    Bouncer::exec(&mut direct, &format!("LISTEN {channel}"));
-    let mut notifier = PgConnection::establish(&schema.direct_url()).unwrap();
-    Bouncer::exec(&mut notifier, &format!("NOTIFY {channel}, 'hello'"));
-    let mut direct_heard = Vec::new();
-    wait_until("the direct connection to hear it", EVENTUALLY, || {
-        direct_heard.extend(heard(&mut direct, &channel));
-        !direct_heard.is_empty()
-    });
-    assert_eq!(direct_heard, ["hello"]);
-    // What must not happen: watched for a while, as `expect_no_run` does.
-    let mut through_heard = Vec::new();
-    let started = std::time::Instant::now();
-    while started.elapsed() < NOT_YET {
-        through_heard.extend(heard(&mut through, &channel));
-        std::thread::sleep(NOT_YET / 20);
-    }
-    assert!(
-        through_heard.is_empty(),
-        "a LISTEN through PgBouncer heard {through_heard:?}"
-    );
-}
-
-/// What lets the worker see that it is behind PgBouncer before it listens: a session-level
-/// setting one client makes is seen by another client's next statement, which PgBouncer runs on
-/// the server connection it got back last (in a pool of the test's own, nobody else's).
-#[test]
-fn pgbouncer_lends_one_session_to_several_clients() {
-    if bouncer_url().is_none() {
-        return;
-    }
-    let schema = BouncerSchema::create_unmigrated();
-    let mut a = bouncer_connection(&schema.url());
-    let mut b = bouncer_connection(&schema.url());
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    Bouncer::exec(
-        &mut a,
-        &format!("SELECT set_config('dtb.session_probe', '{token}', false)"),
-    );
-    let seen = Bouncer::query_string(&mut b, "current_setting('dtb.session_probe', true)");
-    assert_eq!(seen.as_deref(), Some(token.as_str()));
 }
 
 /// Diesel's prepared statement cache names statements per connection (`__diesel_stmt_0`, ...):
@@ -226,7 +158,7 @@ fn checks_alone_start_jobs(hints: bool, rounds: usize) {
             runs_of(&env.db, id) == 1
         });
     }
-    assert!(!worker.monitor.hears_commit_hints());
+    assert_eq!(worker.monitor.hears_commit_hints(), hints);
 }
 
 /// Commit hints off: a job fetched while its transaction runs starts within about one check
@@ -236,32 +168,28 @@ fn without_hints_jobs_start_within_the_check_interval() {
     checks_alone_start_jobs(false, 3);
 }
 
-/// A direct `listen_url`: the worker hears commits through it, and a job waiting for its
-/// transaction starts soon after the commit although the checks are 30 seconds apart.
+/// The worker's defaults behind PgBouncer: its watchers' lock waits are single statements,
+/// which PgBouncer runs on one server connection each, so they wake the waiter as through a
+/// direct connection: a job waiting for its transaction starts soon after the commit although
+/// the checks are 30 seconds apart.
 #[test]
-fn a_direct_listen_url_hears_commits() {
+fn watchers_hear_commits_through_pgbouncer() {
     let Some(env) = env() else { return };
     let (tx, rx) = unbounded();
     let worker = env.start_worker_with(handlers::<Bouncer>(&tx), |b| {
         b.workers(1)
-            .commit_hints(true)
-            .listen_url(env.db.database().direct_url())
             .check_interval(std::time::Duration::from_secs(30))
     });
-    let id = next_id();
-    let committed = commit_once_waiting(&env, &worker, id, || {
-        wait_until("the listener to hear its test hint", EVENTUALLY, || {
-            worker.monitor.hears_commit_hints()
-        })
-    });
-    expect_run_within(&rx, id, committed, std::time::Duration::from_secs(5));
-}
-
-/// The worker's defaults behind PgBouncer: its listening connection comes from the pool, where
-/// a `LISTEN` would hear nothing. The waiter sees it (the session is shared; else its test hint
-/// does not arrive) and does not listen; its checks still start every job soon after its
-/// commit.
-#[test]
-fn behind_pgbouncer_the_waiter_does_not_listen_and_checks_go_on() {
-    checks_alone_start_jobs(true, 1);
+    for _ in 0..3 {
+        let id = next_id();
+        let committed = commit_once_waiting(&env, &worker, id, || {
+            // Let the waiter's first check find the transaction running, and a watcher wait.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        });
+        expect_run_within(&rx, id, committed, std::time::Duration::from_secs(5));
+        wait_until("the run to commit", EVENTUALLY, || {
+            runs_of(&env.db, id) == 1
+        });
+    }
+    assert!(worker.monitor.hears_commit_hints());
 }

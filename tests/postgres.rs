@@ -3,6 +3,8 @@
 #![cfg(feature = "postgres")]
 
 mod common;
+#[path = "postgres/watchers.rs"]
+mod watchers;
 
 use common::pg::Pg;
 use common::*;
@@ -19,9 +21,10 @@ common::suite::scenario_tests! {
 // ---------------------------------------------------------------------------------------------
 // What another session, or the producer's own settings, could do to a waiting job.
 
-/// Any session may `NOTIFY` the barrier channel with a waiting job's barrier id (it is in the
-/// job's payload, and no privilege is needed). The forged hint makes the worker look, and it
-/// finds the transaction still running: the job keeps waiting, and runs once it commits.
+/// Any session may `NOTIFY` the channel earlier versions listened on with a waiting job's
+/// barrier id (it is in the job's payload, and no privilege is needed). The worker listens to
+/// no channel, and its checks find the transaction still running: the job keeps waiting, and
+/// runs once it commits.
 #[test]
 fn forged_notify_is_not_a_commit() {
     let env = Env::<Pg>::new();
@@ -161,80 +164,10 @@ fn asynchronous_commit_after_the_enqueue_waits_for_the_flush() {
     }
 }
 
-/// A worker's listening connection proves that it hears commit hints (its own test hint
-/// arrives), and hears the commits of waiting jobs: one starts long before the next check.
+/// A waiter takes its checking connection and, with commit hints on, its watchers' from the
+/// pool: with hints or watchers off, four fewer.
 #[test]
-fn a_direct_listener_hears_commit_hints() {
-    let env = Env::<Pg>::new();
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<Pg>(&tx), |b| {
-        b.workers(1)
-            .check_interval(std::time::Duration::from_secs(30))
-    });
-    let id = next_id();
-    // The waiter starts with the first job that waits.
-    let committed = commit_once_waiting(&env, &worker, id, || {
-        wait_until("the listener to hear its test hint", EVENTUALLY, || {
-            worker.monitor.hears_commit_hints()
-        })
-    });
-    assert_eq!(expect_run(&rx).order_id, id);
-    assert!(
-        committed.elapsed() < std::time::Duration::from_secs(5),
-        "woken by the hint, not by a check 30 s later"
-    );
-}
-
-/// A listening connection that hears nothing (here: it listens in another database, as a
-/// `LISTEN` through PgBouncer in transaction pooling mode hears nothing) is given up on: the
-/// waiter stops listening once its own test hint did not arrive, and its checks still start
-/// every job soon after its commit.
-#[test]
-fn a_listener_that_hears_nothing_is_given_up() {
-    let env = Env::<Pg>::new();
-    let base = diesel_transaction_barrier::testing::PgTestSchema::server_url();
-    let (server, _) = base.rsplit_once('/').expect("a database in the URL");
-    let name = format!("dtb_deaf_{}", next_id());
-    let elsewhere = format!("{server}/postgres?application_name={name}");
-    let interval = std::time::Duration::from_millis(250);
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<Pg>(&tx), |b| {
-        b.workers(1).listen_url(elsewhere).check_interval(interval)
-    });
-    let id = next_id();
-    let mut conn = env.db.connect();
-    let mut watcher = env.db.connect();
-    let committed = conn
-        .transaction(|c| {
-            insert_order::<Pg>(c, id, "paid");
-            c.enqueue_with_barrier(&env.producer, env.job(PAID, id))?;
-            worker.wait_for_waiting(1);
-            wait_until("the waiter to stop listening", EVENTUALLY, || {
-                Pg::query_i64(
-                    &mut watcher,
-                    &format!(
-                        "SELECT COUNT(*) FROM pg_stat_activity \
-                         WHERE application_name = '{name}' AND query = 'UNLISTEN dtb_barriers'"
-                    ),
-                ) == Some(1)
-            });
-            assert!(!worker.monitor.hears_commit_hints());
-            Ok::<_, Error>(())
-        })
-        .map(|()| std::time::Instant::now())
-        .unwrap();
-    expect_run_within(
-        &rx,
-        id,
-        committed,
-        interval + std::time::Duration::from_secs(1),
-    );
-}
-
-/// A waiter that listens elsewhere, or not at all, takes one connection from the pool: its
-/// checking one.
-#[test]
-fn a_waiter_without_a_pooled_listener_needs_one_connection_fewer() {
+fn a_waiter_without_watchers_needs_four_connections_fewer() {
     let env = Env::<Pg>::new();
     let builder = || {
         diesel_transaction_barrier::WorkerBuilder::new(env.db.pool(2))
@@ -242,10 +175,7 @@ fn a_waiter_without_a_pooled_listener_needs_one_connection_fewer() {
             .workers(1)
     };
     let err = builder().connect().unwrap_err();
-    assert_pool_too_small(&err, 2, 3);
+    assert_pool_too_small(&err, 2, 6);
     builder().commit_hints(false).connect().expect("hints off");
-    builder()
-        .listen_url(env.db.url())
-        .connect()
-        .expect("a listen_url");
+    builder().commit_watchers(0).connect().expect("no watchers");
 }

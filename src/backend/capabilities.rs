@@ -14,11 +14,10 @@ use std::time::Duration;
 pub enum Hints<C: 'static> {
     /// None: the checks alone find every commit.
     None,
-    /// Hints read from a listening connection of the waiter's (PostgreSQL's `LISTEN`,
-    /// SQLite's newly visible rows).
+    /// Hints read from a listening connection of the waiter's (SQLite's newly visible rows).
     Listen(&'static dyn Listen<C>),
-    /// Lock waits on running producers' rows (MySQL): a few watchers, each blocked in a wait
-    /// that ends the moment the transaction holding the row does.
+    /// Lock waits on running producers' rows (PostgreSQL, MySQL): a few watchers, each
+    /// blocked in a wait that ends the moment the transaction holding the row does.
     LockWaits(&'static dyn LockWaits<C>),
 }
 
@@ -44,22 +43,6 @@ pub trait Listen<C>: Sync {
     /// Undoes [`listen`](Self::listen), before the connection goes back to the pool.
     fn unlisten(&self, conn: &mut C) -> QueryResult<()>;
 
-    /// Whether `conn`'s session is visibly shared with `other`, another client's connection: a
-    /// setting made for this session is seen by `other`'s next statement. Then a pooler in
-    /// between hands server sessions from client to client (PgBouncer in transaction pooling
-    /// mode), and a listening connection would hear nothing. `false` proves nothing (`other`
-    /// may have been lent another session); it is never a false `true`.
-    fn shares_sessions(&self, _conn: &mut C, _other: &mut C) -> QueryResult<bool> {
-        Ok(false)
-    }
-
-    /// Sends a hint for `id` (which no producer wrote) from `conn`, so that the waiter can tell
-    /// whether its listening connection hears hints at all. `Ok(false)` when the backend's
-    /// hints need no such test (they cannot be lost on the way).
-    fn send_test_hint(&self, _conn: &mut C, _id: &uuid::Uuid) -> QueryResult<bool> {
-        Ok(false)
-    }
-
     /// What may have ended since the last call (barriers or transactions nobody waits for
     /// included), without blocking.
     fn take(&self, conn: &mut C) -> QueryResult<Vec<Hint>>;
@@ -71,8 +54,6 @@ pub trait Listen<C>: Sync {
 pub enum Hint {
     /// The transaction that wrote this barrier may have ended.
     Barrier(uuid::Uuid),
-    /// This transaction (as the barriers' descriptors name it) may have ended.
-    Transaction(String),
 }
 
 /// Lock waits on running producers' rows; see [`Hints::LockWaits`].

@@ -46,8 +46,6 @@ pub(crate) struct Config {
     pub(crate) labels: Vec<String>,
     /// Whether the waiter uses the backend's commit hints.
     pub(crate) commit_hints: bool,
-    /// Where the waiter's listening connection comes from; `None`: the worker's pool.
-    pub(crate) listen_url: Option<String>,
     /// How many watchers wait on running transactions, where hints are lock waits.
     pub(crate) commit_watchers: usize,
     /// Whether `run` stops on SIGTERM or SIGINT and quiets on SIGTSTP.
@@ -72,7 +70,6 @@ impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut config = self.config.clone();
         config.url = config.url.as_deref().map(redact);
-        config.listen_url = config.listen_url.as_deref().map(redact);
         f.debug_struct("WorkerBuilder")
             .field("handlers", &self.handlers)
             .field("config", &config)
@@ -83,7 +80,7 @@ impl<C: BarrierConnection> fmt::Debug for WorkerBuilder<C> {
 impl Config {
     /// The connections the worker takes from its pool: one per handler, and its waiter's.
     pub(crate) fn pooled_connections<C: BarrierConnection>(&self) -> u32 {
-        let listens_from_pool = self.commit_hints && self.listen_url.is_none();
+        let listens_from_pool = self.commit_hints;
         let watchers = if self.commit_hints {
             self.commit_watchers
         } else {
@@ -103,10 +100,10 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// [`Worker::builder`]).
     ///
     /// The worker takes one connection per running handler, and a few for its waiter, however
-    /// many jobs wait: on PostgreSQL and SQLite a checking and a listening connection (the
-    /// pool needs [`workers`](Self::workers) + 2; + 1 when the waiter listens on a
-    /// [`listen_url`](Self::listen_url) of its own, or not at all), on MySQL a checking one and
-    /// its [`commit_watchers`](Self::commit_watchers) (`workers` + 1 + 4 with the defaults).
+    /// many jobs wait: on PostgreSQL and MySQL a checking one and its
+    /// [`commit_watchers`](Self::commit_watchers), so the pool needs
+    /// [`workers`](Self::workers) plus 5 with the defaults; on SQLite a checking and a
+    /// listening one (`workers` plus 2); one more when a handler takes no connection.
     /// [`connect`](Self::connect) checks.
     pub fn new(pool: ConnectionPool<C>) -> Self {
         WorkerBuilder {
@@ -119,7 +116,6 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
                 hostname: None,
                 labels: Vec::new(),
                 commit_hints: true,
-                listen_url: None,
                 commit_watchers: 4,
                 handle_signals: false,
                 max_parked: 10_000,
@@ -341,19 +337,12 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
-    /// Whether the waiter uses commit hints (PostgreSQL's `LISTEN`, SQLite's newly written rows,
-    /// MySQL's [watchers](Self::commit_watchers)), which make it check a barrier as soon as its
-    /// transaction ends. Without
-    /// them it finds commits by its [checks](Self::check_interval) alone: a job fetched before
-    /// its transaction commits then starts up to one check interval later. Hints are never
-    /// verdicts, so turning them off changes only how soon jobs start.
-    ///
-    /// Turn them off (or give a [`listen_url`](Self::listen_url)) when the pool goes through
-    /// PgBouncer in transaction pooling mode: there a `LISTEN` is accepted but hears nothing,
-    /// and its registration stays on one of PgBouncer's server connections. Left on, the waiter
-    /// does not listen when it sees its listening connection share a server session with its
-    /// checking one, and stops listening when its listening connection hears no hint, not even
-    /// a test hint of its own, within two seconds; either way it logs a warning.
+    /// Whether the waiter uses commit hints (the [watchers](Self::commit_watchers) of
+    /// PostgreSQL and MySQL, SQLite's newly written rows), which make it check a barrier as
+    /// soon as its transaction ends. Without them it finds commits by its
+    /// [checks](Self::check_interval) alone: a job fetched before its transaction commits
+    /// then starts up to one check interval later. Hints are never verdicts, so turning them
+    /// off changes only how soon jobs start (and spares the watchers' connections).
     ///
     /// Defaults to `true`.
     pub fn commit_hints(mut self, enabled: bool) -> Self {
@@ -361,25 +350,12 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
         self
     }
 
-    /// A database URL for the waiter's listening connection, which it then opens on its own
-    /// instead of taking it from the pool (the pool needs one connection fewer): the direct
-    /// URL of the database when the pool goes through PgBouncer in transaction pooling mode,
-    /// where `LISTEN` does not work. It must reach the same database as the pool (the hints
-    /// are the database's); the connection is tried once by [`connect`](Self::connect).
-    /// Ignored when [`commit_hints`](Self::commit_hints) are off.
-    ///
-    /// Defaults to none: the listening connection comes from the pool.
-    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
-        self.config.listen_url = Some(url.into());
-        self
-    }
-
-    /// MySQL: how many of the running transactions that jobs wait for the waiter watches at
-    /// once, each with a lock wait on its connection of its own, which ends the moment the
-    /// transaction does (the youngest first: most transactions end soon after they push). The
-    /// others are checked on a schedule that backs off from 2 ms to the
+    /// PostgreSQL and MySQL: how many of the running transactions that jobs wait for the
+    /// waiter watches at once, each with a lock wait on its connection of its own, which ends
+    /// the moment the transaction does (the youngest first: most transactions end soon after
+    /// they push). The others are checked on a schedule that backs off from 2 ms to the
     /// [`check_interval`](Self::check_interval). Each watcher takes a connection from the pool
-    /// while it has work. Zero watches nothing. Other backends have no watchers.
+    /// while it has work. Zero watches nothing. SQLite has no watchers.
     ///
     /// Defaults to 4.
     pub fn commit_watchers(mut self, n: usize) -> Self {
@@ -390,10 +366,10 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
     /// The longest time between two checks of a barrier that jobs wait for (new jobs, and the
     /// barriers a commit hint names, are checked at once). The bound on how late a job starts
     /// after its commit when no hint comes: lower it when [`commit_hints`](Self::commit_hints)
-    /// are off. On PostgreSQL and SQLite every waiting barrier is checked at that pace; on MySQL
-    /// a waiting barrier is checked 2 ms after its first check, then twice as long after each,
-    /// up to this interval (those of a transaction a [watcher](Self::commit_watchers) waits on
-    /// only at this interval).
+    /// are off. On SQLite every waiting barrier is checked at that pace; on PostgreSQL and
+    /// MySQL a waiting barrier is checked 2 ms after its first check, then twice as long after
+    /// each, up to this interval (those of a transaction a [watcher](Self::commit_watchers)
+    /// waits on only at this interval).
     ///
     /// Defaults to the backend's: 200 ms on PostgreSQL and SQLite, 1 s on MySQL.
     pub fn check_interval(mut self, interval: Duration) -> Self {
@@ -470,24 +446,8 @@ impl<C: BarrierConnection> WorkerBuilder<C> {
             conn.barrier_location()?
         };
         crate::metrics::describe();
-        let listen_pool = match (
-            &self.config.listen_url,
-            self.config.commit_hints,
-            C::hints(),
-        ) {
-            (_, true, Hints::Listen(_)) if self.config.listen_url.is_none() => {
-                Some(self.pool.clone())
-            }
-            (Some(url), true, Hints::Listen(_)) => {
-                // One connection, opened when the waiter first needs it, and tried now.
-                let pool = r2d2::Pool::builder()
-                    .max_size(1)
-                    .min_idle(Some(0))
-                    .connection_timeout(Duration::from_secs(10))
-                    .build_unchecked(diesel::r2d2::ConnectionManager::<C>::new(url.clone()));
-                drop(pool.get()?);
-                Some(pool)
-            }
+        let listen_pool = match (self.config.commit_hints, C::hints()) {
+            (true, Hints::Listen(_)) => Some(self.pool.clone()),
             _ => None,
         };
         if !self.config.commit_hints {

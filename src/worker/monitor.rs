@@ -201,13 +201,12 @@ impl WorkerMonitor {
         self.stats.processed.get()
     }
 
-    /// Whether the waiter's listening connection is known to hear commit hints: it heard one
-    /// (a commit's, or a test hint of the waiter's own; on SQLite, whose hints need no test,
-    /// as soon as it listens). The waiter starts with the first job that waits for its
-    /// transaction. False before that, with
-    /// [`commit_hints`](crate::WorkerBuilder::commit_hints) off, on MySQL, and once the waiter
-    /// gave up on a listener that heard nothing (behind PgBouncer in transaction pooling mode,
-    /// say): its jobs are then found by the periodic checks alone.
+    /// Whether the waiter learns of commits as they happen: its watchers run (PostgreSQL,
+    /// MySQL), or its listening connection listens (SQLite). The waiter starts with the first
+    /// job that waits for its transaction. False before that, and with
+    /// [`commit_hints`](crate::WorkerBuilder::commit_hints) or
+    /// [`commit_watchers`](crate::WorkerBuilder::commit_watchers) off: its jobs are then found
+    /// by the periodic checks alone.
     pub fn hears_commit_hints(&self) -> bool {
         self.stats.hearing_hints.load(Ordering::SeqCst)
     }

@@ -40,6 +40,7 @@ pub mod scenarios;
 pub mod soak;
 pub mod sqlite;
 pub mod suite;
+pub mod watchers;
 
 /// How long a test waits for something that must happen.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
@@ -61,7 +62,7 @@ pub trait TestDb: Sized + Send + Sync + 'static {
     /// What the backend's barrier-timeout message carries about the open transaction.
     const TIMEOUT_DEBUG_INFO: &'static [&'static str];
     /// The connections a worker's waiter takes from its pool with the default settings: a
-    /// checking and a listening one, or (MySQL) a checking one and four watchers.
+    /// checking and a listening one (SQLite), or a checking one and four watchers.
     const WAITER_CONNECTIONS: u32 = 2;
     /// Statements that, on a connection of their own, keep every committed barrier row from
     /// being deleted until `ROLLBACK`.

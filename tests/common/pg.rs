@@ -15,6 +15,8 @@ impl TestDb for Pg {
     const INTEGER: &'static str = "BIGINT";
     const TEXT: &'static str = "TEXT";
     const TIMEOUT_DEBUG_INFO: &'static [&'static str] = &["txid", "transaction:"];
+    /// A checking connection and four watchers.
+    const WAITER_CONNECTIONS: u32 = 5;
 
     fn wrap(schema: PgTestSchema) -> Pg {
         Pg(schema)
@@ -72,7 +74,6 @@ pub fn kill_waiter_sessions_where(filter: &str) -> String {
     format!(
         "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
          WHERE {filter} AND pid <> pg_backend_pid() \
-           AND (query LIKE 'LISTEN%' OR query LIKE '%unnest($1::text[]%' \
-                OR query LIKE '%dtb_await_barrier%')"
+           AND (query LIKE '%unnest($1::text[]%' OR query LIKE '%dtb_await_barrier%')"
     )
 }

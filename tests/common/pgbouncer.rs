@@ -12,8 +12,8 @@
 //! connections). PgBouncer must let the roles in: `auth_type = trust` with an `auth_user` and an
 //! `auth_query` (see `.ci/run`).
 //!
-//! `Bouncer` turns the worker's commit hints off: its checks alone find every commit.
-//! `BouncerListening` gives the worker a direct `listen_url` for its hints.
+//! `Bouncer` leaves the worker's defaults: its watchers wait through PgBouncer.
+//! `BouncerHintsOff` turns the worker's commit hints off: its checks alone find every commit.
 #![cfg(feature = "postgres")]
 
 use super::TestDb;
@@ -167,52 +167,51 @@ impl Drop for BouncerSchema {
 }
 
 /// What differs between the two PgBouncer `TestDb`s: how the worker hears of commits.
-pub trait Listening: Send + Sync + 'static {
-    fn configure(
-        schema: &BouncerSchema,
-        builder: WorkerBuilder<PgConnection>,
-    ) -> WorkerBuilder<PgConnection>;
+pub trait Hearing: Send + Sync + 'static {
+    /// The connections the waiter takes from the pool.
+    const WAITER_CONNECTIONS: u32;
+
+    fn configure(builder: WorkerBuilder<PgConnection>) -> WorkerBuilder<PgConnection>;
+}
+
+/// The defaults: a checking connection and four watchers.
+pub struct Watchers;
+
+impl Hearing for Watchers {
+    const WAITER_CONNECTIONS: u32 = 5;
+
+    fn configure(builder: WorkerBuilder<PgConnection>) -> WorkerBuilder<PgConnection> {
+        builder
+    }
 }
 
 /// Commit hints off: the waiter's checks find every commit.
 pub struct HintsOff;
 
-impl Listening for HintsOff {
-    fn configure(
-        _schema: &BouncerSchema,
-        builder: WorkerBuilder<PgConnection>,
-    ) -> WorkerBuilder<PgConnection> {
+impl Hearing for HintsOff {
+    const WAITER_CONNECTIONS: u32 = 1;
+
+    fn configure(builder: WorkerBuilder<PgConnection>) -> WorkerBuilder<PgConnection> {
         builder.commit_hints(false)
     }
 }
 
-/// Commit hints through a direct listening connection.
-pub struct DirectListen;
-
-impl Listening for DirectListen {
-    fn configure(
-        schema: &BouncerSchema,
-        builder: WorkerBuilder<PgConnection>,
-    ) -> WorkerBuilder<PgConnection> {
-        builder.listen_url(schema.direct_url())
-    }
-}
-
 /// The PgBouncer `TestDb`, generic over how the worker hears of commits.
-pub struct Through<L: Listening>(BouncerSchema, std::marker::PhantomData<L>);
+pub struct Through<H: Hearing>(BouncerSchema, std::marker::PhantomData<H>);
 
+/// Through PgBouncer, the worker's defaults.
+pub type Bouncer = Through<Watchers>;
 /// Through PgBouncer, commit hints off.
-pub type Bouncer = Through<HintsOff>;
-/// Through PgBouncer, commit hints through a direct listening connection.
-pub type BouncerListening = Through<DirectListen>;
+pub type BouncerHintsOff = Through<HintsOff>;
 
-impl<L: Listening> TestDb for Through<L> {
+impl<H: Hearing> TestDb for Through<H> {
     type Conn = PgConnection;
     type Database = BouncerSchema;
 
     const INTEGER: &'static str = "BIGINT";
     const TEXT: &'static str = "TEXT";
     const TIMEOUT_DEBUG_INFO: &'static [&'static str] = &["txid", "transaction:"];
+    const WAITER_CONNECTIONS: u32 = H::WAITER_CONNECTIONS;
 
     fn skipped() -> bool {
         bouncer_url().is_none()
@@ -230,7 +229,7 @@ impl<L: Listening> TestDb for Through<L> {
         &self,
         builder: WorkerBuilder<PgConnection>,
     ) -> WorkerBuilder<PgConnection> {
-        L::configure(&self.0, builder)
+        H::configure(builder)
     }
 
     fn pool_at(url: &str, size: u32) -> ConnectionPool<PgConnection> {
@@ -254,14 +253,26 @@ impl<L: Listening> TestDb for Through<L> {
         .unwrap()
     }
 
-    /// The server sessions that last ran a check, a probe or a `LISTEN` of a waiter on this
-    /// schema: behind PgBouncer these are its server connections, and the waiter's own
-    /// connections to PgBouncer survive; a direct listening connection does not.
+    /// The server sessions that last ran a check, a probe or a watcher's wait of a waiter on
+    /// this schema: behind PgBouncer these are its server connections, and the waiter's own
+    /// connections to PgBouncer survive.
     fn kill_waiter_sessions(&self) -> Option<usize> {
         let mut c = self.0.admin();
         let n = Self::query_i64(
             &mut c,
             &super::pg::kill_waiter_sessions_where(&format!("usename = '{}'", self.0.name())),
+        );
+        Some(n.unwrap_or(0) as usize)
+    }
+
+    fn kill_sessions_waiting_on(&self, session: i64) -> Option<usize> {
+        let mut c = self.0.admin();
+        let n = Self::query_i64(
+            &mut c,
+            &format!(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE {session} = ANY(pg_blocking_pids(pid))"
+            ),
         );
         Some(n.unwrap_or(0) as usize)
     }

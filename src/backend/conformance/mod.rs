@@ -272,9 +272,8 @@ pub(super) fn hints_name_committed_barriers<D: TestDatabase>() {
         .transaction(|p| p.insert_barrier(&new_barrier(&committed_id)))
         .expect("a committed barrier")
         .txid;
-    let names = |hint: &Hint, id: uuid::Uuid, txid: &Option<String>| match hint {
+    let names = |hint: &Hint, id: uuid::Uuid, _txid: &Option<String>| match hint {
         Hint::Barrier(hinted) => *hinted == id,
-        Hint::Transaction(hinted) => Some(hinted) == txid.as_ref(),
     };
     let mut hinted = Vec::new();
     let started = Instant::now();

@@ -1,10 +1,10 @@
 //! PostgreSQL: barriers on `PgConnection` (cargo feature `postgres`).
 //!
-//! The producer inserts the barrier row and `NOTIFY`s its id (this file); the worker's waiter
-//! treats the notification as a hint (`hints.rs`), decides from the row (visible: committed)
-//! and, once the producer's transaction looks over (or its probe is due), from the lock wait of
-//! a conflicting insert in `dtb_await_barrier` (`check.rs`), which ends exactly when the
-//! producer's transaction or savepoint does. A commit seen before the WAL was flushed past it
+//! The producer inserts the barrier row (this file); the worker's waiter decides from the row
+//! (visible: committed) and, once the producer's transaction looks over (or its probe is
+//! due), from the lock wait of a conflicting insert in `dtb_await_barrier` (`check.rs`), which
+//! ends exactly when the producer's transaction or savepoint does; its watchers wait on running
+//! producers with the same lock wait, and wake it when they end (`hints.rs`). A commit seen before the WAL was flushed past it
 //! waits for the flush, or for a fence (`durability.rs`). Handlers claim their barrier in the
 //! transaction that runs them (`claim.rs`); the reconciler and the reaper have
 //! `maintenance.rs`, an operator `inspect.rs`. Why, and what it rests on:
@@ -30,7 +30,6 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-use hints::{CHANNEL, TRANSACTION_HINT};
 use prepared::{Prepared, Value};
 use std::time::Duration;
 
@@ -86,7 +85,6 @@ static INSERT_BARRIER: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
          one AS (SELECT txid, tableoid FROM ins LIMIT 1) \
          SELECT one.txid, ({location}) AS location \
          FROM one, \
-              LATERAL (SELECT pg_notify('{CHANNEL}', '{TRANSACTION_HINT}' || one.txid)) AS notified, \
               LATERAL (SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
                               THEN set_config('synchronous_commit', 'local', true) END) AS durable",
         location = LOCATION_OF.replace("$oid", "one.tableoid"),
@@ -147,10 +145,6 @@ impl Backend for PgConnection {
         // One statement:
         // * the rows, stamped with the clock (`now()` would be the transaction's start, which
         //   ages the rows of long transactions before they commit);
-        // * a NOTIFY naming the transaction, part of it: delivered to the workers' listeners
-        //   only when it commits, never on rollback (nor from a rolled-back savepoint), and
-        //   once however many barriers the transaction wrote (PostgreSQL folds equal
-        //   notifications of one transaction) — a hint to look, never a verdict;
         // * a transaction that turned `synchronous_commit` off would release its locks (and so
         //   the waiting worker) before its commit reached the disk: this one is made to flush
         //   locally, so that a handler never runs for a commit that a crash can undo;
@@ -246,10 +240,16 @@ impl Backend for PgConnection {
     }
 
     // Commit hints wake the waiter at once; the checks are a safety net.
-    const CHECKS: CheckSchedule = CheckSchedule::every(Duration::from_millis(200));
+    // Watchers wake the waiter at once for the transactions they watch; the others' barriers
+    // are checked 2 ms after their first check, then less and less often, at least every
+    // 200 ms (one prepared statement per round, whatever the number of barriers).
+    const CHECKS: CheckSchedule = CheckSchedule {
+        first: Duration::from_millis(2),
+        max: Duration::from_millis(200),
+    };
 
     fn hints() -> Hints<Self> {
-        Hints::Listen(&hints::NOTIFICATIONS)
+        Hints::LockWaits(&hints::ROW_WAITS)
     }
 
     fn durability() -> Durability<Self> {

@@ -2,10 +2,9 @@
 //! The contract every backend keeps is tested in `backend/conformance`.
 
 use super::check::{Due, ProbeSchedule, FIRST_PROBE};
-use super::hints::NOTIFICATIONS;
 use super::*;
 use crate::backend::conformance::new_barrier;
-use crate::backend::{Listen, Verdict};
+use crate::backend::Verdict;
 use crate::testing::{PgTestSchema, TestDatabase};
 use std::time::Instant;
 
@@ -62,17 +61,4 @@ fn a_running_producer_is_probed_only_when_due() {
         (vec![Verdict::NotCommitted], 1)
     );
     assert!(schedule.due.is_empty(), "a decided barrier is forgotten");
-}
-
-/// Two direct connections never share a session: the test that keeps the waiter from
-/// listening behind PgBouncer never fires without one.
-#[test]
-fn direct_connections_share_no_session() {
-    let schema = PgTestSchema::create();
-    let mut a = schema.connect();
-    let mut b = schema.connect();
-    for _ in 0..3 {
-        assert!(!NOTIFICATIONS.shares_sessions(&mut a, &mut b).unwrap());
-        assert!(!NOTIFICATIONS.shares_sessions(&mut b, &mut a).unwrap());
-    }
 }

@@ -4,21 +4,20 @@
 //! Job tasks register the barrier they wait for and get a one-shot channel; the waiter answers
 //! each registration once its verdict is known. Its rooms:
 //!
-//! * `pending.rs` — the bookkeeping, free of any database: who waits for what, when each
+//! * `pending/` — the bookkeeping, free of any database: who waits for what, when each
 //!   barrier is due for its next check (at once when new, then on the backend's schedule: a
-//!   steady pace, or backing off), admission (`max_waiting`), what waits for a proof;
+//!   steady pace, or backing off), which wait together (one producer transaction), admission
+//!   (`max_waiting`) and parking, what waits for a proof;
 //! * `listener.rs` — the listening connection of backends whose commit hints are heard on one
-//!   (PostgreSQL's `NOTIFY`, SQLite's newly visible rows), its hint test and the PgBouncer
-//!   detection;
-//! * `watchers.rs` — the watchers of backends whose hints are lock waits (MySQL): a few
-//!   threads blocked on the youngest running transactions' rows;
+//!   (SQLite's newly visible rows);
+//! * `watchers.rs` — the watchers of backends whose hints are lock waits (PostgreSQL, MySQL):
+//!   a few threads blocked on the youngest running transactions' rows;
 //! * `durability.rs` — the proofs that a commit seen is durable;
 //! * `clock.rs` — the worker's own commits, on a clock, as such proofs;
 //! * this file — the thread that drives them: registrations and watcher reports arrive as
 //!   events, hints make barriers due at once, checks run in batches.
 //!
-//! A hint is never a verdict: anyone able to send one could forge it (any PostgreSQL session
-//! may `NOTIFY` any channel), so it only makes the waiter check the hinted barriers at once.
+//! A hint is never a verdict: it only makes the waiter check the hinted barriers at once.
 //! Every verdict comes from the database. A job whose verdict does not come within its block
 //! limit gives up its registration (its receiver is dropped) and is snoozed; the waiter forgets
 //! registrations nobody listens to.
@@ -161,8 +160,8 @@ impl WaiterHandle {
 pub(crate) struct WaiterConfig<C: BarrierConnection> {
     /// The worker's pool: the checking connection, and the watchers'.
     pub(crate) pool: ConnectionPool<C>,
-    /// Where the listening connection comes from, on backends that listen (the worker's pool,
-    /// or one of a `listen_url`); `None`: no listening.
+    /// Where the listening connection comes from, on backends that listen (the worker's
+    /// pool); `None`: no listening.
     pub(crate) listen_pool: Option<ConnectionPool<C>>,
     /// How many watchers, on backends whose hints are lock waits.
     pub(crate) watchers: usize,
@@ -263,22 +262,22 @@ impl<C: BarrierConnection> Waiter<C> {
         stopping: Arc<AtomicBool>,
     ) -> Self {
         let hints = match (C::hints(), config.listen_pool) {
-            (Hints::Listen(listen), Some(pool)) => HintSource::Listen(Listener::new(
-                listen,
-                pool,
-                config.hearing,
-                config.schedule.max,
-            )),
-            (Hints::LockWaits(waits), _) if config.watchers > 0 => HintSource::Watch {
-                watchers: Watchers::start(
-                    config.watchers,
-                    waits,
-                    config.pool.clone(),
-                    events_tx,
-                    Arc::clone(&config.clock),
-                ),
-                watching: HashMap::new(),
-            },
+            (Hints::Listen(listen), Some(pool)) => {
+                HintSource::Listen(Listener::new(listen, pool, config.hearing))
+            }
+            (Hints::LockWaits(waits), _) if config.watchers > 0 => {
+                config.hearing.store(true, Ordering::SeqCst);
+                HintSource::Watch {
+                    watchers: Watchers::start(
+                        config.watchers,
+                        waits,
+                        config.pool.clone(),
+                        events_tx,
+                        Arc::clone(&config.clock),
+                    ),
+                    watching: HashMap::new(),
+                }
+            }
             _ => HintSource::None,
         };
         let now = Instant::now();
@@ -423,9 +422,8 @@ impl<C: BarrierConnection> Waiter<C> {
                 }
             }
         }
-        if let (HintSource::Listen(listener), Some(checker)) = (&mut self.hints, &mut self.checker)
-        {
-            listener.ensure(checker);
+        if let HintSource::Listen(listener) = &mut self.hints {
+            listener.ensure();
         }
     }
 

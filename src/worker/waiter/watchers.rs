@@ -1,9 +1,11 @@
-//! The waiter's watchers, on backends whose hints are lock waits (MySQL): a few threads, each
-//! with a connection of its own, each blocked in a wait on one running transaction's barrier
-//! row (`LockWaits::await_row`), which ends the moment that transaction does. The waiter
-//! hands each the youngest running transaction no other watches; a watcher that wakes to a
-//! committed row proves the commit durable at once with a fence on its own connection, and
-//! reports back, and the waiter checks that transaction's barriers.
+//! The waiter's watchers, on backends whose hints are lock waits (PostgreSQL, MySQL): a few
+//! threads, each with a connection of its own, each blocked in a wait on one running
+//! transaction's barrier row (`LockWaits::await_row`), which ends the moment that transaction
+//! does. The waiter hands each the youngest running transaction no other watches; a watcher
+//! reports what it woke to, and the waiter checks that transaction's barriers. On MySQL a
+//! watcher that wakes to a committed row first proves the commit durable with a fence on its
+//! own connection (its commit proves everything seen before it); on PostgreSQL the waiter's
+//! check compares the log's flushed position instead.
 //!
 //! A watcher's report is a hint, or, with its fence, a verdict on one barrier: the row it
 //! waited on is there, committed and durable. It takes its connection from the pool when it
@@ -180,8 +182,12 @@ fn wait<C: BarrierConnection>(
         Awaited::Absent => Watched::Ended,
         Awaited::Held => Watched::Running,
         Awaited::Present => {
-            let Some(prove) = prove else {
-                return Watched::Durable { fence_began: 0 };
+            let prove = match prove {
+                None => return Watched::Durable { fence_began: 0 },
+                // Where only the log's flushed position proves a commit durable (PostgreSQL),
+                // the waiter's check reads it: no fence, a hint.
+                Some(prove) if !prove.handler_commits_prove() => return Watched::Visible,
+                Some(prove) => prove,
             };
             // The fence begins after the wait saw the commit: once it commits, that commit
             // (and every one seen before) is durable.

@@ -274,7 +274,6 @@ impl PendingSet {
             .iter()
             .filter_map(|hint| match hint {
                 Hint::Barrier(id) => self.entries.get(id).map(|e| e.group(*id)),
-                Hint::Transaction(txid) => Some(Group::Transaction(txid.clone())),
             })
             .collect();
         if groups.is_empty() {

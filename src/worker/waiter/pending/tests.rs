@@ -202,13 +202,6 @@ fn a_hint_makes_the_whole_transaction_due() {
         "the hinted transaction"
     );
     let _ = other;
-    // A hint that names the transaction does the same.
-    check(&mut set, later, Verdict::Pending);
-    let even_later = later + Duration::from_micros(500);
-    assert!(set.due(even_later).is_empty());
-    set.hint(&[Hint::Transaction("17".into())], even_later);
-    let due = ids(&set.due(even_later));
-    assert!(due.contains(&a) && due.contains(&b));
 }
 
 #[test]
@@ -430,17 +423,18 @@ fn a_job_that_names_the_wrong_transaction_decides_nothing_for_the_others() {
 }
 
 #[test]
-fn a_hint_naming_the_transaction_checks_all_its_barriers() {
+fn a_hint_for_one_barrier_checks_all_its_transactions_barriers() {
     let t0 = Instant::now();
     let mut set = set(100);
-    for _ in 0..20 {
+    let watched = register(&mut set, Some("5"), t0).0;
+    for _ in 0..19 {
         register(&mut set, Some("5"), t0);
     }
     register(&mut set, Some("6"), t0);
     check(&mut set, t0, Verdict::Pending);
     let later = t0 + Duration::from_millis(1);
     assert!(set.due(later).is_empty());
-    set.hint(&[Hint::Transaction("5".into())], later);
+    set.hint(&[Hint::Barrier(watched)], later);
     let due = set.due(later);
     let of_5 = due
         .iter()
