@@ -51,15 +51,7 @@ impl TestDb for Pg {
     }
 
     fn kill_sessions_waiting_on(&self, session: i64) -> Option<usize> {
-        let mut c = self.connect();
-        let n = Pg::query_i64(
-            &mut c,
-            &format!(
-                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE {session} = ANY(pg_blocking_pids(pid))"
-            ),
-        );
-        Some(n.unwrap_or(0) as usize)
+        Some(kill_sessions_waiting_on(&mut self.connect(), session))
     }
 
     fn kill(&self, session: i64) {
@@ -70,6 +62,18 @@ impl TestDb for Pg {
 
 /// The query that ends the server sessions `filter` selects (an SQL condition on
 /// `pg_stat_activity`) which last ran a waiter's `LISTEN`, check or probe, and counts them.
+/// Terminates the sessions that wait for a lock `session` holds; how many.
+pub fn kill_sessions_waiting_on(admin: &mut PgConnection, session: i64) -> usize {
+    Pg::query_i64(
+        admin,
+        &format!(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE {session} = ANY(pg_blocking_pids(pid))"
+        ),
+    )
+    .unwrap_or(0) as usize
+}
+
 pub fn kill_waiter_sessions_where(filter: &str) -> String {
     format!(
         "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \

@@ -266,15 +266,10 @@ impl<H: Hearing> TestDb for Through<H> {
     }
 
     fn kill_sessions_waiting_on(&self, session: i64) -> Option<usize> {
-        let mut c = self.0.admin();
-        let n = Self::query_i64(
-            &mut c,
-            &format!(
-                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE {session} = ANY(pg_blocking_pids(pid))"
-            ),
-        );
-        Some(n.unwrap_or(0) as usize)
+        Some(super::pg::kill_sessions_waiting_on(
+            &mut self.0.admin(),
+            session,
+        ))
     }
 
     fn kill(&self, session: i64) {

@@ -49,6 +49,17 @@ fn wait_for_watchers<D: Watching>(db: &D, n: usize) -> Vec<(i64, String)> {
     }
 }
 
+/// A test environment and a worker with one handler whose checks back off to a minute apart:
+/// a job that starts soon after its commit was woken by a watcher.
+fn watched<D: Watching>() -> (Env<D>, Receiver<Ran>, RunningWorker) {
+    let env = Env::<D>::new();
+    let (tx, rx) = unbounded();
+    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
+        b.workers(1).check_interval(SLOW_CHECKS)
+    });
+    (env, rx, worker)
+}
+
 /// After `id` ran: it ran once, and nothing is left.
 fn expect_ran_once_after<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64) {
     assert!(drain_with_sentinel(env, rx).is_empty());
@@ -59,11 +70,7 @@ fn expect_ran_once_after<D: TestDb>(env: &Env<D>, rx: &Receiver<Ran>, id: i64) {
 /// A job waits on a transaction held open for seconds; a watcher waits on it. The moment the
 /// transaction commits, the job starts: long before the waiter's own next check.
 pub fn a_watcher_starts_a_job_the_moment_its_transaction_commits<D: Watching>() {
-    let env = Env::<D>::new();
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
-        b.workers(1).check_interval(SLOW_CHECKS)
-    });
+    let (env, rx, worker) = watched::<D>();
     let id = next_id();
     let committed = commit_once_waiting(&env, &worker, id, || {
         wait_for_watchers(&env.db, 1);
@@ -80,11 +87,7 @@ pub fn a_watcher_starts_a_job_the_moment_its_transaction_commits<D: Watching>() 
 
 /// The watched transaction rolls back: the job is aborted at once.
 pub fn a_watcher_aborts_a_job_the_moment_its_transaction_rolls_back<D: Watching>() {
-    let env = Env::<D>::new();
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
-        b.workers(1).check_interval(SLOW_CHECKS)
-    });
+    let (env, rx, worker) = watched::<D>();
     let id = next_id();
     let mut conn = env.db.connect();
     let result = conn.transaction(|c| {
@@ -107,11 +110,7 @@ pub fn a_watcher_aborts_a_job_the_moment_its_transaction_rolls_back<D: Watching>
 /// The watched producer's session is killed (the server rolls its transaction back): the job
 /// is aborted at once.
 pub fn a_killed_producer_wakes_its_watcher<D: Watching>() {
-    let env = Env::<D>::new();
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
-        b.workers(1).check_interval(SLOW_CHECKS)
-    });
+    let (env, rx, worker) = watched::<D>();
     let id = next_id();
     let mut producer = env.db.connect();
     let session = D::session_id(&mut producer);
@@ -136,11 +135,7 @@ pub fn a_killed_producer_wakes_its_watcher<D: Watching>() {
 /// The watcher's own session is killed: another takes its place on the same transaction, and
 /// the job still starts the moment the transaction commits.
 pub fn a_killed_watcher_is_replaced<D: Watching>() {
-    let env = Env::<D>::new();
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
-        b.workers(1).check_interval(SLOW_CHECKS)
-    });
+    let (env, rx, worker) = watched::<D>();
     let id = next_id();
     let committed = commit_once_waiting(&env, &worker, id, || {
         let first = wait_for_watchers(&env.db, 1)[0].0;
@@ -157,11 +152,7 @@ pub fn a_killed_watcher_is_replaced<D: Watching>() {
 /// A transaction that runs past the watcher's first wait (2 s for a young transaction): the
 /// wait times out, the watcher waits again, and the job still starts the moment it commits.
 pub fn a_watch_that_times_out_is_renewed<D: Watching>() {
-    let env = Env::<D>::new();
-    let (tx, rx) = unbounded();
-    let worker = env.start_worker_with(handlers::<D>(&tx), |b| {
-        b.workers(1).check_interval(SLOW_CHECKS)
-    });
+    let (env, rx, worker) = watched::<D>();
     let id = next_id();
     let committed = commit_once_waiting(&env, &worker, id, || {
         let first = wait_for_watchers(&env.db, 1)[0].1.clone();
