@@ -36,6 +36,7 @@ fn kill_and_restart_server() {
     let pid = pid.expect("the server's pid file");
     let uptime = uptime.expect("uptime");
     let basedir = Root::query_string(&mut conn, "SELECT @@basedir").expect("the base directory");
+    let pid_file = Root::query_string(&mut conn, "SELECT @@pid_file").expect("the pid file");
     drop(conn);
     let server = ["mariadbd", "mysqld"]
         .iter()
@@ -55,7 +56,17 @@ fn kill_and_restart_server() {
         || MysqlConnection::establish(&server_url).is_err(),
     );
     let status = Command::new("start-stop-daemon")
-        .args(["--start", "--oknodo", "--background", "--exec", &server])
+        // This server's pid file, not the executable alone: another server of the same
+        // executable may run on the machine (with a data directory of its own), and would
+        // pass for this one.
+        .args([
+            "--start",
+            "--oknodo",
+            "--background",
+            "--pidfile",
+            &pid_file,
+        ])
+        .args(["--exec", &server])
         .status()
         .expect("start-stop-daemon");
     assert!(status.success(), "starting {server} failed");
