@@ -174,11 +174,12 @@ impl TestServerBuilder {
     /// use dtb_faktory_testing::TestServer;
     ///
     /// let server = TestServer::start()?;
-    /// server.push_json(r#"{"jid":"j1","jobtype":"x","args":[]}"#).unwrap();
+    /// server.push_json(r#"{"jid":"0123456789abcdef","jobtype":"x","args":[]}"#).unwrap();
     /// let addr = server.addr();
     /// let data = server.shutdown_keeping_data();
     /// let server = TestServer::builder().bind(addr).start_with_data(data)?;
     /// assert_eq!(server.queue_size("default"), 1);
+    /// assert!(server.job("0123456789abcdef").is_some());
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn start_with_data(self, data: ServerData) -> io::Result<TestServer> {
