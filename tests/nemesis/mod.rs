@@ -77,6 +77,7 @@ struct Settings {
     producers: u64,
     workers: u64,
     pause_ms: u64,
+    think_ms: u64,
     quiesce_secs: u64,
     grace_ms: u64,
     seed: u64,
@@ -93,6 +94,7 @@ impl Settings {
             producers: env_u64("DTB_NEMESIS_PRODUCERS", 3).max(1),
             workers: env_u64("DTB_NEMESIS_WORKERS", 2).max(2),
             pause_ms: env_u64("DTB_NEMESIS_PAUSE_MS", 2500).max(100),
+            think_ms: env_u64("DTB_NEMESIS_THINK_MS", 10),
             quiesce_secs: env_u64("DTB_NEMESIS_QUIESCE_SECS", 300),
             grace_ms: env_u64("DTB_NEMESIS_GRACE_MS", 4000),
             seed: std::env::var("DTB_NEMESIS_SEED")
@@ -202,6 +204,9 @@ impl Run {
                     .to_string(),
                 ),
                 ("NEMESIS_GRACE_MS", self.settings.grace_ms.to_string()),
+                // The faktory client panics in its Drop when its server went away: one line
+                // each, not a backtrace.
+                ("RUST_BACKTRACE", "0".to_string()),
             ],
         )
     }
@@ -289,6 +294,7 @@ pub fn soak<B: Backend>() {
         for t in 0..settings.producers {
             let (records, next_txn, producing, producer, url) =
                 (&records, &next_txn, &producing, &producer, &url);
+            let think_ms = settings.think_ms;
             let mut rng = Rng(settings
                 .seed
                 .wrapping_add(t.wrapping_mul(0x9E37_79B9_7F4A_7C15))
@@ -311,7 +317,7 @@ pub fn soak<B: Backend>() {
                         conn = None;
                     }
                     records.lock().unwrap().push(record);
-                    std::thread::sleep(rng.millis(10));
+                    std::thread::sleep(rng.millis(think_ms));
                 }
             });
         }
