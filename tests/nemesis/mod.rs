@@ -468,7 +468,8 @@ pub fn soak<B: Backend>() {
     }
     let jobs: usize = records.iter().map(|r| r.jobs.len()).sum();
     eprintln!(
-        "nemesis {} figures: transactions {} (committed {}), jobs {} (committed {}, not committed {}, \
+        "nemesis {} figures: transactions {} (committed {}), jobs {} (committed {}, {} of them \
+         without a connection, not committed {}, \
          plain {} pushed / {} ran), uncertain outcomes {}, faults {:?}, violations {}, faults for {:.1?}, \
          quiesced in {:.1?} ({}), wall time {:.1?}, seed {}, shapes {:?}",
         B::NAME,
@@ -476,6 +477,7 @@ pub fn soak<B: Backend>() {
         verdict.committed_txns,
         jobs,
         verdict.committed_jobs,
+        verdict.committed_detached,
         verdict.aborted_jobs,
         verdict.plain_pushed,
         verdict.plain_ran,

@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The kind of the barrier jobs, and of the plain (autocommit) ones.
 pub const KIND: &str = "nemesis";
 pub const PLAIN: &str = "nemesis_plain";
+/// The kind of the barrier jobs whose handler takes no connection (run at least once).
+pub const DETACHED: &str = "nemesis_detached";
 
 /// Wall-clock nanoseconds: comparable between the test and its worker processes.
 pub fn now_ns() -> u64 {
@@ -84,6 +86,7 @@ impl Effects {
 /// to sleep. It records its start (with whether it sees its job's marker) and, after writing
 /// its row, its side effect.
 pub fn handlers<B: Backend>(effects: std::sync::Arc<Effects>) -> Handlers<B::Conn> {
+    let handler_effects = std::sync::Arc::clone(&effects);
     let handler = move |job: &Job, conn: &mut B::Conn| -> Result<(), std::io::Error> {
         let start = now_ns();
         let arg = |i: usize| job.args().get(i).and_then(|v| v.as_i64()).unwrap_or(0);
@@ -94,7 +97,7 @@ pub fn handlers<B: Backend>(effects: std::sync::Arc<Effects>) -> Handlers<B::Con
             &format!("SELECT COUNT(*) FROM nemesis_markers WHERE txn = {txn} AND idx = {idx}"),
         )
         .map_err(std::io::Error::other)?;
-        effects.line(format!(
+        handler_effects.line(format!(
             "start {txn} {idx} {jid} {start} {seen} {} {}",
             std::process::id(),
             job.kind()
@@ -114,15 +117,38 @@ pub fn handlers<B: Backend>(effects: std::sync::Arc<Effects>) -> Handlers<B::Con
             std::process::id()
         ))
         .map_err(std::io::Error::other)?;
-        effects.line(format!("effect {txn} {idx} {jid} {}", now_ns()))
+        handler_effects.line(format!("effect {txn} {idx} {jid} {}", now_ns()))
     };
     let handler = std::sync::Arc::new(handler);
     let plain = std::sync::Arc::clone(&handler);
+    let detached = move |job: &Job| -> Result<(), std::io::Error> {
+        let start = now_ns();
+        let arg = |i: usize| job.args().get(i).and_then(|v| v.as_i64()).unwrap_or(0);
+        let (txn, idx, fail, slow) = (arg(0), arg(1), arg(2), arg(3));
+        let jid = job.id().as_str().to_string();
+        effects.line(format!(
+            "start {txn} {idx} {jid} {start} - {} {}",
+            std::process::id(),
+            job.kind()
+        ))?;
+        let failures = job.failure().map_or(0, |f| f.retry_count as i64 + 1);
+        if failures < fail {
+            return Err(std::io::Error::other(format!(
+                "nemesis: attempt {} of {txn}/{idx} fails on purpose",
+                failures + 1
+            )));
+        }
+        if slow > 0 {
+            std::thread::sleep(Duration::from_millis(slow as u64));
+        }
+        effects.line(format!("effect {txn} {idx} {jid} {}", now_ns()))
+    };
     Handlers::new()
         .register(KIND, move |job: &Job, conn: &mut B::Conn| {
             handler(job, conn)
         })
         .register_without_barrier(PLAIN, move |job: &Job, conn: &mut B::Conn| plain(job, conn))
+        .register_without_connection(DETACHED, detached)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,6 +188,8 @@ pub struct PlannedJob {
     /// Enqueued in a savepoint that was rolled back (its marker with it).
     pub rolled_back_savepoint: bool,
     pub plain: bool,
+    /// Its handler takes no connection: no row, its side effect at least once.
+    pub detached: bool,
     pub jid: Option<String>,
 }
 
@@ -188,7 +216,13 @@ impl TxnRecord {
 
 fn job_of(txn: i64, j: &PlannedJob, queue: &str) -> Job {
     let mut job = Job::new(
-        if j.plain { PLAIN } else { KIND },
+        if j.plain {
+            PLAIN
+        } else if j.detached {
+            DETACHED
+        } else {
+            KIND
+        },
         vec![txn, j.idx, j.fail, j.slow_ms],
     )
     .on_queue(queue);
@@ -242,6 +276,7 @@ pub fn one_transaction<B: Backend>(
             },
             rolled_back_savepoint: shape == Shape::SavepointRolledBack && idx == 1,
             plain: shape == Shape::Autocommit,
+            detached: shape != Shape::Autocommit && rng.chance(20),
             jid: None,
         })
         .collect();
@@ -413,6 +448,8 @@ pub fn read_effects(dir: &Path) -> HashMap<(i64, i64), Vec<EffectLine>> {
 pub struct Verdict {
     pub violations: Vec<String>,
     pub committed_jobs: u64,
+    /// Committed jobs whose handler takes no connection.
+    pub committed_detached: u64,
     pub aborted_jobs: u64,
     pub committed_txns: u64,
     pub uncertain: u64,
@@ -459,15 +496,17 @@ pub fn judge(
             any_committed |= committed;
             if committed {
                 v.committed_jobs += 1;
+                v.committed_detached += u64::from(j.detached);
                 if j.rolled_back_savepoint {
                     problems.push(format!(
                         "job {}: its rolled-back savepoint's marker exists",
                         j.idx
                     ));
                 }
-                if rows != 1 {
+                let want = usize::from(!j.detached);
+                if rows != want {
                     problems.push(format!(
-                        "job {}: committed, {rows} handler rows (want 1)",
+                        "job {}: committed, {rows} handler rows (want {want})",
                         j.idx
                     ));
                 }
@@ -491,7 +530,7 @@ pub fn judge(
                         }
                     }
                 }
-                for s in starts.iter().filter(|s| !s.saw_marker) {
+                for s in starts.iter().filter(|s| !s.saw_marker && !j.detached) {
                     problems.push(format!(
                         "job {}: handler ran without seeing its marker ({} in {})",
                         j.idx, s.jid, s.pid
@@ -525,8 +564,9 @@ pub fn judge(
             for j in &r.jobs {
                 let key = (r.txn, j.idx);
                 history.push_str(&format!(
-                    "    job {} jid {:?} fail {} slow {} ms savepoint-rolled-back {} marker {} rows {:?}\n",
+                    "    job {} ({}) jid {:?} fail {} slow {} ms savepoint-rolled-back {} marker {} rows {:?}\n",
                     j.idx,
+                    if j.detached { "without connection" } else { "with connection" },
                     j.jid,
                     j.fail,
                     j.slow_ms,
