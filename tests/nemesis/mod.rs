@@ -37,6 +37,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Creates and starts a private server in `dir`, with an empty database at its URL.
     fn server(dir: &Path) -> Box<dyn DbServer>;
 
+    /// Whether the nemesis crashes its server and kills its sessions (SQLite has neither:
+    /// there, worker processes and Faktory are what crash).
+    const DB_FAULTS: bool = true;
+
+    /// A connection as the application opens one.
+    fn establish(url: &str) -> diesel::ConnectionResult<Self::Conn> {
+        Self::Conn::establish(url)
+    }
+
     /// Kills about half the client sessions but the caller's; how many.
     fn kill_sessions(conn: &mut Self::Conn) -> usize;
 
@@ -246,7 +255,7 @@ pub fn soak<B: Backend>() {
     let db = B::server(&scratch.join("db"));
     let url = db.url();
     {
-        let mut conn = B::Conn::establish(&url).expect("the private database");
+        let mut conn = B::establish(&url).expect("the private database");
         diesel_transaction_barrier::run_migrations(&mut conn).expect("migrations");
         workload::app_tables::<B>(&mut conn).expect("the test's tables");
     }
@@ -303,7 +312,7 @@ pub fn soak<B: Backend>() {
                 let mut conn: Option<B::Conn> = None;
                 while producing.load(Ordering::Relaxed) {
                     let Some(c) = conn.as_mut() else {
-                        conn = B::Conn::establish(url).ok();
+                        conn = B::establish(url).ok();
                         if conn.is_none() {
                             std::thread::sleep(Duration::from_millis(100));
                         }
@@ -315,6 +324,10 @@ pub fn soak<B: Backend>() {
                     );
                     if record.outcome != "committed" && c.batch_execute("SELECT 1").is_err() {
                         conn = None;
+                    }
+                    if record.outcome.contains("Connection refused") {
+                        // Faktory or the database is down: a little patience.
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                     records.lock().unwrap().push(record);
                     std::thread::sleep(rng.millis(think_ms));
@@ -335,6 +348,10 @@ pub fn soak<B: Backend>() {
             let n = if rng.chance(20) { 2 } else { 1 };
             while chosen.len() < n {
                 let mut pick = rng.below(100);
+                if !B::DB_FAULTS {
+                    // Worker kills and Faktory crashes only, in the same proportions.
+                    pick = if rng.below(48) < 30 { 0 } else { 99 };
+                }
                 let fault = FAULTS
                     .iter()
                     .find(|(_, w)| {
@@ -367,7 +384,7 @@ pub fn soak<B: Backend>() {
                         *faults.entry("worker killed".into()).or_default() += 1;
                     }
                     Fault::SessionKill if !db_down => {
-                        if let Ok(mut c) = B::Conn::establish(&url) {
+                        if let Ok(mut c) = B::establish(&url) {
                             let n = B::kill_sessions(&mut c);
                             *faults.entry("sessions killed (rounds)".into()).or_default() += 1;
                             *faults
@@ -413,7 +430,7 @@ pub fn soak<B: Backend>() {
     let quiesce_start = Instant::now();
     let mut last = String::new();
     let quiesced = loop {
-        let rows = B::Conn::establish(&url)
+        let rows = B::establish(&url)
             .ok()
             .and_then(|mut c| B::count(&mut c, "SELECT COUNT(*) FROM dtb_barriers").ok());
         let jobs = run.broker.lock().unwrap().jobs().ok();
@@ -434,7 +451,7 @@ pub fn soak<B: Backend>() {
         w.kill();
     }
     let records = records.into_inner().unwrap();
-    let mut conn = B::Conn::establish(&url).expect("the database after the run");
+    let mut conn = B::establish(&url).expect("the database after the run");
     let markers: HashSet<(i64, i64)> = load_pairs::<B>(&mut conn, "nemesis_markers")
         .into_iter()
         .map(|(k, _)| k)
@@ -471,7 +488,7 @@ pub fn soak<B: Backend>() {
         "nemesis {} figures: transactions {} (committed {}), jobs {} (committed {}, {} of them \
          without a connection, not committed {}, \
          plain {} pushed / {} ran), uncertain outcomes {}, faults {:?}, violations {}, faults for {:.1?}, \
-         quiesced in {:.1?} ({}), wall time {:.1?}, seed {}, shapes {:?}",
+         quiesced in {:.1?} ({}), wall time {:.1?}, seed {}, shapes {:?}, client outcomes {:?}",
         B::NAME,
         records.len(),
         verdict.committed_txns,
@@ -490,6 +507,7 @@ pub fn soak<B: Backend>() {
         started.elapsed(),
         settings.seed,
         verdict.shapes,
+        verdict.outcomes,
     );
     drop(conn);
     drop(run);

@@ -155,6 +155,30 @@ impl Drop for PrivatePg {
     }
 }
 
+/// An SQLite database file in a folder of its own: nothing to crash (its "server" is the
+/// processes that open it).
+pub struct PrivateSqlite {
+    path: PathBuf,
+}
+
+impl PrivateSqlite {
+    pub fn create(dir: &Path) -> PrivateSqlite {
+        std::fs::create_dir_all(dir).unwrap();
+        PrivateSqlite {
+            path: dir.join("nemesis.db"),
+        }
+    }
+}
+
+impl DbServer for PrivateSqlite {
+    fn url(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn crash(&mut self) {}
+    fn start(&mut self) {}
+    fn stop(&mut self) {}
+}
+
 /// A MariaDB (or MySQL) server in a folder of its own, its process a child of the test.
 pub struct PrivateMaria {
     dir: PathBuf,

@@ -214,6 +214,18 @@ impl TxnRecord {
     }
 }
 
+/// An error with its sources.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn job_of(txn: i64, j: &PlannedJob, queue: &str) -> Job {
     let mut job = Job::new(
         if j.plain {
@@ -299,13 +311,13 @@ pub fn one_transaction<B: Backend>(
             marker(conn, 0).map_err(|e| e.to_string())?;
             let job = job_of(txn, &jobs[0], queue);
             jobs[0].jid = Some(job.id().as_str().to_string());
-            producer.push(job).map_err(|e| e.to_string())
+            producer.push(job).map_err(|e| chain(&e))
         })(),
         Shape::Panic => {
             let jobs = &mut jobs;
             let result = std::thread::scope(|s| {
                 s.spawn(|| {
-                    let Ok(mut own) = B::Conn::establish(url) else {
+                    let Ok(mut own) = B::establish(url) else {
                         return "no connection".to_string();
                     };
                     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -322,7 +334,7 @@ pub fn one_transaction<B: Backend>(
                     }));
                     drop(own);
                     match caught {
-                        Ok(()) => "no panic".to_string(),
+                        Ok(()) => "ended before its panic".to_string(),
                         Err(_) => "panicked".to_string(),
                     }
                 })
@@ -383,7 +395,7 @@ pub fn one_transaction<B: Backend>(
                 *commit_sent = Some(now_ns());
                 Ok(())
             })
-            .map_err(|e: Error| e.to_string())
+            .map_err(|e: Error| chain(&e))
         }
     };
     TxnRecord {
@@ -456,6 +468,8 @@ pub struct Verdict {
     pub plain_pushed: u64,
     pub plain_ran: u64,
     pub shapes: BTreeMap<String, u64>,
+    /// What the clients saw, by the first words of their errors.
+    pub outcomes: BTreeMap<String, u64>,
 }
 
 /// Judges every job of `records` by its marker: a committed job's row exists exactly once and
@@ -471,6 +485,8 @@ pub fn judge(
     let mut known = std::collections::HashSet::new();
     for r in records {
         *v.shapes.entry(format!("{:?}", r.shape)).or_default() += 1;
+        let outcome: String = r.outcome.chars().take(100).collect();
+        *v.outcomes.entry(outcome).or_default() += 1;
         if r.uncertain() {
             v.uncertain += 1;
         }
