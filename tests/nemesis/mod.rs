@@ -338,7 +338,17 @@ pub fn soak<B: Backend>() {
         let mut rng = Rng(settings.seed.rotate_left(17) | 1);
         let deadline = Duration::from_secs(settings.secs);
         let mut broker_lost = false;
+        let mut progress = Instant::now();
         while started.elapsed() < deadline {
+            if progress.elapsed() >= Duration::from_secs(60) {
+                progress = Instant::now();
+                eprintln!(
+                    "nemesis {}: {:.0?} of faults, {} transactions, faults {faults:?}",
+                    B::NAME,
+                    started.elapsed(),
+                    records.lock().unwrap().len()
+                );
+            }
             std::thread::sleep(Duration::from_millis(100 + rng.below(settings.pause_ms)));
             let mut chosen: Vec<Fault> = Vec::new();
             if !broker_lost && started.elapsed() > deadline * 2 / 5 {
