@@ -44,7 +44,7 @@ mod state;
 pub use env::TestFaktory;
 pub use events::{JobEvent, JobEventKind, RetryDelay, Stats};
 pub use protocol::password_hash;
-pub use server::{TestServer, TestServerBuilder};
+pub use server::{ServerData, TestServer, TestServerBuilder};
 pub use state::{WorkerInfo, WorkerState};
 
 /// The Faktory version this server reports in `INFO` (the real server whose behaviour it

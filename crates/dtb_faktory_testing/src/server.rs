@@ -125,9 +125,35 @@ impl TestServerBuilder {
 
     /// Binds the listener and starts the server threads.
     pub fn start(self) -> io::Result<TestServer> {
+        self.start_on(State::default())
+    }
+
+    /// Starts a server that holds what a stopped one kept
+    /// ([`TestServer::shutdown_keeping_data`]): its queues, scheduled jobs, retries, dead
+    /// set, reservations (which expire at their time, as if the server had never stopped),
+    /// histories and counters, as a real server restarted on its data does. Connected workers
+    /// are not kept. Pair it with [`bind`](Self::bind) to serve on the same port.
+    ///
+    /// ```
+    /// use dtb_faktory_testing::TestServer;
+    ///
+    /// let server = TestServer::start()?;
+    /// server.push_json(r#"{"jid":"0123456789abcdef","jobtype":"x","args":[]}"#).unwrap();
+    /// let addr = server.addr();
+    /// let data = server.shutdown_keeping_data();
+    /// let server = TestServer::builder().bind(addr).start_with_data(data)?;
+    /// assert_eq!(server.queue_size("default"), 1);
+    /// assert!(server.job("0123456789abcdef").is_some());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn start_with_data(self, data: ServerData) -> io::Result<TestServer> {
+        self.start_on(data.0)
+    }
+
+    fn start_on(self, state: State) -> io::Result<TestServer> {
         let listener = TcpListener::bind(self.bind)?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::new(self.config, State::default()));
+        let shared = Arc::new(Shared::new(self.config, state));
         let accept = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
@@ -157,6 +183,19 @@ impl TestServerBuilder {
                 Err(e)
             }
         }
+    }
+}
+
+/// What a stopped [`TestServer`] held, to start another one on
+/// ([`TestServer::shutdown_keeping_data`], [`TestServerBuilder::start_with_data`]).
+pub struct ServerData(State);
+
+impl fmt::Debug for ServerData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerData")
+            .field("working", &self.0.working_len())
+            .field("retries", &self.0.retries_len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -217,6 +256,16 @@ impl TestServer {
     /// thread. Dropping the server does the same.
     pub fn shutdown(mut self) {
         self.stop();
+    }
+
+    /// Stops the server like [`shutdown`](Self::shutdown) (the clients see their
+    /// connections closed, as when a server crashes) and returns its data, for
+    /// [`TestServerBuilder::start_with_data`].
+    pub fn shutdown_keeping_data(mut self) -> ServerData {
+        self.stop();
+        let mut state = std::mem::take(&mut *self.shared.lock());
+        state.restarted();
+        ServerData(state)
     }
 
     fn stop(&mut self) {

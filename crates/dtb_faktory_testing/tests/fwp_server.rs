@@ -1522,3 +1522,77 @@ fn test_faktory_uses_faktory_url_or_starts_a_server() {
     let q = faktory.unique_queue("p");
     assert!(q.starts_with("p-") && q.len() == 14, "{q}");
 }
+
+// ---------------------------------------------------------------------------------------
+// a crash that keeps the data
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_server_started_with_a_stopped_ones_data_serves_its_jobs() {
+    let builder = TestServer::builder().retry_delay(Duration::from_secs(3600));
+    let server = builder.clone().start().unwrap();
+    for jid in ["keep-reserved1", "keep-failed-01", "keep-queued-01"] {
+        server
+            .push_json(&format!(
+                r#"{{"jid":"{jid}","jobtype":"t","args":[],"queue":"q"}}"#
+            ))
+            .unwrap();
+    }
+    let mut raw = Raw::connect(server.addr());
+    assert_eq!(
+        raw.call(br#"HELLO {"v":2,"wid":"crashing-worker","hostname":"h","pid":1,"labels":[]}"#),
+        Resp::Simple("OK".into())
+    );
+    let reserved = raw.call(b"FETCH q").bulk_json();
+    assert_eq!(reserved["jid"], json!("keep-reserved1"));
+    let failed = raw.call(b"FETCH q").bulk_json();
+    assert_eq!(failed["jid"], json!("keep-failed-01"));
+    assert_eq!(
+        raw.call(br#"FAIL {"jid":"keep-failed-01","errtype":"E","message":"m"}"#),
+        Resp::Simple("OK".into())
+    );
+    let addr = server.addr();
+    let data = server.shutdown_keeping_data();
+    // The crash closed the client's connection.
+    let mut rest = Vec::new();
+    assert_eq!(
+        raw.reader
+            .read_to_end(&mut rest)
+            .map(|_| rest.len())
+            .unwrap_or(0),
+        0
+    );
+
+    let server = builder.bind(addr).start_with_data(data).unwrap();
+    assert_eq!(server.addr(), addr);
+    assert_eq!(server.queue_size("q"), 1);
+    assert_eq!(server.working_len(), 1);
+    assert_eq!(server.retries_len(), 1);
+    assert!(
+        server.workers().is_empty(),
+        "connected workers are not kept"
+    );
+    assert_eq!(
+        kinds(&server, "keep-failed-01"),
+        vec![
+            JobEventKind::Pushed,
+            JobEventKind::Fetched,
+            JobEventKind::Failed
+        ]
+    );
+    // A new connection acknowledges the job the old one held, and fetches the queued one.
+    let mut raw = Raw::connect(addr);
+    assert_eq!(
+        raw.call(br#"HELLO {"v":2,"wid":"new-worker","hostname":"h","pid":2,"labels":[]}"#),
+        Resp::Simple("OK".into())
+    );
+    assert_eq!(
+        raw.call(br#"ACK {"jid":"keep-reserved1"}"#),
+        Resp::Simple("OK".into())
+    );
+    assert_eq!(server.working_len(), 0);
+    assert_eq!(
+        raw.call(b"FETCH q").bulk_json()["jid"],
+        json!("keep-queued-01")
+    );
+}

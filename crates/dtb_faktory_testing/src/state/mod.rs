@@ -144,6 +144,14 @@ fn truncate(mut s: String, max: usize) -> String {
 }
 
 impl State {
+    /// Prepares the state of a stopped server for a new one: no shutdown, no connected
+    /// worker.
+    pub(crate) fn restarted(&mut self) {
+        self.shutdown = false;
+        self.workers.clear();
+        self.touch();
+    }
+
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
