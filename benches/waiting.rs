@@ -42,6 +42,11 @@ use std::time::{Duration, Instant};
 const KIND: &str = "waiting_probe";
 
 fn main() {
+    if let Ok(filter) = std::env::var("DTB_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .init();
+    }
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     if url.starts_with("postgres") {
@@ -261,7 +266,8 @@ where
             producer,
             window,
             rows: Vec::new(),
-            next_id: (uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff_ffff) << 16,
+            // Below 2^53: the genuine Faktory server reads numbers as doubles.
+            next_id: (uuid::Uuid::new_v4().as_u128() as i64 & 0x7_ffff) << 32,
             _conn: std::marker::PhantomData,
         }
     }
