@@ -162,8 +162,8 @@ impl Inspection {
 ///
 /// # Errors
 ///
-/// [`Error::MigrationsMissing`] when the barrier table does not exist, or the database's
-/// error.
+/// [`Error::MigrationsMissing`](crate::Error::MigrationsMissing) when the barrier table does
+/// not exist, or the database's error.
 pub fn inspect_barriers<C: BarrierConnection>(
     conn: &mut C,
     thresholds: Thresholds,
